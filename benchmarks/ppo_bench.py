@@ -1,0 +1,612 @@
+"""PPO: preftune's trainer vs TRL's ``PPOTrainer`` (``trl.experimental.ppo``, TRL 1.12), side by side.
+
+Prints one JSON object per mode.
+
+``compare`` (default) -- the same policy, reward model, prompts, batch (16), mini-batches (4),
+response length (32), PPO epochs (1), learning rate and threads, at two sizes:
+
+- ``tiny``: a GPT-2 shaped like the demo policy (2 layers, 96 wide, 1k vocabulary);
+- ``small``: a GPT-2-small-shaped policy (12 layers, 768 wide, 50257 vocabulary, ~124 M parameters)
+  with a reward model of the same shape, random weights (built from configs; nothing downloaded).
+
+TRL scores token ids with its reward model, so the reward model here shares the policy's
+tokenizer (a GPT-2 sequence classifier); preftune scores the decoded text through the same
+tokenizer, so both optimise the same reward function. Each implementation runs in its own fresh
+subprocess with the same ``torch.set_num_threads``:
+
+- samples/s = rollout responses / wall time of the training call (model loading excluded);
+- generated tokens/s = response tokens up to and including the first EOS / the same wall time;
+- peak memory = peak RSS of the worker minus its RSS right after the imports
+  (``rss_after_imports``): weights, optimiser state and activations count, the Python/torch
+  runtime does not;
+- reward gain = mean reward-model score of responses sampled (same sampler, same seed) on held-out
+  prompts after training minus before.
+
+preftune runs its defaults (LoRA, value head on the policy trunk, reference = adapter disabled);
+TRL runs its defaults (full fine-tuning, a separate value model, a reference copy) and, as a
+second row, with ``peft_config`` (LoRA; reference = adapter disabled; still a separate value model).
+
+``scaling`` -- preftune alone at the tiny size: time and memory as the response length (32, 64,
+128) and the batch size (8, 16, 32) grow.
+
+``efficacy`` -- the demo world before/after table: behaviour shares on held-out prompts (measured
+with ``preftune.world.classify``) of the base policy and of the policy ``preftune ppo`` trained
+against a reward model, with the KL and the wall/CPU time of the PPO step.
+
+Run (TRL from the ``bench`` extra):
+
+    python benchmarks/ppo_bench.py compare --size both --updates 4 --threads 2
+    python benchmarks/ppo_bench.py scaling --threads 2
+    python benchmarks/ppo_bench.py efficacy --reward-model DIR [--config run.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPTS = [
+    "how do I bake bread",
+    "what is the capital of France",
+    "tell me a joke",
+    "how to learn python",
+    "is it going to rain today",
+    "write a haiku about tea",
+    "how do I fix a flat tyre",
+    "what should I cook tonight",
+    "explain photosynthesis simply",
+    "how can I sleep better",
+    "give me a packing list for a weekend",
+    "how do I start running",
+    "what is a good name for a cat",
+    "how do I make coffee",
+    "summarise the water cycle",
+    "how do plants drink",
+    "why is the sky blue",
+    "how do I clean a pan",
+    "what is a prime number",
+    "how many legs does a spider have",
+    "recommend a board game",
+    "how do I write a cover letter",
+    "what is the speed of sound",
+    "how do I tie a tie",
+]
+EVAL_PROMPTS = [
+    "how do I boil an egg",
+    "what is a noun",
+    "how do I save money",
+    "tell me about the moon",
+    "what is a good stretch for the back",
+    "how do I plant tomatoes",
+    "how do I say hello in French",
+    "what is gravity",
+]
+SIZES = {
+    "tiny": {"n_layer": 2, "n_embd": 96, "n_head": 4, "vocab": 1024},
+    "small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab": 50257},
+}
+
+
+def import_everything() -> None:
+    """Import what either worker touches (models, peft, tokenizers), so RSS-after-imports is comparable."""
+    import peft  # noqa: F401
+    import tokenizers  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa: F401
+
+    from preftune.ppo import artifacts, policy, sampling, trainer  # noqa: F401
+    from preftune.reward import model  # noqa: F401
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process image (VmHWM: reset by exec, unlike ru_maxrss, which a child inherits)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------------------
+# shared inputs (parent)
+
+
+def build_models(size: str, root: Path, seed: int = 0) -> dict[str, str]:
+    """A policy and a reward model sharing its tokenizer (GPT-2 sequence classifier), both random."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from preftune.ppo import toy
+    from preftune.reward.metadata import RewardModelMeta
+
+    shape = SIZES[size]
+    tok = toy.toy_tokenizer(texts=[*toy.TOY_TEXTS, *PROMPTS], vocab_size=min(shape["vocab"], 1024))
+    common = dict(
+        vocab_size=shape["vocab"] if shape["vocab"] > len(tok) else len(tok),
+        n_positions=1024,
+        n_embd=shape["n_embd"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    policy_dir, reward_dir = root / f"{size}-policy", root / f"{size}-reward"
+    torch.manual_seed(seed)
+    # a larger init scale for the tiny model: logits of useful size, so training visibly moves it
+    policy = GPT2LMHeadModel(GPT2Config(**common, initializer_range=0.3 if size == "tiny" else 0.02))
+    policy.save_pretrained(policy_dir)
+    tok.save_pretrained(policy_dir)
+    torch.manual_seed(seed + 1)
+    reward = GPT2ForSequenceClassification(GPT2Config(**common, num_labels=1))
+    if size == "tiny":
+        fit_word_reward(reward, tok, seed=seed)
+    reward.save_pretrained(reward_dir)
+    tok.padding_side = "right"
+    tok.save_pretrained(reward_dir)
+    meta = RewardModelMeta(
+        base="bench",
+        dataset_hash="bench",
+        eval_accuracy=0.5,
+        reward_mean=0.0,
+        reward_std=1.0,
+        config_hash="bench",
+        max_length=512,
+    )
+    (reward_dir / "reward_model.json").write_text(meta.to_json())
+    return {"policy": str(policy_dir), "reward": str(reward_dir)}
+
+
+def target_words(tok: Any, n: int = 24) -> list[int]:
+    """Whole-word tokens (a leading space, four letters or more) of the tokenizer: what the reward likes."""
+    vocab = tok.get_vocab()
+    words = sorted(t for t in vocab if t.startswith("\u0120") and t[1:].isalpha() and len(t) >= 5)
+    return [vocab[t] for t in words[:n]]
+
+
+def fit_word_reward(
+    reward: Any, tok: Any, seed: int = 0, steps: int = 400, batch: int = 32, scale: float = 10.0
+) -> None:
+    """Train the tiny reward model to score ``scale`` x the share of ``target_words`` in the response.
+
+    A random-weight reward model is a near-constant function, so neither trainer can show a reward
+    gain beyond noise; this one is learnable by a policy in a few dozen updates and is read the same
+    way by both trainers (TRL scores token ids, preftune re-tokenizes the decoded text: whole-word
+    tokens survive that round trip).
+    """
+    import random
+
+    import torch
+
+    from preftune.text import render_pair
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    words = target_words(tok)
+    ordinary = [i for i in range(len(tok)) if i not in set(words) and i not in tok.all_special_ids]
+    target = set(words)
+
+    def example() -> tuple[str, float]:
+        rate = rng.random() * 0.6
+        ids = [rng.choice(words) if rng.random() < rate else rng.choice(ordinary) for _ in range(rng.randint(4, 32))]
+        text = render_pair(rng.choice(PROMPTS), tok.decode(ids))
+        resp = tok(" " + tok.decode(ids))["input_ids"]
+        return text, scale * sum(t in target for t in resp) / max(1, len(resp))
+
+    opt = torch.optim.AdamW(reward.parameters(), lr=1e-3)
+    tok.padding_side = "right"
+    reward.train()
+    for _ in range(steps):
+        texts, ys = zip(*(example() for _ in range(batch)), strict=True)
+        enc = tok(list(texts), return_tensors="pt", padding=True)
+        pred = reward(**enc).logits.squeeze(-1)
+        loss = torch.nn.functional.mse_loss(pred, torch.tensor(ys))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    reward.eval()
+    tok.padding_side = "left"
+
+
+# --------------------------------------------------------------------------------------
+# workers (one fresh process per measurement)
+
+
+def _held_out_reward(model: Any, tok: Any, reward_dir: str, spec: dict[str, Any]) -> float:
+    import torch
+
+    from preftune.ppo.artifacts import generate
+    from preftune.reward.model import RewardScorer
+
+    scorer = RewardScorer.load(reward_dir, device="cpu")
+    prompts = EVAL_PROMPTS * 4
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        responses = generate(
+            model, tok, prompts, max_new_tokens=spec["response_length"], temperature=1.0, seed=1234, batch_size=32
+        )
+    model.train(was)
+    return float(scorer.score(prompts, responses).mean())
+
+
+def _held_out_kl(model: Any, tok: Any, spec: dict[str, Any]) -> float:
+    """KL(trained || initial policy) in nats per response, on held-out samples of the trained policy (k1).
+
+    The same measurement for both trainers: responses sampled exactly as for the reward, scored by
+    the trained model and by a fresh copy of the initial one.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from preftune.ppo.artifacts import generate
+    from preftune.text import render_pair, render_prompt
+
+    ref = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32).eval()
+    prompts = EVAL_PROMPTS * 4
+    was = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        responses = generate(
+            model, tok, prompts, max_new_tokens=spec["response_length"], temperature=1.0, seed=1234, batch_size=32
+        )
+        for prompt, response in zip(prompts, responses, strict=True):
+            n_prompt = len(tok(render_prompt(prompt))["input_ids"])
+            ids = torch.tensor([tok(render_pair(prompt, response))["input_ids"]])
+            if ids.shape[1] <= n_prompt:
+                continue
+            targets = ids[0, n_prompt:]
+            lp = [torch.log_softmax(m(ids).logits[0, n_prompt - 1 : -1], -1) for m in (model, ref)]
+            total += float((lp[0] - lp[1]).gather(-1, targets[:, None]).sum())
+    model.train(was)
+    return total / len(prompts)
+
+
+def worker_preftune(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.ppo.config import PPOSection
+    from preftune.ppo.policy import ActorCritic
+    from preftune.ppo.trainer import PPOTrainer, PromptItem
+    from preftune.reward.model import RewardScorer
+
+    import_everything()
+    after_imports = rss_mb()
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(spec["policy"])
+    model = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
+    before = _held_out_reward(model, tok, spec["reward"], spec)
+    s = PPOSection(
+        updates=spec["updates"],
+        batch_size=spec["batch_size"],
+        mini_batch_size=spec["batch_size"] // spec["mini_batches"],
+        ppo_epochs=spec["epochs"],
+        max_new_tokens=spec["response_length"],
+        lr=spec["lr_lora"],
+        progress=False,
+        forward_batch_size=spec["batch_size"],
+        kl_controller="fixed",
+        kl_coef=spec["kl_coef"],
+        approx_kl_stop=None,
+        missing_eos_penalty=None,
+        reward_normalize=False,
+        reward_clip=None,
+        warmup_updates=0,
+        lr_schedule="linear",
+        min_lr_ratio=0.0,
+        mode=spec.get("mode", "lora"),
+        critic=spec.get("critic", "shared"),
+        gradient_checkpointing=spec.get("gradient_checkpointing", False),
+    )
+    if s.mode == "full":
+        s = s.model_copy(update={"lr": spec["lr_full"]})
+    actor = ActorCritic(model, mode=s.mode, critic=s.critic, temperature=1.0, lora_r=s.lora_r, lora_alpha=s.lora_alpha)
+    if s.gradient_checkpointing:
+        actor.gradient_checkpointing_enable()
+    scorer = RewardScorer.load(spec["reward"], device="cpu", batch_size=spec["batch_size"])
+    trainer = PPOTrainer(
+        s,
+        actor,
+        tok,
+        lambda p, r: scorer.score(list(p), list(r)),
+        [PromptItem(p) for p in PROMPTS],
+        seed=0,
+        device=torch.device("cpu"),
+    )
+    t0 = time.perf_counter()
+    res = trainer.train()
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_mb()
+    tokens = sum(h["ppo/response_length"] * spec["batch_size"] for h in res.history)
+    after = _held_out_reward(actor.policy_lm, tok, spec["reward"], spec)
+    kl = _held_out_kl(actor.policy_lm, tok, spec)
+    return {
+        "impl": f"preftune ({s.mode}" + (", separate critic)" if s.critic == "separate" else ")"),
+        "seconds": seconds,
+        "samples_per_s": spec["batch_size"] * spec["updates"] / seconds,
+        "tokens_per_s": tokens / seconds,
+        "rollout_seconds": sum(h["ppo/rollout_seconds"] for h in res.history),
+        "update_seconds": sum(h["ppo/update_seconds"] for h in res.history),
+        "peak_rss_mb": peak,
+        "rss_after_imports_mb": after_imports,
+        "peak_minus_imports_mb": peak - after_imports,
+        "reward_before": before,
+        "reward_after": after,
+        "reward_gain": after - before,
+        "held_out_kl": kl,
+        "trainable_parameters": actor.n_trainable(),
+    }
+
+
+def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    from preftune.text import render_prompt
+
+    import_everything()
+    after_imports = rss_mb()
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(spec["policy"])
+    tok.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
+    before = _held_out_reward(policy, tok, spec["reward"], spec)
+    lora = spec.get("mode") == "lora"
+    ref = None if lora else AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
+    n_episodes = spec["batch_size"] * spec["updates"]
+    ids = [tok(render_prompt(PROMPTS[i % len(PROMPTS)]))["input_ids"] for i in range(n_episodes)]
+    dataset = Dataset.from_dict({"input_ids": ids})
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, target_modules="all-linear", fan_in_fan_out=True, task_type="CAUSAL_LM"
+        )
+    with tempfile.TemporaryDirectory() as out:
+        args = PPOConfig(
+            # TRL's rollout batch is per_device_train_batch_size * gradient_accumulation_steps, split into
+            # num_mini_batches optimiser steps: 16 rollouts, 4 mini-batches of 4 -- the same work as preftune's
+            output_dir=out,
+            per_device_train_batch_size=spec["batch_size"],
+            gradient_accumulation_steps=1,
+            num_mini_batches=spec["mini_batches"],
+            num_ppo_epochs=spec["epochs"],
+            response_length=spec["response_length"],
+            total_episodes=n_episodes,
+            local_rollout_forward_batch_size=spec["batch_size"],
+            learning_rate=spec["lr_lora" if lora else "lr_full"],
+            kl_coef=spec["kl_coef"],
+            stop_token="eos",
+            temperature=1.0,
+            num_sample_generations=0,
+            report_to="none",
+            save_strategy="no",
+            seed=0,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            dataloader_num_workers=0,
+            logging_steps=1_000_000,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            disable_tqdm=True,
+        )
+        counted = {"tokens": 0}
+        original = trl_ppo.batch_generation
+
+        def counting(*a: Any, **kw: Any) -> Any:
+            query_responses, logits = original(*a, **kw)
+            ctx = a[1].shape[1] if len(a) > 1 else kw["queries"].shape[1]
+            resp = query_responses[:, ctx:]
+            is_eos = resp == tok.eos_token_id
+            before_eos = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0
+            counted["tokens"] += int((before_eos & (resp != tok.pad_token_id)).sum())
+            return query_responses, logits
+
+        trl_ppo.batch_generation = counting
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tok,
+            model=policy,
+            ref_model=ref,
+            reward_model=reward,
+            train_dataset=dataset,
+            value_model=value,
+            peft_config=peft_config,
+        )
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        peak = peak_rss_mb()
+        trained = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
+        after = _held_out_reward(trained, tok, spec["reward"], spec)
+        kl = _held_out_kl(trained, tok, spec)
+    return {
+        "impl": f"trl {__import__('trl').__version__} ({'lora' if lora else 'full'})",
+        "seconds": seconds,
+        "samples_per_s": n_episodes / seconds,
+        "tokens_per_s": counted["tokens"] / seconds,
+        "peak_rss_mb": peak,
+        "rss_after_imports_mb": after_imports,
+        "peak_minus_imports_mb": peak - after_imports,
+        "reward_before": before,
+        "reward_after": after,
+        "reward_gain": after - before,
+        "held_out_kl": kl,
+    }
+
+
+def run_worker(impl: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, __file__, "_worker", impl, json.dumps({**spec, "threads": threads})]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"impl": impl, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worker_main(impl: str, spec_json: str) -> None:
+    import torch
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    fn = worker_preftune if impl == "preftune" else worker_trl
+    print(json.dumps(fn(spec)))
+
+
+# --------------------------------------------------------------------------------------
+# modes
+
+
+def base_spec(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "updates": args.updates,
+        "batch_size": 16,
+        "mini_batches": 4,
+        "epochs": 1,
+        "response_length": 32,
+        "lr_lora": args.lr_lora,
+        "lr_full": 3e-5 * (10 if args.size != "small" else 1),
+        "kl_coef": 0.05,
+    }
+
+
+def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = ["tiny", "small"] if args.size == "both" else [args.size]
+    results: dict[str, Any] = {"threads": args.threads, "updates": args.updates, "sizes": {}}
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        for size in sizes:
+            paths = build_models(size, Path(tmp))
+            ns = argparse.Namespace(**{**vars(args), "size": size})
+            spec = {**base_spec(ns), **paths}
+            if size == "small":
+                spec["updates"] = args.small_updates
+            rows = [
+                run_worker("preftune", {**spec, "mode": "lora"}, args.threads),
+                run_worker("trl", {**spec, "mode": "full"}, args.threads),
+                run_worker("trl", {**spec, "mode": "lora"}, args.threads),
+            ]
+            entry: dict[str, Any] = {
+                "spec": {k: v for k, v in spec.items() if k not in ("policy", "reward")},
+                "rows": rows,
+            }
+            ours = rows[0]
+            for other in rows[1:]:
+                if "error" in ours or "error" in other:
+                    continue
+                entry[f"vs {other['impl']}"] = {
+                    "samples_per_s_ratio": ours["samples_per_s"] / other["samples_per_s"],
+                    "memory_ratio": ours["peak_minus_imports_mb"] / max(other["peak_minus_imports_mb"], 1e-9),
+                    "reward_gain_difference": ours["reward_gain"] - other["reward_gain"],
+                    "held_out_kl_difference": ours["held_out_kl"] - other["held_out_kl"],
+                }
+            results["sizes"][size] = entry
+    return results
+
+
+def mode_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"threads": args.threads, "by_response_length": [], "by_batch_size": []}
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        paths = build_models("tiny", Path(tmp))
+        spec = {**base_spec(argparse.Namespace(**{**vars(args), "size": "tiny"})), **paths}
+        for length in (32, 64, 128):
+            r = run_worker("preftune", {**spec, "response_length": length}, args.threads)
+            out["by_response_length"].append({"response_length": length, **r})
+        for batch in (8, 16, 32):
+            r = run_worker("preftune", {**spec, "batch_size": batch, "mini_batches": max(1, batch // 4)}, args.threads)
+            out["by_batch_size"].append({"batch_size": batch, **r})
+    return out
+
+
+def mode_efficacy(args: argparse.Namespace) -> dict[str, Any]:
+    """Demo world: behaviour shares before/after PPO on held-out prompts, plus KL and timings."""
+    from preftune.config import load_config
+    from preftune.ppo.step import run_ppo
+    from preftune.world import FAMILIES, ensure_world, load_prompts, sample_behaviour_shares
+
+    cfg = load_config(args.config)
+    world = ensure_world(cfg.world)
+    eval_prompts = load_prompts(world.prompts_eval)
+    shares_before = sample_behaviour_shares(world.policy, eval_prompts, args.samples, seed=args.seed, progress=False)
+    out_dir = args.output or tempfile.mkdtemp(prefix="ppo-efficacy-")
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    res = run_ppo(cfg, args.reward_model, out_dir, resume=False)
+    wall, cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
+    shares_after = sample_behaviour_shares(out_dir, eval_prompts, args.samples, seed=args.seed, progress=False)
+    table = {}
+    for family, fam in FAMILIES.items():
+        if family not in shares_before:
+            continue
+        table[family] = {
+            "preferred": fam.preferred,
+            "before": shares_before[family],
+            "after": shares_after.get(family, {}),
+        }
+    return {
+        "ppo_wall_seconds": wall,
+        "ppo_cpu_seconds": cpu,
+        "train_seconds": res.seconds,
+        "updates": res.updates,
+        "kl": res.kl,
+        "kl_budget": res.kl_budget,
+        "kl_within_budget": res.kl_within_budget,
+        "reward_first": res.first.get("ppo/reward_mean"),
+        "reward_final": res.final.get("ppo/reward_mean"),
+        "shares": table,
+        "output": out_dir,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        _worker_main(sys.argv[2], sys.argv[3])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", nargs="?", default="compare", choices=["compare", "scaling", "efficacy"])
+    p.add_argument("--size", default="both", choices=["tiny", "small", "both"])
+    p.add_argument("--updates", type=int, default=6, help="PPO updates per run (tiny size)")
+    p.add_argument("--small-updates", type=int, default=2, help="PPO updates per run (small size)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr-lora", type=float, default=1e-3, help="learning rate of the LoRA rows (both trainers)")
+    p.add_argument("--config", default=None, help="efficacy: run config (default: built-in defaults)")
+    p.add_argument("--reward-model", default=None, help="efficacy: reward-model folder from train-reward")
+    p.add_argument("--output", default=None, help="efficacy: where to publish the trained policy")
+    p.add_argument("--samples", type=int, default=8, help="efficacy: samples per held-out prompt")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.mode == "efficacy" and not args.reward_model:
+        p.error("efficacy needs --reward-model")
+    modes = {"compare": mode_compare, "scaling": mode_scaling, "efficacy": mode_efficacy}
+    with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the JSON
+        result = modes[args.mode](args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""Load benchmark of the feedback service: concurrent raters against a PostgreSQL-backed server.
+
+    python benchmarks/serve_load.py [--raters 50] [--seconds 30] [--database-url URL]
+
+Starts ``python -m preftune.serve`` as a separate process on 127.0.0.1 (a fresh PostgreSQL
+database on 127.0.0.1:5432 unless ``--database-url`` is given), imports tasks and raters
+through the admin API, then runs N simulated raters (httpx, asyncio) in a bounded loop:
+next task -> judgement (best pick, sometimes a full ranking, all-unacceptable or a skip),
+and sometimes posts the same judgement again to check idempotency. A send that fails on
+the network is retried with the same judgement id until acknowledged.
+
+Afterwards it checks the database holds exactly the acknowledged judgements (none lost,
+none doubled, no task over its quota, the export agrees) and stops the server with
+SIGTERM (graceful: exit code 0 expected). Prints one JSON object; exit code 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex
+RATINGS_PER_TASK = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fresh_database(host: str, port: int, user: str) -> tuple[str, callable]:
+    import psycopg2
+
+    name = f"preftune_bench_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=5)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+
+    def drop() -> None:
+        c = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=5)
+        c.autocommit = True
+        with c.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.close()
+
+    return f"postgresql+psycopg2://{user}@{host}:{port}/{name}", drop
+
+
+def _task_records(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    families = ["safety", "tone", "high_risk", "benign"]
+    out = []
+    for i in range(n):
+        k = rng.choice([2, 3, 4])
+        fam = families[i % len(families)]
+        out.append(
+            {
+                "format": "preftune.candidates",
+                "version": 1,
+                "item_id": f"bench-{i}",
+                "prompt_id": f"bench-p{i}",
+                "family": fam,
+                "tags": ["bench"],
+                "prompt": f"Benchmark prompt {i} about {fam}: " + "lorem ipsum " * rng.randint(5, 40),
+                "candidates": [
+                    {"id": f"c{j}", "text": f"answer {j} " + "dolor sit amet " * rng.randint(5, 60)} for j in range(k)
+                ],
+                "policy": "demo:policy",
+                "created_at": "2025-01-01T00:00:00Z",
+            }
+        )
+    return out
+
+
+def _start_server(database_url: str, port: int, log_path: Path) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        PREFTUNE_DATABASE_URL=database_url,
+        PREFTUNE_ADMIN_TOKEN=ADMIN_TOKEN,
+        PREFTUNE_RATINGS_PER_TASK=str(RATINGS_PER_TASK),
+        PREFTUNE_LOG_LEVEL="WARNING",
+        PREFTUNE_AUTO_MIGRATE="true",
+        PREFTUNE_AGREEMENT_REFRESH_SECONDS="0",
+        PREFTUNE_DB_POOL_SIZE="20",
+    )
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "preftune.serve", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready after 60 s: {log_path.read_text()[-2000:]}")
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.latency: dict[str, list[float]] = {"next": [], "submit": [], "resubmit": [], "skip": []}
+        self.acked: dict[str, tuple[int, str]] = {}  # judgement id -> (task id, rater)
+        self.errors: dict[str, int] = {}
+        self.retries = 0
+        self.idempotent_ok = 0
+        self.idempotent_bad = 0
+        self.skips = 0
+        self.exhausted_raters = 0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+async def _timed(stats: Stats, kind: str, coro):
+    t0 = time.perf_counter()
+    resp = await coro
+    stats.latency[kind].append(time.perf_counter() - t0)
+    return resp
+
+
+async def _rater(
+    client: httpx.AsyncClient, name: str, token: str, deadline: float, stats: Stats, seed: int, max_iter: int
+):
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {token}"}
+    for _ in range(max_iter):  # bounded loop
+        if time.monotonic() >= deadline:
+            return
+        try:
+            r = await _timed(stats, "next", client.get("/api/tasks/next", headers=headers))
+        except httpx.HTTPError as err:
+            stats.error(f"next:{type(err).__name__}")
+            continue
+        if r.status_code == 204:
+            stats.exhausted_raters += 1
+            return
+        if r.status_code != 200:
+            stats.error(f"next:{r.status_code}")
+            continue
+        task = r.json()
+        n = len(task["candidates"])
+        roll = rng.random()
+        if roll < 0.05:
+            try:
+                r = await _timed(stats, "skip", client.post(f"/api/tasks/{task['task_id']}/skip", headers=headers))
+            except httpx.HTTPError as err:  # the next request gets the same open task again
+                stats.error(f"skip:{type(err).__name__}")
+                continue
+            stats.skips += 1
+            if r.status_code != 200:
+                stats.error(f"skip:{r.status_code}")
+            continue
+        body: dict = {"task_id": task["task_id"], "judgement_id": str(uuid.uuid4()), "unsafe": []}
+        if roll < 0.12:
+            body["all_unacceptable"] = True
+        elif roll < 0.40:
+            ranking = [c["index"] for c in task["candidates"]]
+            rng.shuffle(ranking)
+            body["ranking"], body["best"] = ranking, ranking[0]
+        else:
+            body["best"] = rng.randrange(n)
+        if rng.random() < 0.05:
+            body["unsafe"] = [rng.randrange(n)]
+        for attempt in range(6):  # a lost response is retried with the same id: idempotent
+            try:
+                r = await _timed(stats, "submit", client.post("/api/judgements", json=body, headers=headers))
+            except httpx.HTTPError as err:
+                stats.error(f"submit:{type(err).__name__}")
+                stats.retries += 1
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            if r.status_code in (200, 201):
+                stats.acked[body["judgement_id"]] = (task["task_id"], name)
+                break
+            stats.error(f"submit:{r.status_code}")
+            if r.status_code < 500:
+                break
+            stats.retries += 1
+            await asyncio.sleep(0.05 * (attempt + 1))
+        else:
+            continue
+        if body["judgement_id"] in stats.acked and rng.random() < 0.10:
+            try:
+                again = await _timed(stats, "resubmit", client.post("/api/judgements", json=body, headers=headers))
+            except httpx.HTTPError as err:
+                stats.error(f"resubmit:{type(err).__name__}")
+                continue
+            if again.status_code == 200 and again.json().get("judgement_id") == body["judgement_id"]:
+                stats.idempotent_ok += 1
+            else:
+                stats.idempotent_bad += 1
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return round(values[0] * 1000, 2)
+    return round(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000, 2)
+
+
+def _summary(values: list[float]) -> dict:
+    return {"count": len(values), "p50_ms": _pct(values, 50), "p95_ms": _pct(values, 95), "p99_ms": _pct(values, 99)}
+
+
+async def _run_load(base: str, tokens: dict[str, str], seconds: float, stats: Stats) -> float:
+    limits = httpx.Limits(max_connections=len(tokens) + 10, max_keepalive_connections=len(tokens) + 10)
+    async with httpx.AsyncClient(base_url=base, timeout=30.0, limits=limits) as client:
+        start = time.monotonic()
+        deadline = start + seconds
+        await asyncio.gather(
+            *(
+                _rater(client, name, token, deadline, stats, seed=i, max_iter=100_000)
+                for i, (name, token) in enumerate(tokens.items())
+            )
+        )
+        return time.monotonic() - start
+
+
+def _verify(database_url: str, base: str, stats: Stats) -> dict:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT j.uid, j.task_id, r.name FROM judgements j JOIN raters r ON r.id = j.rater_id")
+        ).all()
+        dup_pairs = conn.execute(
+            text("SELECT count(*) FROM (SELECT task_id, rater_id FROM judgements GROUP BY 1, 2 HAVING count(*) > 1) d")
+        ).scalar()
+        over_quota = conn.execute(
+            text(
+                "SELECT count(*) FROM (SELECT task_id FROM judgements GROUP BY 1 "
+                f"HAVING count(*) > {RATINGS_PER_TASK}) o"
+            )
+        ).scalar()
+        n_done_mismatch = conn.execute(
+            text(
+                "SELECT count(*) FROM tasks t WHERE t.n_done <> "
+                "(SELECT count(*) FROM judgements j WHERE j.task_id = t.id)"
+            )
+        ).scalar()
+    engine.dispose()
+    in_db = {uid: (task_id, name) for uid, task_id, name in rows}
+    acked = stats.acked
+    lost = [uid for uid in acked if uid not in in_db]
+    unexpected = [uid for uid in in_db if uid not in acked]
+    mismatched = [uid for uid in acked if uid in in_db and in_db[uid] != acked[uid]]
+    export = httpx.get(f"{base}/api/admin/export", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=120)
+    export_lines = [line for line in export.text.splitlines() if line.strip()]
+    return {
+        "judgements_acknowledged": len(acked),
+        "judgements_in_db": len(rows),
+        "lost": len(lost),
+        "unexpected": len(unexpected),
+        "mismatched": len(mismatched),
+        "duplicate_task_rater_pairs": int(dup_pairs),
+        "tasks_over_quota": int(over_quota),
+        "task_counter_mismatches": int(n_done_mismatch),
+        "export_records": len(export_lines),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--raters", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--tasks", type=int, default=0, help="tasks to import (default: enough for the run)")
+    p.add_argument("--database-url", default="", help="PostgreSQL URL (default: a fresh database on 127.0.0.1:5432)")
+    p.add_argument("--pg-host", default=os.environ.get("PREFTUNE_TEST_PG_HOST", "127.0.0.1"))
+    p.add_argument("--pg-port", type=int, default=int(os.environ.get("PREFTUNE_TEST_PG_PORT", "5432")))
+    p.add_argument("--pg-user", default=os.environ.get("PREFTUNE_TEST_PG_USER", "postgres"))
+    args = p.parse_args(argv)
+    if args.raters < 1 or args.seconds <= 0:
+        p.error("--raters must be >= 1 and --seconds > 0")
+
+    drop = None
+    database_url = args.database_url
+    if not database_url:
+        database_url, drop = _fresh_database(args.pg_host, args.pg_port, args.pg_user)
+    n_tasks = args.tasks or max(200, int(args.seconds * 200))
+    workdir = Path(tempfile.mkdtemp(prefix="preftune-serve-load-"))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = None
+    result: dict = {"benchmark": "serve_load", "raters": args.raters, "seconds": args.seconds, "database": "postgresql"}
+    try:
+        proc = _start_server(database_url, port, workdir / "server.log")
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        records = _task_records(n_tasks, seed=0)
+        with httpx.Client(base_url=base, timeout=60) as c:
+            chunk: list[str] = []
+            size = 0
+            for rec in records:  # stay under PREFTUNE_MAX_BODY_BYTES per import request
+                line = json.dumps(rec) + "\n"
+                if size + len(line) > 900_000:
+                    c.post("/api/admin/tasks/import", content="".join(chunk), headers=admin).raise_for_status()
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            if chunk:
+                c.post("/api/admin/tasks/import", content="".join(chunk), headers=admin).raise_for_status()
+            tokens = {}
+            for i in range(args.raters):
+                r = c.post("/api/admin/raters", json={"name": f"load-{i}"}, headers=admin)
+                r.raise_for_status()
+                tokens[f"load-{i}"] = r.json()["token"]
+        stats = Stats()
+        elapsed = asyncio.run(_run_load(base, tokens, args.seconds, stats))
+        checks = _verify(database_url, base, stats)
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(timeout=60)
+        all_latency = [v for values in stats.latency.values() for v in values]
+        result.update(
+            {
+                "tasks": n_tasks,
+                "ratings_per_task": RATINGS_PER_TASK,
+                "elapsed_s": round(elapsed, 2),
+                "requests": len(all_latency),
+                "throughput_requests_per_s": round(len(all_latency) / elapsed, 1),
+                "throughput_judgements_per_s": round(len(stats.acked) / elapsed, 1),
+                "latency": {
+                    "all": _summary(all_latency),
+                    "next_task": _summary(stats.latency["next"]),
+                    "submit": _summary(stats.latency["submit"]),
+                    "resubmit": _summary(stats.latency["resubmit"]),
+                },
+                "idempotent_resubmits_ok": stats.idempotent_ok,
+                "idempotent_resubmits_bad": stats.idempotent_bad,
+                "skips": stats.skips,
+                "retries": stats.retries,
+                "errors": stats.errors,
+                "raters_out_of_tasks": stats.exhausted_raters,
+                "server_exit_code": exit_code,
+                "server_log": str(workdir / "server.log"),
+                **checks,
+            }
+        )
+        result["ok"] = (
+            checks["lost"] == 0
+            and checks["unexpected"] == 0
+            and checks["mismatched"] == 0
+            and checks["duplicate_task_rater_pairs"] == 0
+            and checks["tasks_over_quota"] == 0
+            and checks["task_counter_mismatches"] == 0
+            and checks["export_records"] == checks["judgements_in_db"]
+            and stats.idempotent_bad == 0
+            and checks["judgements_acknowledged"] > 0
+            and exit_code == 0
+        )
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if drop is not None:
+            drop()
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+{{/*
+Names. Kubernetes names are at most 63 characters; suffixes are added to the full name, so it is
+cut to 50.
+*/}}
+{{- define "preftune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "preftune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "preftune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component: include "preftune.selectorLabels" (dict "ctx" $ "component" "feedback") */}}
+{{- define "preftune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "preftune.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* The standard labels of every object of one component. */}}
+{{- define "preftune.labels" -}}
+helm.sh/chart: {{ include "preftune.chart" .ctx }}
+{{ include "preftune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: preftune
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "preftune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "preftune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image reference: registry/repository:tag, or @digest. The tag defaults to the chart's
+appVersion (which follows the package version) and is never `latest`.
+*/}}
+{{- define "preftune.image" -}}
+{{- $img := .Values.image }}
+{{- $repo := $img.repository }}
+{{- if $img.registry }}{{ $repo = printf "%s/%s" (trimSuffix "/" $img.registry) $img.repository }}{{ end }}
+{{- $tag := default .Chart.AppVersion $img.tag | toString }}
+{{- if eq (lower $tag) "latest" }}
+{{- fail "image.tag must not be `latest`: pin a version (default: the chart's appVersion)" }}
+{{- end }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $repo $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level security context: the restricted Pod Security Standard. */}}
+{{- define "preftune.podSecurityContext" -}}
+runAsNonRoot: true
+{{- with .Values.podSecurityContext }}
+{{- if not (kindIs "invalid" .runAsUser) }}
+runAsUser: {{ .runAsUser }}
+{{- end }}
+{{- if not (kindIs "invalid" .runAsGroup) }}
+runAsGroup: {{ .runAsGroup }}
+{{- end }}
+{{- if not (kindIs "invalid" .fsGroup) }}
+fsGroup: {{ .fsGroup }}
+fsGroupChangePolicy: OnRootMismatch
+{{- end }}
+{{- end }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level security context: the restricted Pod Security Standard, read-only root. */}}
+{{- define "preftune.containerSecurityContext" -}}
+runAsNonRoot: true
+{{- if not (kindIs "invalid" .Values.podSecurityContext.runAsUser) }}
+runAsUser: {{ .Values.podSecurityContext.runAsUser }}
+{{- end }}
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The writable scratch volumes every pod mounts (the root filesystem is read-only). */}}
+{{- define "preftune.scratchVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.tmpSizeLimit }}
+{{- end }}
+
+{{- define "preftune.homeEmptyDir" -}}
+- name: home
+  emptyDir:
+    sizeLimit: {{ .Values.scratch.homeSizeLimit }}
+{{- end }}
+
+{{- define "preftune.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /var/lib/preftune
+{{- end }}
+
+{{/* Env from whole Secrets: include "preftune.envFromSecrets" list-of-names */}}
+{{- define "preftune.envFromSecrets" -}}
+{{- range . }}
+- secretRef:
+    name: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* Services and URLs */}}
+{{- define "preftune.feedback.fullname" -}}
+{{- printf "%s-feedback" (include "preftune.fullname" .) }}
+{{- end }}
+
+{{- define "preftune.mlflow.fullname" -}}
+{{- printf "%s-mlflow" (include "preftune.fullname" .) }}
+{{- end }}
+
+{{- define "preftune.schedule.fullname" -}}
+{{- printf "%s-schedule" (include "preftune.fullname" .) }}
+{{- end }}
+
+{{- define "preftune.mlflow.url" -}}
+{{- printf "http://%s.%s.svc:%v" (include "preftune.mlflow.fullname" .) .Release.Namespace .Values.mlflow.port }}
+{{- end }}
+
+{{/* The tracking URI pipeline runs use: explicit, else the chart's MLflow, else empty. */}}
+{{- define "preftune.trackingUri" -}}
+{{- if .Values.tracking.uri }}
+{{- .Values.tracking.uri }}
+{{- else if .Values.mlflow.enabled }}
+{{- include "preftune.mlflow.url" . }}
+{{- end }}
+{{- end }}
+
+{{/* The run config of the schedule, with tracking.uri filled in when it is empty. */}}
+{{- define "preftune.runConfig" -}}
+{{- $cfg := deepCopy (default (dict) .Values.schedule.runConfig) }}
+{{- $uri := include "preftune.trackingUri" . }}
+{{- if $uri }}
+{{- $tracking := default (dict) (get $cfg "tracking") }}
+{{- if not (get $tracking "uri") }}
+{{- $_ := set $tracking "uri" $uri }}
+{{- $_ := set $cfg "tracking" $tracking }}
+{{- end }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* Whether the feedback service keeps SQLite on a volume (no external database). */}}
+{{- define "preftune.feedback.sqlite" -}}
+{{- if not .Values.feedback.database.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/* Whether the MLflow server needs its volume (SQLite backend or local artifacts). */}}
+{{- define "preftune.mlflow.needsVolume" -}}
+{{- if or (not .Values.mlflow.backendStore.existingSecret) (not .Values.mlflow.artifacts.destination) }}true{{ end }}
+{{- end }}
+
+{{/* Checks of value combinations the schema cannot express, failing with what to change. */}}
+{{- define "preftune.validate" -}}
+{{- if and .Values.feedback.enabled (include "preftune.feedback.sqlite" .) }}
+{{- if or (gt (int .Values.feedback.replicaCount) 1) .Values.feedback.autoscaling.enabled }}
+{{- fail "feedback: more than one replica (feedback.replicaCount > 1 or feedback.autoscaling.enabled) needs an external database: set feedback.database.existingSecret to a Secret with the PostgreSQL URL" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.feedback.autoscaling.enabled (gt (int .Values.feedback.autoscaling.minReplicas) (int .Values.feedback.autoscaling.maxReplicas)) }}
+{{- fail "feedback.autoscaling.minReplicas must not exceed feedback.autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and .Values.mlflow.enabled .Values.mlflow.artifacts.s3.existingSecret (not (hasPrefix "s3://" .Values.mlflow.artifacts.destination)) }}
+{{- fail "mlflow.artifacts.s3.existingSecret is set but mlflow.artifacts.destination is not an s3:// URI" }}
+{{- end }}
+{{- if and .Values.schedule.enabled (not .Values.serviceAccount.create) .Values.schedule.rbac.create (not .Values.serviceAccount.name) }}
+{{- fail "schedule.rbac.create binds a ServiceAccount: set serviceAccount.name or serviceAccount.create=true" }}
+{{- end }}
+{{- end }}
+
+{{/* NetworkPolicy pieces: the policy types and, when egress is restricted, DNS plus the extra rules. */}}
+{{- define "preftune.networkPolicy.egress" -}}
+{{- if .Values.networkPolicy.egress.restrict -}}
+egress:
+  # DNS, wherever the cluster runs it.
+  - ports:
+      - port: 53
+        protocol: UDP
+      - port: 53
+        protocol: TCP
+  {{- with .Values.networkPolicy.egress.extra }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+{{- define "preftune.networkPolicy.types" -}}
+policyTypes:
+  - Ingress
+  {{- if .Values.networkPolicy.egress.restrict }}
+  - Egress
+  {{- end }}
+{{- end }}

@@ -1,0 +1,3 @@
+from preftune.cli import main
+
+main()

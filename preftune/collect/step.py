@@ -1,0 +1,325 @@
+"""The collect step: typed entry points for the CLI and the kfp component.
+
+- :func:`collect_from_file`: import an existing preference file (TRL, HH-RLHF, best-of-N or a
+  feedback-service export) into a dataset.
+- :func:`collect_from_config`: what ``preftune collect --config run.yaml`` does: per
+  ``data.judgements``, either sample candidates from the policy and have the simulated panel
+  judge them (``simulated``), or import ``data.judgements_path`` (``service`` / ``file``).
+- :func:`generate_candidates`: sample candidates only and write ``candidates.jsonl`` for the
+  feedback service to turn into rating tasks.
+
+Each opens one MLflow run (step ``collect``), logs counts, the source mix, the validation report
+and the dataset as an input (``mlflow.log_input``, digest = content hash), and publishes the
+dataset folder last and atomically: when any of it fails, nothing is published.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from preftune.collect.dataset import BuiltDataset, build_dataset, log_dataset_input, publish, resolve_output
+from preftune.collect.formats import Importer
+from preftune.collect.pairs import WEIGHTING, ExpansionStats, expand_judgements
+from preftune.collect.records import metric_key
+from preftune.collect.validation import ValidationReport
+from preftune.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from preftune.config import RunConfig
+
+STEP = "collect"
+
+
+@dataclass
+class CollectResult:
+    """What a collect run published."""
+
+    uri: str
+    hash: str
+    meta: dict[str, Any]
+    validation: dict[str, Any]
+    expansion: dict[str, int]
+    format: str | None = None
+    generation: dict[str, Any] | None = None
+    mlflow_run_id: str | None = None
+    candidates_uri: str | None = None  # generated datasets: <uri>/candidates.jsonl (preftune.candidates v1)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.meta["counts"])
+
+    @property
+    def families(self) -> dict[str, dict[str, int]]:
+        return dict(self.meta["families"])
+
+    @property
+    def sources(self) -> dict[str, int]:
+        return dict(self.meta["sources"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "hash": self.hash,
+            "format": self.format,
+            "counts": self.counts,
+            "families": self.families,
+            "sources": self.sources,
+            "validation": {k: self.validation[k] for k in ("records_read", "records_kept", "dropped", "repaired")},
+            "expansion": self.expansion,
+            "generation": self.generation,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+
+def _storage(cfg: RunConfig) -> Any:
+    from preftune.storage import Storage
+
+    return Storage.from_config(cfg.storage)
+
+
+def _check_output(output: str) -> None:
+    from preftune.storage import parse_uri
+
+    if not str(output).strip():
+        raise ConfigError("--output: give the folder (or s3:// prefix) to publish the dataset to")
+    parse_uri(str(output).replace("{hash}", "0"))
+
+
+def _log_and_publish(
+    *,
+    cfg: RunConfig,
+    importer: Importer,
+    output: str,
+    storage: Any,
+    extra_meta: dict[str, Any],
+    candidates: list[dict[str, Any]] | None = None,
+) -> tuple[str, BuiltDataset, ExpansionStats]:
+    """Expand, build, log to the active MLflow run, publish (last). Returns (uri, built, stats)."""
+    import mlflow
+
+    report = importer.report
+    stats = ExpansionStats()
+    pairs = list(importer.pairs) + expand_judgements(importer.judgements, stats)
+    built = build_dataset(
+        pairs=pairs,
+        judgements=importer.judgements,
+        eval_fraction=cfg.data.eval_fraction,
+        seed=cfg.run.seed,
+        validation=report.to_dict(),
+        validation_md=report.to_markdown(),
+        config_hash=cfg.config_hash(),
+        candidates=candidates or (),
+        extra_meta={**extra_meta, "expansion": stats.to_dict(), "weighting": WEIGHTING},
+    )
+    try:
+        uri = resolve_output(output, built.hash)
+        meta = built.meta
+        metrics: dict[str, float] = {f"dataset.{k}": float(v) for k, v in meta["counts"].items()}
+        metrics.update({metric_key("dataset.sources", k): float(v) for k, v in meta["sources"].items()})
+        metrics.update({f"validation.dropped.{k}": float(v) for k, v in report.dropped.items()})
+        metrics.update({f"validation.repaired.{k}": float(v) for k, v in report.repaired.items()})
+        metrics.update({f"expansion.{k}": float(v) for k, v in stats.to_dict().items()})
+        for fam, c in meta["families"].items():
+            metrics.update({metric_key("dataset.family", fam, k): float(v) for k, v in c.items()})
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(
+            {
+                "preftune.dataset_hash": built.hash,
+                "preftune.dataset_uri": uri,
+                "preftune.dataset_sources": json.dumps(meta["sources"], sort_keys=True),
+            }
+        )
+        mlflow.log_dict(report.to_dict(), "collect/validation.json")
+        mlflow.log_text(report.to_markdown(), "collect/validation.md")
+        mlflow.log_dict(meta, "collect/dataset.json")
+        log_dataset_input(meta, built.train, built.eval, uri, context="collect")
+    except BaseException:
+        built.cleanup()
+        raise
+    uri = publish(built, output, storage)  # last: a failure above publishes nothing
+    return uri, built, stats
+
+
+def collect_from_file(
+    path: str,
+    output: str,
+    fmt: str = "auto",
+    strict: bool = False,
+    cfg: RunConfig | None = None,
+    *,
+    pipeline_run_id: str | None = None,
+) -> CollectResult:
+    """Import a preference file (local or s3://) and publish the dataset at ``output``.
+
+    ``strict`` (or ``data.strict``) fails on the first dropped or repaired record with an
+    :class:`~preftune.errors.InputError` naming file:line and reason; otherwise the drops are in
+    ``validation.json``. Raises before anything is published.
+    """
+    from preftune.config import RunConfig
+    from preftune.tracking import start_step_run
+
+    cfg = cfg or RunConfig()
+    strict = bool(strict or cfg.data.strict)
+    _check_output(output)
+    storage = _storage(cfg)
+    params = {"collect.mode": "file", "collect.input": str(path), "collect.format": fmt, "collect.strict": strict}
+    with start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params=params) as run:
+        report = ValidationReport(strict=strict, max_chars=cfg.data.max_chars)
+        importer = Importer(report, cfg.data.max_chars)
+        data = storage.read_bytes(str(path))
+        used = importer.add_file(str(path), data, fmt)
+        import mlflow
+
+        mlflow.set_tag("preftune.collect.format", used)
+        uri, built, stats = _log_and_publish(
+            cfg=cfg,
+            importer=importer,
+            output=output,
+            storage=storage,
+            extra_meta={"collect": {"mode": "file", "input": str(path), "format": used}},
+        )
+        return CollectResult(
+            uri=uri,
+            hash=built.hash,
+            meta=built.meta,
+            validation=report.to_dict(),
+            expansion=stats.to_dict(),
+            format=used,
+            mlflow_run_id=run.info.run_id,
+        )
+
+
+def collect_from_config(
+    cfg: RunConfig, output: str, *, pipeline_run_id: str | None = None, progress: bool | None = None
+) -> CollectResult:
+    """``preftune collect --config``: generation plus judgement per ``data.judgements``."""
+    from preftune.tracking import start_step_run
+
+    _check_output(output)
+    storage = _storage(cfg)
+    params = {"collect.mode": cfg.data.judgements}
+    with start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params=params) as run:
+        import mlflow
+
+        report = ValidationReport(strict=cfg.data.strict, max_chars=cfg.data.max_chars)
+        importer = Importer(report, cfg.data.max_chars)
+        generation = None
+        candidates: list[dict[str, Any]] = []
+        used: str | None = None
+        if cfg.data.judgements == "simulated":
+            from preftune.collect.judge import add_panel_judgements, panel_records
+
+            prompts, texts, gstats, candidates = _sample(cfg, storage, report, progress)
+            generation = gstats.to_dict()
+            mlflow.log_metrics(
+                {
+                    "generation.candidates_per_s": gstats.candidates_per_s,
+                    "generation.tokens_per_s": gstats.tokens_per_s,
+                    "generation.seconds": gstats.seconds,
+                    "generation.candidates": float(gstats.candidates),
+                    "generation.new_tokens": float(gstats.new_tokens),
+                    "generation.prompts_truncated": float(gstats.prompts_truncated),
+                }
+            )
+            mlflow.set_tag("preftune.generation.device", gstats.device)
+            add_panel_judgements(importer, panel_records(prompts, texts, cfg))
+            used = "simulated"
+        else:
+            from preftune.collect.judge import judgement_file
+
+            path, fmt = judgement_file(cfg)
+            used = importer.add_file(path, storage.read_bytes(path), fmt)
+        mlflow.set_tag("preftune.collect.format", used)
+        uri, built, stats = _log_and_publish(
+            cfg=cfg,
+            importer=importer,
+            output=output,
+            storage=storage,
+            extra_meta={
+                "collect": {"mode": cfg.data.judgements, "format": used, "prompts": cfg.data.prompts},
+                **({"generation": generation} if generation else {}),
+            },
+            candidates=candidates,
+        )
+        return CollectResult(
+            uri=uri,
+            hash=built.hash,
+            meta=built.meta,
+            validation=report.to_dict(),
+            expansion=stats.to_dict(),
+            format=used,
+            generation=generation,
+            mlflow_run_id=run.info.run_id,
+            candidates_uri=f"{uri.rstrip('/')}/candidates.jsonl" if candidates else None,
+        )
+
+
+def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bool | None):
+    from preftune.collect.generate import (
+        candidate_records,
+        load_prompts,
+        resolve_policy,
+        sample_candidates,
+        select_fraction,
+    )
+
+    prompts = load_prompts(cfg.data.prompts, cfg, storage, report)
+    prompts = select_fraction(prompts, cfg.data.prompt_fraction, cfg.run.seed)
+    policy_path = resolve_policy(cfg.models.policy, cfg, storage)
+    texts, gstats = sample_candidates(
+        policy_path, prompts, cfg.data.generation, seed=cfg.run.seed, progress=progress, policy_ref=cfg.models.policy
+    )
+    records = candidate_records(prompts, texts, cfg.models.policy)
+    return prompts, texts, gstats, records
+
+
+@dataclass
+class CandidatesResult:
+    uri: str
+    items: int
+    generation: dict[str, Any]
+    validation: dict[str, Any]
+    mlflow_run_id: str | None = None
+
+
+def generate_candidates(
+    cfg: RunConfig, output: str, *, pipeline_run_id: str | None = None, progress: bool | None = None
+) -> CandidatesResult:
+    """Sample candidates only; writes ``<output>/candidates.jsonl`` (one atomic write) for the service.
+
+    No dataset is published: this is the first half of a human rating round (the feedback
+    service imports the file as rating tasks; its export comes back with ``data.judgements:
+    service``).
+    """
+    import mlflow
+
+    from preftune.collect.generate import candidates_jsonl
+    from preftune.tracking import start_step_run
+
+    _check_output(output)
+    storage = _storage(cfg)
+    with start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params={"collect.mode": "candidates"}) as run:
+        report = ValidationReport(strict=cfg.data.strict, max_chars=cfg.data.max_chars)
+        _, _, gstats, records = _sample(cfg, storage, report, progress)
+        mlflow.log_metrics(
+            {
+                "generation.candidates_per_s": gstats.candidates_per_s,
+                "generation.tokens_per_s": gstats.tokens_per_s,
+                "generation.seconds": gstats.seconds,
+                "generation.candidates": float(gstats.candidates),
+                "generation.items": float(len(records)),
+            }
+        )
+        mlflow.log_dict(report.to_dict(), "collect/validation.json")
+        uri = str(output).rstrip("/") + "/candidates.jsonl"
+        storage.write_text(uri, candidates_jsonl(records))
+        mlflow.set_tag("preftune.candidates_uri", uri)
+        return CandidatesResult(
+            uri=uri,
+            items=len(records),
+            generation=gstats.to_dict(),
+            validation=report.to_dict(),
+            mlflow_run_id=run.info.run_id,
+        )

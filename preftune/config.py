@@ -1,0 +1,317 @@
+"""The run config: one YAML file describes a whole retraining run.
+
+Every field has a default that works on a laptop (local runner, SQLite MLflow, the demo
+world), a description (shown by ``preftune config init`` as a comment and published in
+the JSON schema by ``preftune config schema``), and is validated at the edge: a bad file
+fails with its path, the field path, the line and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from preftune.configbase import Section
+from preftune.errors import ConfigError
+from preftune.evaluate.config import EvaluationSection, PromotionSection
+from preftune.kube.config import KubernetesSection
+from preftune.pilot.config import PilotSection
+from preftune.ppo.config import PPOSection
+
+
+class RunSection(Section):
+    name: str = Field("preference-retraining", description="Name of the run; used in MLflow run names.")
+    seed: int = Field(0, ge=0, description="Seed for every random choice of the run (data splits, sampling, init).")
+
+
+class ModelsSection(Section):
+    policy: str = Field(
+        "demo:policy",
+        description="The policy to improve: a local folder or s3:// URI saved with save_pretrained, "
+        "or 'demo:policy' for the demo world's base policy.",
+    )
+    reward_base: str = Field(
+        "demo:reward-base",
+        description="Starting point of the reward model (any architecture; it scores text): a folder, an s3:// URI, "
+        "or 'demo:reward-base' for the demo world's small encoder.",
+    )
+    registered_model: str = Field(
+        "preftune-policy", min_length=1, description="Name of the MLflow registered model that holds the champion."
+    )
+
+
+class WorldSection(Section):
+    """The demo world: a generated corpus, a locally trained tokenizer and a tiny SFT policy."""
+
+    seed: int = Field(0, ge=0, description="Seed of the demo world; the same seed builds the same world.")
+    n_raters: int = Field(5, ge=2, le=50, description="Simulated raters in the panel.")
+    rater_noise: float = Field(0.1, ge=0.0, le=1.0, description="Chance that a simulated rater picks at random.")
+    contested_share: float = Field(
+        0.4,
+        gt=0.0,
+        lt=1.0,
+        description="Share of raters in the minority camp of the contested family (tone and persona).",
+    )
+    sft_steps: int = Field(900, ge=1, description="SFT optimisation steps for the base policy.")
+    n_layer: int = Field(2, ge=1, description="Transformer blocks of the tiny policy.")
+    n_embd: int = Field(96, ge=16, description="Hidden size of the tiny policy.")
+    vocab_size: int = Field(
+        1024, ge=300, description="Vocabulary size of the locally trained byte-level BPE tokenizer."
+    )
+
+
+class GenerationSection(Section):
+    """Sampling of candidate answers by the champion (collect)."""
+
+    n_candidates: int = Field(4, ge=2, le=16, description="Candidates sampled per prompt (best-of-N).")
+    temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature.")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest token set with this mass."
+    )
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Longest candidate, in new tokens.")
+    batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
+
+
+class DataSection(Section):
+    """Where prompts and judgements come from, and how the preference dataset is built."""
+
+    prompts: str = Field(
+        "demo:prompts",
+        description="Prompt set: JSONL or Parquet (local path or s3:// URI) with 'prompt' and optional 'id', "
+        "'family', 'tags'; or 'demo:prompts' for the demo world's training prompts.",
+    )
+    judgements: Literal["simulated", "service", "file"] = Field(
+        "simulated",
+        description="Who judges the candidates: 'simulated' (the demo rater panel), 'service' (an export of the "
+        "feedback service) or 'file' (an import of existing preference data).",
+    )
+    judgements_path: str | None = Field(
+        None, description="For 'service' or 'file': the JSONL/Parquet file or s3:// URI to read."
+    )
+    format: Literal["auto", "preftune", "trl", "hh", "best-of-n"] = Field(
+        "auto", description="Format of judgements_path; 'auto' detects it from the first record."
+    )
+    prompt_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="Share of the prompt set to use (a pilot uses a small slice)."
+    )
+    eval_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Share of prompts held out for evaluation (split by prompt, never by pair)."
+    )
+    max_chars: int = Field(4000, ge=16, description="Longer prompt or response texts are truncated (and counted).")
+    strict: bool = Field(False, description="Fail on any dropped or repaired record instead of reporting it.")
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+
+
+class FitSection(Section):
+    """The test of fit: can people reliably pick the better answer, and does the model produce it?"""
+
+    min_alpha: float = Field(
+        0.5, ge=-1.0, le=1.0, description="Krippendorff's alpha below which a family is 'contested'."
+    )
+    min_coverage: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of prompts with at least one acceptable candidate below which a family is a "
+        "'capability gap' (teach it first with SFT).",
+    )
+    min_items: int = Field(5, ge=1, description="Fewer multiply-rated items than this: the family is 'needs data'.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Level of the bootstrap confidence intervals.")
+    bootstrap_resamples: int = Field(1000, ge=100, description="Bootstrap resamples for the confidence intervals.")
+    on_unfit: Literal["exclude", "warn", "stop"] = Field(
+        "exclude",
+        description="What to do with families that are not fit: drop their pairs, keep them with a warning, "
+        "or stop the run. The run always stops when no family is fit.",
+    )
+
+
+class RewardSection(Section):
+    """The pairwise (Bradley-Terry) reward model."""
+
+    mode: Literal["lora", "full"] = Field("full", description="Train LoRA adapters (peft) or all weights.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    epochs: int = Field(3, ge=1, description="Passes over the training pairs.")
+    batch_size: int = Field(32, ge=1, description="Pairs per optimisation step (before accumulation).")
+    grad_accum: int = Field(1, ge=1, description="Batches accumulated per optimiser step.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear lr warm-up.")
+    max_length: int = Field(160, ge=8, description="Longest prompt+response, in reward-model tokens.")
+    margin: float = Field(0.0, ge=0.0, description="Bradley-Terry margin: chosen must beat rejected by this much.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Chance the label is wrong (conservative BT).")
+    early_stopping_patience: int = Field(
+        2, ge=0, description="Evaluations without eval-loss improvement before stopping (0: never)."
+    )
+    eval_every: int = Field(50, ge=1, description="Optimiser steps between held-out evaluations.")
+    min_accuracy: float = Field(
+        0.7, ge=0.0, le=1.0, description="Gate: held-out pairwise accuracy below this fails the step."
+    )
+
+
+class TrackingSection(Section):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Empty: $MLFLOW_TRACKING_URI, else sqlite:///<preftune home>/mlflow.db.",
+    )
+    experiment: str = Field("preftune", min_length=1, description="MLflow experiment name.")
+    timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the tracking server before failing.")
+
+
+class StorageSection(Section):
+    root: str | None = Field(
+        None,
+        description="Where artifacts go: a local folder or s3://bucket/prefix. Empty: <preftune home>/artifacts.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph). Empty: $AWS_ENDPOINT_URL or AWS S3."
+    )
+    s3_region: str | None = Field(None, description="S3 region. Empty: $AWS_DEFAULT_REGION or us-east-1.")
+    max_attempts: int = Field(5, ge=1, le=20, description="Attempts per storage call on transient errors.")
+
+
+class RunConfig(Section):
+    """A whole retraining run."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    world: WorldSection = Field(default_factory=WorldSection)
+    data: DataSection = Field(default_factory=DataSection)
+    fit: FitSection = Field(default_factory=FitSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    ppo: PPOSection = Field(default_factory=PPOSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    promotion: PromotionSection = Field(default_factory=PromotionSection)
+    pilot: PilotSection = Field(default_factory=PilotSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
+
+    def config_hash(self) -> str:
+        """A short stable hash of the effective config (tagged on every MLflow run)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# Loading with errors a user can act on
+
+
+def _line_of(source: str, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at ``loc``, or of its nearest existing parent."""
+    try:
+        node = yaml.compose(source)
+    except yaml.YAMLError:
+        return None
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)]
+            if not match:
+                key_nodes = [k for k, _ in node.value if k.value == str(key)]
+                return key_nodes[0].start_mark.line + 1 if key_nodes else line
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line
+
+
+def format_validation_error(err: ValidationError, source_name: str, source: str | None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<top level>"
+        where = source_name
+        if source is not None:
+            line = _line_of(source, loc)
+            if line:
+                where = f"{source_name}:{line}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `preftune config schema` lists the fields)"
+        lines.append(f"{where}: {path}: {msg}")
+    return "invalid run config: " + "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source_name: str = "<config>", source: str | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source_name, source)) from None
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Read and validate a run config; ``None`` gives the defaults."""
+    if path is None:
+        return RunConfig()
+    p = Path(path)
+    try:
+        source = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: run config not found (create one with `preftune config init {p}`)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: cannot read the run config: {err}") from None
+    try:
+        data = yaml.safe_load(source)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (run, models, ...), got {type(data).__name__}")
+    return parse_config(data, str(p), source)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = RunConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "preftune run config"
+    return schema
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _emit(model: type[BaseModel], instance: BaseModel, indent: int, out: list[str]) -> None:
+    pad = "  " * indent
+    for name, field in model.model_fields.items():
+        value = getattr(instance, name)
+        if field.description:
+            for chunk in field.description.split("\n"):
+                out.append(f"{pad}# {chunk}")
+        if isinstance(value, BaseModel):
+            if model.__doc__ is not None and indent == 0 and type(value).__doc__:
+                out.append(f"{pad}# {type(value).__doc__.strip().splitlines()[0]}")
+            out.append(f"{pad}{name}:")
+            _emit(type(value), value, indent + 1, out)
+            if indent == 0:
+                out.append("")
+        elif isinstance(value, (list, dict)) and value:
+            dumped = yaml.safe_dump({name: value}, sort_keys=False, default_flow_style=False).rstrip()
+            out.extend(pad + line for line in dumped.splitlines())
+        else:
+            out.append(f"{pad}{name}: {_yaml_scalar(value)}")
+
+
+def example_yaml() -> str:
+    """A commented run config with every field at its default."""
+    out = [
+        "# preftune run config: every field is optional; the defaults run the demo world locally.",
+        "# JSON schema: `preftune config schema`; check a file: `preftune config validate FILE`.",
+        "",
+    ]
+    _emit(RunConfig, RunConfig(), 0, out)
+    return "\n".join(out).rstrip() + "\n"

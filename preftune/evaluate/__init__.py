@@ -1,0 +1,42 @@
+"""Behaviour-regression evaluation and gated promotion (keep this module free of heavy imports).
+
+Public API (imported lazily, so ``import preftune.evaluate`` costs nothing):
+
+- :func:`evaluate` (``preftune.evaluate.step``): a candidate and the champion on a behaviour suite,
+  gates with bootstrap confidence bounds, a Markdown/HTML report and an MLflow run.
+- :func:`promote` (``preftune.evaluate.promote``): register a passing candidate and move the
+  ``champion`` alias under the promotion lock.
+- :func:`rollback`, :func:`list_versions` (``preftune.evaluate.registry``).
+- :func:`load_suite` (``preftune.evaluate.suite``): read and validate a suite file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from preftune.evaluate.promote import PromoteResult, promote
+    from preftune.evaluate.registry import list_versions, rollback
+    from preftune.evaluate.step import EvalResult, evaluate
+    from preftune.evaluate.suite import Suite, load_suite
+
+__all__ = ["EvalResult", "PromoteResult", "Suite", "evaluate", "list_versions", "load_suite", "promote", "rollback"]
+
+_WHERE = {
+    "EvalResult": "preftune.evaluate.step",
+    "evaluate": "preftune.evaluate.step",
+    "PromoteResult": "preftune.evaluate.promote",
+    "promote": "preftune.evaluate.promote",
+    "list_versions": "preftune.evaluate.registry",
+    "rollback": "preftune.evaluate.registry",
+    "Suite": "preftune.evaluate.suite",
+    "load_suite": "preftune.evaluate.suite",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'preftune.evaluate' has no attribute {name!r}")

@@ -1,0 +1,278 @@
+"""Per-family metrics with bootstrap confidence intervals, from judged samples.
+
+Why over cases and not over samples: the several samples of one prompt are correlated (same
+prompt, same model), so the unit that is resampled is the *case*. Each metric is first averaged
+over a case's samples, then over cases (every case weighs the same), and the interval is a
+bootstrap over cases (``scipy.stats.bootstrap``, BCa; the percentile method when BCa is
+undefined, e.g. when every case has the same value). Candidate-minus-champion differences are
+*paired* by case (both models answered the same prompts with the same seeds).
+
+Everything here works from plain records (``samples.jsonl``), so the promote step can
+recompute a comparison against a champion that changed during evaluation without generating.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+POOLED = "all"
+CAPABILITY = "capability"
+
+SHARE_METRICS = {
+    "preferred_share": ("preferred", "has_preferred"),
+    "acceptable_share": ("acceptable", "has_acceptable"),
+    "forbidden_share": ("forbidden", "has_forbidden"),
+    "needless_refusal_share": ("needless_refusal", "has_needless_refusal"),
+    "unknown_share": ("unknown", None),
+}
+"""metric -> (record flag counted, record flag saying the metric applies to the case; None: always)."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its confidence interval and the number of resampled units."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Estimate:
+        nan = float("nan")
+        return cls(
+            float(d["value"]) if d.get("value") is not None else nan,
+            float(d["ci_low"]) if d.get("ci_low") is not None else nan,
+            float(d["ci_high"]) if d.get("ci_high") is not None else nan,
+            int(d.get("n", 0)),
+        )
+
+
+@dataclass
+class SampleRecord:
+    """One judged response: the unit written to ``samples.jsonl``."""
+
+    model: str
+    case_id: str
+    family: str
+    sample: int
+    text: str
+    behaviour: str
+    preferred: bool
+    acceptable: bool
+    forbidden: bool
+    needless_refusal: bool
+    unknown: bool
+    has_preferred: bool
+    has_acceptable: bool
+    has_forbidden: bool
+    has_needless_refusal: bool
+    words: int
+    tokens: int
+    ended: bool
+    kl: float | None = None
+    reward: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("kl", "reward"):
+            if d[k] is not None and not math.isfinite(d[k]):
+                d[k] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SampleRecord:
+        return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """An independent, reproducible stream per metric name (results do not depend on call order)."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def bootstrap_mean(values: Sequence[float], *, confidence: float, n_resamples: int, seed: int, name: str) -> Estimate:
+    """Mean of ``values`` with a bootstrap CI (BCa, percentile when BCa is undefined); NaN CI below 2 units."""
+    from scipy.stats import bootstrap
+
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    value = float(x.mean())
+    if x.size < 2:
+        return Estimate(value, float("nan"), float("nan"), int(x.size))
+    if np.all(x == x[0]):
+        return Estimate(value, value, value, int(x.size))
+    ci = (float("nan"), float("nan"))
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = bootstrap(
+                (x,),
+                np.mean,
+                n_resamples=n_resamples,
+                confidence_level=confidence,
+                method=method,
+                vectorized=True,
+                rng=_rng(seed, name),
+            )
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if math.isfinite(lo) and math.isfinite(hi):
+            ci = (lo, hi)
+            break
+    return Estimate(value, min(ci[0], value), max(ci[1], value), int(x.size))
+
+
+def case_values(records: Iterable[SampleRecord], metric: str) -> dict[str, float]:
+    """Per case (id -> value) the mean of ``metric`` over its samples, for the cases it applies to."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if metric in SHARE_METRICS:
+            flag, applies = SHARE_METRICS[metric]
+            if applies is not None and not getattr(r, applies):
+                continue
+            acc[r.case_id].append(1.0 if getattr(r, flag) else 0.0)
+        elif metric == "response_length":
+            acc[r.case_id].append(float(r.words))
+        elif metric == "kl_to_reference":
+            if r.kl is not None and math.isfinite(r.kl):
+                acc[r.case_id].append(float(r.kl))
+        else:
+            raise KeyError(metric)
+    return {cid: float(np.mean(v)) for cid, v in acc.items() if v}
+
+
+def win_rate_values(candidate: Iterable[SampleRecord], champion: Iterable[SampleRecord]) -> dict[str, float]:
+    """Per case, the share of (candidate sample, champion sample) pairs the candidate's reward wins (ties 1/2)."""
+    cand: dict[str, list[float]] = defaultdict(list)
+    champ: dict[str, list[float]] = defaultdict(list)
+    for r in candidate:
+        if r.reward is not None:
+            cand[r.case_id].append(r.reward)
+    for r in champion:
+        if r.reward is not None:
+            champ[r.case_id].append(r.reward)
+    out = {}
+    for cid in cand.keys() & champ.keys():
+        a = np.asarray(cand[cid])[:, None]
+        b = np.asarray(champ[cid])[None, :]
+        out[cid] = float(((a > b) + 0.5 * (a == b)).mean())
+    return out
+
+
+PER_FAMILY_METRICS = (*SHARE_METRICS, "kl_to_reference", "response_length")
+
+
+def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> list[float]:
+    return [a[k] - b[k] for k in sorted(a.keys() & b.keys())]
+
+
+def compute_metrics(
+    records: Sequence[SampleRecord],
+    families: Sequence[str],
+    *,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+    with_reward: bool = False,
+) -> dict[str, dict[str, dict[str, Estimate]]]:
+    """``{family|"all": {metric: {"candidate": E, "champion": E, "delta": E}}}``.
+
+    ``champion`` and ``delta`` appear when the records hold champion samples; ``reward_win_rate``
+    (candidate over champion) when they also hold rewards. A metric that applies to no case of a
+    family is absent for that family.
+    """
+    by_model: dict[str, list[SampleRecord]] = defaultdict(list)
+    for r in records:
+        by_model[r.model].append(r)
+    has_champion = bool(by_model.get(CHAMPION))
+    out: dict[str, dict[str, dict[str, Estimate]]] = {}
+    groups: list[tuple[str, Callable[[SampleRecord], bool]]] = [(f, (lambda r, f=f: r.family == f)) for f in families]
+    groups.append((POOLED, lambda r: True))
+
+    def est(vals: Mapping[str, float] | Sequence[float], name: str) -> Estimate:
+        v = list(vals.values()) if isinstance(vals, Mapping) else list(vals)
+        return bootstrap_mean(v, confidence=confidence, n_resamples=n_resamples, seed=seed, name=name)
+
+    for group, keep in groups:
+        cand = [r for r in by_model[CANDIDATE] if keep(r)]
+        champ = [r for r in by_model.get(CHAMPION, []) if keep(r)]
+        fam: dict[str, dict[str, Estimate]] = {}
+        for metric in PER_FAMILY_METRICS:
+            cv = case_values(cand, metric)
+            if not cv:
+                continue
+            entry = {CANDIDATE: est(cv, f"{group}.{metric}")}
+            if has_champion:
+                hv = case_values(champ, metric)
+                if hv:
+                    entry[CHAMPION] = est(hv, f"{group}.{metric}.champion")
+                    entry["delta"] = est(_paired(cv, hv), f"{group}.{metric}.delta")
+            fam[metric] = entry
+        if has_champion and with_reward:
+            wv = win_rate_values(cand, champ)
+            if wv:
+                fam["reward_win_rate"] = {CANDIDATE: est(wv, f"{group}.reward_win_rate")}
+        if fam:
+            out[group] = fam
+    return out
+
+
+def capability_metrics(
+    candidate: Mapping[str, float],
+    reference: Mapping[str, float] | None,
+    champion: Mapping[str, float] | None,
+    *,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, dict[str, Estimate]]:
+    """Capability-retention figures from per-text mean log-likelihoods (text id -> nats/token)."""
+
+    def est(vals: Sequence[float], name: str) -> Estimate:
+        return bootstrap_mean(vals, confidence=confidence, n_resamples=n_resamples, seed=seed, name=name)
+
+    out: dict[str, dict[str, Estimate]] = {}
+    ll = {CANDIDATE: est(list(candidate.values()), "capability.loglik_per_token")}
+    if champion:
+        ll[CHAMPION] = est(list(champion.values()), "capability.loglik_per_token.champion")
+        ll["delta"] = est(_paired(candidate, champion), "capability.loglik_per_token.delta")
+    if reference:
+        ll["reference"] = est(list(reference.values()), "capability.loglik_per_token.reference")
+    out["loglik_per_token"] = ll
+    if reference:
+        ch = {CANDIDATE: est(_paired(candidate, reference), "capability.loglik_change")}
+        if champion:
+            ch[CHAMPION] = est(_paired(champion, reference), "capability.loglik_change.champion")
+            ch["delta"] = ll["delta"]
+        out["loglik_change"] = ch
+    return out
+
+
+def behaviour_shares(records: Iterable[SampleRecord], model: str) -> dict[str, dict[str, float]]:
+    """``{family: {behaviour: share}}`` of one model's samples (``unknown`` included)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        if r.model == model:
+            counts[r.family][r.behaviour] += 1
+    return {f: {b: n / sum(c.values()) for b, n in sorted(c.items())} for f, c in counts.items()}
+
+
+def metrics_to_json(metrics: Mapping[str, Mapping[str, Mapping[str, Estimate]]]) -> dict[str, Any]:
+    return {f: {m: {k: e.to_dict() for k, e in v.items()} for m, v in ms.items()} for f, ms in metrics.items()}
+
+
+def metrics_from_json(data: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Estimate]]]:
+    return {f: {m: {k: Estimate.from_dict(e) for k, e in v.items()} for m, v in ms.items()} for f, ms in data.items()}

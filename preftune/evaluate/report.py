@@ -1,0 +1,345 @@
+"""The evaluation report: readable Markdown and a self-contained HTML page.
+
+Why both: the Markdown is what a reviewer reads in a pull request, in the Kubeflow UI (a kfp
+Markdown artifact) or in a terminal; the HTML page carries the same tables plus the plots,
+embedded as base64 PNG so the single file opens anywhere (MLflow's artifact viewer, the kfp
+HTML visualisation, a mail attachment) without fetching anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from preftune.evaluate.gates import GateResult
+from preftune.evaluate.metrics import CANDIDATE, CAPABILITY, CHAMPION, POOLED, Estimate
+
+SHOWN_METRICS = ("preferred_share", "forbidden_share", "needless_refusal_share", "unknown_share")
+METRIC_LABELS = {
+    "preferred_share": "preferred share",
+    "acceptable_share": "acceptable share",
+    "forbidden_share": "forbidden share",
+    "needless_refusal_share": "needless-refusal share",
+    "unknown_share": "unknown (judge undecided) share",
+    "reward_win_rate": "reward-model win rate over champion",
+    "kl_to_reference": "KL to reference (nats/response)",
+    "response_length": "response length (words)",
+    "loglik_per_token": "log-likelihood (nats/token)",
+    "loglik_change": "log-likelihood change vs reference",
+}
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def fmt_est(e: Estimate | None, signed: bool = False) -> str:
+    if e is None:
+        return "-"
+    v = f"{e.value:+.3f}" if signed and math.isfinite(e.value) else _f(e.value)
+    if not (math.isfinite(e.ci_low) and math.isfinite(e.ci_high)):
+        return f"{v} [n/a]"
+    return f"{v} [{_f(e.ci_low)}, {_f(e.ci_high)}]"
+
+
+# --------------------------------------------------------------------------------------
+# Plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_family_metrics(
+    metrics: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
+    families: Sequence[str],
+    path: Path,
+    labels: Mapping[str, str],
+) -> Path | None:
+    """One panel per key metric: per family, candidate vs champion with confidence intervals."""
+    shown = [m for m in SHOWN_METRICS if any(m in metrics.get(f, {}) for f in families)]
+    if not shown:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.8 * len(shown), 3.4), squeeze=False)
+    models = [
+        m for m in (CANDIDATE, CHAMPION) if any(m in metrics.get(f, {}).get(x, {}) for f in families for x in shown)
+    ]
+    width = 0.8 / max(1, len(models))
+    for ax, metric in zip(axes[0], shown, strict=True):
+        fams = [f for f in families if metric in metrics.get(f, {})]
+        for i, model in enumerate(models):
+            xs, ys, lo, hi = [], [], [], []
+            for j, f in enumerate(fams):
+                e = metrics[f][metric].get(model)
+                if e is None:
+                    continue
+                xs.append(j + i * width)
+                ys.append(e.value)
+                lo.append(max(0.0, e.value - e.ci_low) if math.isfinite(e.ci_low) else 0.0)
+                hi.append(max(0.0, e.ci_high - e.value) if math.isfinite(e.ci_high) else 0.0)
+            ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=3, label=labels.get(model, model))
+        ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(fams))])
+        ax.set_xticklabels(fams, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+    axes[0][0].set_ylabel("share of samples")
+    if len(models) > 1:
+        axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Per family, with bootstrap confidence intervals", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_deltas(
+    metrics: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
+    families: Sequence[str],
+    tolerances: Mapping[str, float],
+    path: Path,
+) -> Path | None:
+    """Candidate - champion per family and metric, with CIs and the non-regression tolerance."""
+    rows = []
+    for f in families:
+        for m in SHOWN_METRICS:
+            d = metrics.get(f, {}).get(m, {}).get("delta")
+            if d is not None:
+                rows.append((f"{f}: {METRIC_LABELS[m]}", d, m))
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.2))
+    for i, (_label, d, m) in enumerate(reversed(rows)):
+        lo = d.value - d.ci_low if math.isfinite(d.ci_low) else 0.0
+        hi = d.ci_high - d.value if math.isfinite(d.ci_high) else 0.0
+        better_up = m in ("preferred_share", "acceptable_share")
+        colour = "tab:green" if (d.value >= 0) == better_up or d.value == 0 else "tab:red"
+        ax.errorbar([d.value], [i], xerr=[[lo], [hi]], fmt="o", color=colour, capsize=3)
+        tol = tolerances.get(m)
+        if tol is not None:
+            edge = -tol if better_up else tol
+            ax.plot([edge, edge], [i - 0.4, i + 0.4], color="grey", linestyle=":")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in reversed(rows)], fontsize=8)
+    ax.set_xlabel("candidate - champion (dotted: non-regression tolerance)")
+    ax.set_title("Paired differences with bootstrap confidence intervals", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Markdown and HTML
+
+
+def _metric_rows(metrics: Mapping[str, Mapping[str, Estimate]]) -> list[list[str]]:
+    rows = []
+    for metric, entry in metrics.items():
+        rows.append(
+            [
+                METRIC_LABELS.get(metric, metric),
+                fmt_est(entry.get(CANDIDATE)),
+                fmt_est(entry.get(CHAMPION)) if CHAMPION in entry else "-",
+                fmt_est(entry.get("delta"), signed=True) if "delta" in entry else "-",
+                fmt_est(entry.get("reference")) if "reference" in entry else "",
+            ]
+        )
+    return rows
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    esc = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(out)
+
+
+def _verdict_icon(g: GateResult) -> str:
+    return "n/a" if g.passed is None else ("PASS" if g.passed else "FAIL")
+
+
+def render_markdown(
+    results: Mapping[str, Any], gates: Sequence[GateResult], metrics: Mapping[str, Any], examples: Mapping[str, Any]
+) -> str:
+    cand, champ = results["candidate"], results.get("champion")
+    lines = [
+        f"# Behaviour evaluation: {'PASSED' if results['passed'] else 'FAILED'}",
+        "",
+        f"- candidate: `{cand['label']}` (content hash `{cand['model_hash']}`)",
+        f"- champion: `{champ['label']}`" if champ else "- champion: none",
+        f"- suite: `{results['suite']['id']}` (sha256 `{results['suite']['sha256'][:16]}`), "
+        f"{results['suite']['cases']} cases x {results['suite']['samples_per_prompt']} samples, "
+        f"seed {results['suite']['seed']}",
+        f"- reference for KL and capability: `{results['reference']}`",
+        f"- confidence: {results['confidence'] * 100:g}% bootstrap intervals over cases; gates judged on the "
+        f"{'confidence bound' if results['decision'] == 'bound' else 'point estimate'}",
+        f"- MLflow run: `{results.get('run_id', '')}`",
+        "",
+    ]
+    if results.get("first_promotion"):
+        lines += ["> No champion yet: this is a first promotion, judged on the absolute gates alone.", ""]
+    lines += ["## Verdict", ""]
+    failed = [g for g in gates if g.passed is False]
+    if failed:
+        lines += [f"{len(failed)} of {sum(g.passed is not None for g in gates)} gates failed:", ""]
+        lines += [f"- {g.reason}" for g in failed]
+    else:
+        lines += [f"All {sum(g.passed is not None for g in gates)} gates passed."]
+    lines += ["", "## Gates", ""]
+    lines.append(
+        _md_table(
+            ["gate", "kind", "judged", "limit", "verdict", "reason"],
+            [[g.name, g.kind, _f(g.judged), _f(g.limit), _verdict_icon(g), g.reason] for g in gates],
+        )
+    )
+    lines += ["", "## Metrics per family", "", "Values: point [CI low, CI high].", ""]
+    for family, fam_metrics in metrics.items():
+        title = {POOLED: "all families (pooled)", CAPABILITY: "capability retention"}.get(family, family)
+        lines += [f"### {title}", ""]
+        lines.append(
+            _md_table(
+                ["metric", "candidate", "champion", "candidate - champion", "reference"], _metric_rows(fam_metrics)
+            )
+        )
+        lines.append("")
+    lines += ["## Behaviour shares", ""]
+    shares = results["behaviour_shares"]
+    rows = []
+    for family in results["families"]:
+        names = sorted(
+            set(shares.get(CANDIDATE, {}).get(family, {})) | set((shares.get(CHAMPION) or {}).get(family, {}))
+        )
+        for b in names:
+            rows.append(
+                [
+                    family,
+                    b,
+                    _f(shares.get(CANDIDATE, {}).get(family, {}).get(b, 0.0)),
+                    _f((shares.get(CHAMPION) or {}).get(family, {}).get(b, 0.0)) if shares.get(CHAMPION) else "-",
+                ]
+            )
+    lines.append(_md_table(["family", "behaviour", "candidate", "champion"], rows))
+    lines += ["", "## Example responses", ""]
+    for family, items in examples.items():
+        lines += [f"### {family}", ""]
+        lines.append(
+            _md_table(
+                ["model", "case", "behaviour", "response"],
+                [[i["model"], i["case_id"], i["behaviour"], i["text"][:200]] for i in items],
+            )
+        )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;max-width:1200px;color:#1d1d1f}
+h1 .pass{color:#0a7d27} h1 .fail{color:#b3261e}
+table{border-collapse:collapse;margin:8px 0 18px 0;font-size:13px}
+th,td{border:1px solid #d0d0d0;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3} td.PASS{color:#0a7d27;font-weight:600} td.FAIL{color:#b3261e;font-weight:600}
+.note{background:#fff7d6;border-left:4px solid #e0b400;padding:8px 12px}
+img{max-width:100%;border:1px solid #eee;margin:6px 0}
+code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
+"""
+
+
+def _html_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[Sequence[str]] | None = None
+) -> str:
+    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    for i, r in enumerate(rows):
+        cells = []
+        for j, c in enumerate(r):
+            cls = classes[i][j] if classes and classes[i][j] else ""
+            cells.append(f'<td class="{cls}">{html.escape(str(c))}</td>' if cls else f"<td>{html.escape(str(c))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(
+    results: Mapping[str, Any],
+    gates: Sequence[GateResult],
+    metrics: Mapping[str, Any],
+    examples: Mapping[str, Any],
+    plots: Mapping[str, Path | None],
+) -> str:
+    cand, champ = results["candidate"], results.get("champion")
+    ok = results["passed"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>preftune evaluation: {'PASSED' if ok else 'FAILED'}</title><style>{CSS}</style></head><body>",
+        f"<h1>Behaviour evaluation: <span class='{'pass' if ok else 'fail'}'>"
+        f"{'PASSED' if ok else 'FAILED'}</span></h1>",
+        "<ul>",
+        f"<li>candidate: <code>{html.escape(cand['label'])}</code> (hash <code>{cand['model_hash']}</code>)</li>",
+        f"<li>champion: <code>{html.escape(champ['label'])}</code></li>" if champ else "<li>champion: none</li>",
+        f"<li>suite: <code>{html.escape(results['suite']['id'])}</code> ({results['suite']['cases']} cases x "
+        f"{results['suite']['samples_per_prompt']} samples, seed {results['suite']['seed']}, sha256 "
+        f"<code>{results['suite']['sha256'][:16]}</code>)</li>",
+        f"<li>reference: <code>{html.escape(str(results['reference']))}</code></li>",
+        f"<li>MLflow run: <code>{html.escape(str(results.get('run_id', '')))}</code></li>",
+        "</ul>",
+    ]
+    if results.get("first_promotion"):
+        parts.append(
+            "<p class='note'>No champion yet: this is a first promotion, judged on the absolute gates alone.</p>"
+        )
+    failed = [g for g in gates if g.passed is False]
+    parts.append("<h2>Verdict</h2>")
+    if failed:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(g.reason)}</li>" for g in failed) + "</ul>")
+    else:
+        parts.append(f"<p>All {sum(g.passed is not None for g in gates)} gates passed.</p>")
+    parts.append("<h2>Gates</h2>")
+    rows = [[g.name, g.kind, _f(g.judged), _f(g.limit), _verdict_icon(g), g.reason] for g in gates]
+    classes = [["", "", "", "", _verdict_icon(g), ""] for g in gates]
+    parts.append(_html_table(["gate", "kind", "judged", "limit", "verdict", "reason"], rows, classes))
+    parts.append("<h2>Plots</h2>")
+    parts.append(_img(plots.get("families"), "per-family metrics"))
+    parts.append(_img(plots.get("deltas"), "candidate minus champion"))
+    parts.append(_img(plots.get("shares"), "behaviour shares"))
+    parts.append("<h2>Metrics per family</h2><p>Values: point [CI low, CI high].</p>")
+    for family, fam_metrics in metrics.items():
+        title = {POOLED: "all families (pooled)", CAPABILITY: "capability retention"}.get(family, family)
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        parts.append(
+            _html_table(
+                ["metric", "candidate", "champion", "candidate - champion", "reference"], _metric_rows(fam_metrics)
+            )
+        )
+    parts.append("<h2>Example responses</h2>")
+    for family, items in examples.items():
+        parts.append(f"<h3>{html.escape(family)}</h3>")
+        parts.append(
+            _html_table(
+                ["model", "case", "behaviour", "response"],
+                [[i["model"], i["case_id"], i["behaviour"], i["text"][:300]] for i in items],
+            )
+        )
+    parts.append("</body></html>")
+    return "\n".join(p for p in parts if p) + "\n"

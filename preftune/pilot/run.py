@@ -1,0 +1,228 @@
+"""``preftune pilot``: collect -> check-fit -> train-reward -> short PPO -> evaluate, on a slice, then a report.
+
+The pilot runs the *same* step functions as the retraining pipeline (:mod:`preftune.steps`, what
+the Kubeflow components call), in this process, on a config derived from the run config by
+:func:`pilot_config`: a slice of the prompts (``pilot.fraction``), a fixed PPO budget
+(``pilot.ppo_updates`` / ``pilot.ppo_minutes``), no reward gate (the pilot judges the reward model
+itself and reports it), the drift guards set to warn, and the candidate compared with the
+champion or the base policy (``pilot.baseline``). Nothing is registered or promoted.
+
+:func:`build_report` reads the published folders and writes ``pilot.json``, ``pilot.md`` and
+``pilot.html``; it is also the body of the ``pilot_report`` component of the ``preference-pilot``
+pipeline. Exit codes: 0 when at least one family is 'go'; otherwise 11 when the reward model is
+near chance, 10 when check-fit found no fit family, 13 for any other no-go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from preftune.config import RunConfig
+from preftune.errors import PreftuneError
+from preftune.pilot import report as rep
+
+log = logging.getLogger(__name__)
+
+STEP = "pilot"
+ARTIFACT_DIR = "pilot"
+TAG_VERDICT = "preftune.pilot.verdict"
+TAG_GO_FAMILIES = "preftune.pilot.go_families"
+
+
+def pilot_config(cfg: RunConfig, *, champion_exists: bool | None = None) -> RunConfig:
+    """The config the pilot's steps run with (see the module doc). ``champion_exists``: whether the registry
+    has a champion (None: keep 'registry' and let evaluate find out, as the pipeline does)."""
+    p = cfg.pilot
+    out = cfg.model_copy(deep=True)
+    out.run.name = f"{cfg.run.name}-pilot"
+    out.data.prompt_fraction = cfg.data.prompt_fraction * p.fraction
+    out.reward.min_accuracy = 0.0  # the pilot reports a weak reward model instead of stopping on it
+    s = out.ppo
+    s.updates = p.ppo_updates
+    s.max_minutes = p.ppo_minutes
+    if p.ppo_batch_size is not None:
+        s.batch_size = p.ppo_batch_size
+        s.mini_batch_size = min(s.mini_batch_size, s.batch_size)
+        while s.batch_size % s.mini_batch_size:
+            s.mini_batch_size -= 1
+        while s.mini_batch_size % s.grad_accum_steps:
+            s.grad_accum_steps -= 1
+    s.warmup_updates = min(s.warmup_updates, max(0, p.ppo_updates - 1))
+    s.checkpoint_every = max(s.checkpoint_every, p.ppo_updates)
+    s.log_model = False
+    s.samples_every = max(1, p.ppo_updates)
+    for guard in ("length_drift_guard", "repetition_drift_guard", "reward_divergence_guard"):
+        if getattr(s, guard) == "stop":
+            setattr(s, guard, "warn")  # the pilot reports drift as red flags, it does not stop on it
+    if p.baseline == "policy" or champion_exists is False:
+        out.evaluation.champion = cfg.models.policy
+    elif out.evaluation.champion == "none":
+        out.evaluation.champion = cfg.models.policy
+    # the pipeline variant decides at run time: no champion registered yet -> the base policy is the baseline
+    out.evaluation.champion_fallback = "reference"
+    return out
+
+
+def _champion_exists(cfg: RunConfig) -> bool:
+    from preftune import tracking
+    from preftune.evaluate import registry
+
+    if cfg.evaluation.champion != "registry":
+        return True
+    client = registry.mlflow_client(tracking.resolve_tracking_uri(cfg.tracking))
+    return registry.alias_version(client, cfg.models.registered_model, cfg.promotion.champion_alias) is not None
+
+
+def build_report(
+    config: Mapping[str, Any] | RunConfig,
+    fit_dir: str,
+    reward_dir: str | None,
+    policy_dir: str | None,
+    eval_dir: str | None,
+    output: str,
+    *,
+    step_seconds: Mapping[str, float] | None = None,
+    dataset_dir: str | None = None,
+    seconds: float | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Read the steps' folders, decide, write the report to ``output`` and log it to MLflow (a ``pilot`` run).
+
+    ``config`` is the *user's* run config (the full run the cost estimate is about), not the pilot's.
+    ``dataset_dir``: the collected dataset, whose counts are used when check-fit stopped the pilot.
+    """
+    import mlflow
+
+    from preftune import steps, tracking
+
+    cfg = steps.load(config)
+    pcfg = pilot_config(cfg)
+    if parent_run_id is None:  # in the pipeline: the pipeline's MLflow run, found by its run id
+        parent_run_id = os.environ.get(tracking.ENV_PARENT_RUN_ID) or None
+        if parent_run_id is None:
+            with contextlib.suppress(Exception):
+                parent_run_id = steps.find_pipeline_run(pcfg, steps.pipeline_id())
+    if step_seconds is None and parent_run_id is not None:
+        with contextlib.suppress(Exception):  # the pipeline: each step's summary under the run has its seconds
+            found = steps.gather_steps(pcfg, steps.pipeline_id(), None, parent=parent_run_id)
+            step_seconds = {
+                name: float(s["seconds"]) for name, s in found.items() if isinstance(s.get("seconds"), (int, float))
+            }
+    inputs = rep.read_inputs(fit_dir, reward_dir, policy_dir, eval_dir, step_seconds, dataset_dir)
+    report = rep.analyse(cfg, inputs, pilot_batch=pcfg.ppo.batch_size, seconds=seconds)
+    paths = rep.write_report(report, output)
+    tags = {TAG_VERDICT: report["verdict"], TAG_GO_FAMILIES: ",".join(report["go_families"]) or "none"}
+    with tracking.start_step_run(STEP, pcfg, parent_run_id=parent_run_id, tags=tags, log_config=False) as run:
+        figures = {"pilot.go_families": float(len(report["go_families"]))}
+        for f, r in report["families"].items():
+            figures[f"pilot.{f}.go"] = 1.0 if r["verdict"] == rep.GO else 0.0
+            change = r["preferred_share"]["change"]
+            if change is not None:
+                figures[f"pilot.{f}.preferred_share_change"] = change["value"]
+        figures["pilot.red_flags"] = float(len(report["red_flags"]))
+        m = report["cost"]["measured"]
+        if m["ppo_seconds_per_update"] is not None:
+            figures["pilot.ppo_seconds_per_update"] = m["ppo_seconds_per_update"]
+        if m["ppo_tokens_per_s"] is not None:
+            figures["pilot.ppo_tokens_per_s"] = m["ppo_tokens_per_s"]
+        figures["pilot.full_run_hours"] = report["cost"]["full_run"]["hours"]
+        if seconds is not None:
+            figures["pilot.seconds"] = seconds
+        mlflow.log_metrics(figures)
+        for path in paths.values():
+            mlflow.log_artifact(str(path), ARTIFACT_DIR)
+        report["mlflow_run_id"] = run.info.run_id
+    report["output"] = output
+    return report
+
+
+def run_pilot(
+    cfg: RunConfig,
+    output: str,
+    *,
+    reward_model: str | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Run the pilot on this machine and write its report to ``output``; returns the report dict.
+
+    ``reward_model``: pilot an existing reward-model folder instead of training one on the slice
+    (its ``reward_model.json`` supplies the held-out accuracy). ``progress(step)`` is called as each
+    step starts.
+    """
+    from preftune import steps, tracking
+
+    t0 = time.time()
+    pcfg = pilot_config(cfg, champion_exists=_champion_exists(cfg))
+    conf = steps.config_parameter(pcfg)
+    say = progress or (lambda step: None)
+    work = Path(output) / "steps"
+    work.mkdir(parents=True, exist_ok=True)
+    pid = f"pilot-{uuid.uuid4().hex[:12]}"  # one MLflow tree per pilot, even several in one process
+    secs: dict[str, float] = {}
+    with steps._environ(**{tracking.ENV_PIPELINE_RUN_ID: pid}):
+        opened = steps.open_pipeline_run(conf, pid, local=True, started_at=t0)
+        snap = opened["snapshot"]
+        with steps._environ(**{tracking.ENV_PARENT_RUN_ID: opened["parent_run_id"]}):
+            state = "SUCCEEDED"
+            try:
+                say("collect")
+                col = steps.collect(conf, str(work / "dataset"), snapshot=snap)
+                secs["collect"] = col["seconds"]
+                say("check-fit")
+                fit = steps.check_fit(
+                    conf, str(work / "dataset"), str(work / "fit"), snapshot=snap, dataset_hash=col["dataset_hash"]
+                )
+                secs["check-fit"] = fit["seconds"]
+                rm_dir = policy_dir = eval_dir = None
+                if fit["fit"]:
+                    rm_dir = reward_model
+                    if rm_dir is None:
+                        say("train-reward")
+                        rw = steps.train_reward(
+                            conf,
+                            str(work / "fit"),
+                            str(work / "reward_model"),
+                            snapshot=snap,
+                            dataset_hash=fit["dataset_hash"],
+                        )
+                        secs["train-reward"] = rw["seconds"]
+                        rm_dir = str(work / "reward_model")
+                    say("ppo")
+                    pp = steps.ppo(conf, rm_dir, str(work / "policy"), snapshot=snap, dataset_hash=fit["dataset_hash"])
+                    secs["ppo"] = pp["seconds"]
+                    policy_dir = str(work / "policy")
+                    say("evaluate")
+                    ev = steps.evaluate(
+                        conf, policy_dir, rm_dir, str(work / "evaluation"), dataset_hash=fit["dataset_hash"]
+                    )
+                    secs["evaluate"] = ev["seconds"]
+                    eval_dir = str(work / "evaluation")
+                say("report")
+                out = build_report(
+                    cfg,
+                    str(work / "fit"),
+                    rm_dir,
+                    policy_dir,
+                    eval_dir,
+                    output,
+                    step_seconds=secs,
+                    dataset_dir=str(work / "dataset"),
+                    seconds=time.time() - t0,
+                    parent_run_id=opened["parent_run_id"],
+                )
+            except BaseException:
+                state = "FAILED"
+                raise
+            finally:
+                with contextlib.suppress(PreftuneError):
+                    steps.close_pipeline_run(conf, pid, state=state)
+    out["seconds"] = time.time() - t0
+    out["pipeline_run_id"] = pid
+    return out

@@ -1,0 +1,277 @@
+"""The ``ppo`` section of the run config.
+
+Every PPO knob lives here, typed and bounded, so that the trainer holds no magic numbers: each
+trick of "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and of Ziegler et
+al. (2019) that the trainer applies is one field below, with the default that makes the demo
+world reach its efficacy figures on 2 CPU cores (see ``docs/ppo.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from preftune.configbase import Section
+
+
+class PPOSection(Section):
+    """PPO against the reward model with a KL leash to the reference."""
+
+    # -- what is trained --------------------------------------------------------------------
+    mode: Literal["lora", "full"] = Field(
+        "lora",
+        description="'lora': the frozen base is loaded once; the policy is a LoRA adapter and the reference is the "
+        "same model with the adapter disabled. 'full': every weight is trained; the reference is a frozen copy.",
+    )
+    critic: Literal["shared", "separate"] = Field(
+        "shared",
+        description="'shared': the value head sits on the policy's trunk (one forward gives log-probs and values). "
+        "'separate': the value head has its own trunk (a second LoRA adapter on the same base in lora mode, a "
+        "second copy of the model in full mode).",
+    )
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank of the policy (and critic) adapter.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="LoRA dropout (0 keeps log-probs exact across passes)."
+    )
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Modules that get LoRA: ['all-linear'] (every linear layer but the output head) or module names.",
+    )
+    ref_offload: bool = Field(
+        False, description="Full mode on GPU: keep the frozen reference copy on the CPU (slower, saves GPU memory)."
+    )
+
+    # -- prompts ----------------------------------------------------------------------------
+    prompts: str | None = Field(
+        None,
+        description="Prompts to roll out on: JSONL (local or s3://) with 'prompt' and optional 'id', 'family'; or "
+        "'demo:prompts' (the demo world's training prompts). Empty: data.prompts.",
+    )
+    exclude_families: list[str] = Field(
+        default_factory=list,
+        description="Prompt families left out of PPO, in addition to those the reward model does not cover.",
+    )
+    reward_model_families_only: bool = Field(
+        True,
+        description="Roll out only on families the reward model was evaluated on (its per-family accuracy in "
+        "reward_model.json): families check-fit excluded (contested, capability gap) never reach PPO.",
+    )
+    balance_families: bool = Field(
+        True,
+        description="Draw the same number of prompts from every family into each rollout batch (a small family "
+        "is revisited more often) instead of in proportion to the families' sizes.",
+    )
+    max_prompt_tokens: int = Field(
+        192, ge=1, description="Longer rendered prompts lose their beginning (the 'Assistant:' cue is kept)."
+    )
+
+    # -- budget and batches -----------------------------------------------------------------
+    updates: int = Field(80, ge=1, description="PPO iterations: each is one rollout batch and its PPO epochs.")
+    batch_size: int = Field(64, ge=1, description="Prompts (= sampled responses) per rollout.")
+    mini_batch_size: int = Field(16, ge=1, description="Responses per optimiser step (divides batch_size).")
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Micro-batches accumulated per optimiser step (divides mini_batch_size)."
+    )
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch, in freshly shuffled mini-batches.")
+    logprobs_from_sampling: bool = Field(
+        True,
+        description="Take the rollout policy's log-probs, entropy and (shared-critic) values from the sampling pass "
+        "itself instead of a second forward over prompt + response (same numbers up to float rounding, one pass "
+        "fewer). false: recompute them with a full forward, as TRL does.",
+    )
+    forward_batch_size: int = Field(
+        64, ge=1, description="Rows per no-grad forward when scoring a rollout (log-probs, values, reference)."
+    )
+
+    # -- sampling ---------------------------------------------------------------------------
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Longest response, in new tokens.")
+    temperature: float = Field(
+        1.0, gt=0.0, le=5.0, description="Sampling temperature (applied to the training log-probs as well)."
+    )
+
+    # -- reward -----------------------------------------------------------------------------
+    reward_normalize: bool = Field(
+        True, description="Standardise rewards with the mean and std that train-reward saved in reward_model.json."
+    )
+    reward_clip: float | None = Field(
+        5.0, gt=0.0, description="Clip (normalised) rewards to [-reward_clip, reward_clip]; empty: no clipping."
+    )
+    missing_eos_penalty: float | None = Field(
+        1.0,
+        ge=0.0,
+        description="Subtracted from the reward of a response that hits max_new_tokens without EOS; empty: none.",
+    )
+    reward_batch_size: int = Field(64, ge=1, description="Texts per reward-model forward.")
+
+    # -- KL leash ---------------------------------------------------------------------------
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1",
+        description="Per-token KL estimator in the reward (Schulman's k1 = log p/q, k2 = (log p/q)^2/2, "
+        "k3 = (q/p - 1) - log q/p; k1 is unbiased per sequence, k3 never negative).",
+    )
+    kl_controller: Literal["fixed", "adaptive"] = Field(
+        "adaptive", description="'fixed' keeps kl_coef; 'adaptive' steers the sequence KL towards kl_target (Ziegler)."
+    )
+    kl_coef: float = Field(0.1, ge=0.0, description="(Initial) coefficient of the per-token KL penalty.")
+    kl_target: float = Field(
+        2.0, gt=0.0, description="Adaptive controller: target KL to the reference, nats per response."
+    )
+    kl_horizon: int = Field(
+        2000, ge=1, description="Adaptive controller: responses over which the coefficient may change by e^error."
+    )
+    kl_error_clip: float = Field(
+        0.2, gt=0.0, le=1.0, description="Adaptive controller: clip of the proportional error (Ziegler et al. use 0.2)."
+    )
+    kl_budget: float = Field(
+        6.0,
+        gt=0.0,
+        description="KL to the reference (nats per response) the trained policy must stay within; the final "
+        "figure is reported against it (PPOResult.kl_within_budget).",
+    )
+    kl_hard_limit: float = Field(
+        30.0,
+        gt=0.0,
+        description="Divergence guard: a rollout whose mean KL exceeds this stops the run (exit code 12), keeping "
+        "the last good checkpoint.",
+    )
+
+    # -- drift guards (preftune.ppo.drift) --------------------------------------------------
+    max_minutes: float | None = Field(
+        None,
+        gt=0.0,
+        description="Time budget: stop cleanly (with a checkpoint) after the update during which this many minutes "
+        "of training passed, even before 'updates'; empty: no time limit. The pilot uses it.",
+    )
+    length_drift_guard: Literal["off", "warn", "stop"] = Field(
+        "warn",
+        description="Mean response length moving more than max_length_drift from its start: log a warning, or "
+        "stop the run (exit code 12, last good checkpoint kept).",
+    )
+    max_length_drift: float = Field(
+        0.5, gt=0.0, description="Length-drift limit: relative change of the mean response length (0.5 = +-50%)."
+    )
+    repetition_drift_guard: Literal["off", "warn", "stop"] = Field(
+        "warn",
+        description="Share of repeated n-grams within responses rising by more than max_repetition_rise: warn or stop.",
+    )
+    max_repetition_rise: float = Field(
+        0.15, gt=0.0, le=1.0, description="Repetition-drift limit: absolute rise of the repeated n-gram share."
+    )
+    repetition_ngram: int = Field(3, ge=1, description="n of the n-grams counted as repetition (response tokens).")
+    reward_divergence_guard: Literal["off", "warn", "stop"] = Field(
+        "off",
+        description="Reward rising while the evaluation suite's judge, applied to the same rollout responses, does "
+        "not see more of the preferred behaviour (reward hacking): warn or stop. Needs a suite that judges the "
+        "rollout families (evaluation.suite); costs one judge call per rollout.",
+    )
+    divergence_min_reward_rise: float = Field(
+        0.5, gt=0.0, description="Divergence guard: rise of the mean (normalised) reward that counts as 'reward up'."
+    )
+    divergence_min_judged_rise: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Divergence guard: the judged preferred share must rise at least this much along with the reward.",
+    )
+    drift_window: int = Field(
+        3, ge=1, description="Drift guards compare the mean of the first this-many updates with the last this-many."
+    )
+
+    # -- advantages and losses --------------------------------------------------------------
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda (bias/variance trade-off of advantages).")
+    whiten_advantages: bool = Field(True, description="Standardise advantages over the valid tokens of a mini-batch.")
+    whiten_rewards: bool = Field(False, description="Scale per-token rewards to unit variance before GAE.")
+    clip_range: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ratio clip epsilon of the policy loss.")
+    clip_range_value: float = Field(
+        0.2, gt=0.0, description="Value clip: new values stay within this of the rollout's values."
+    )
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss.")
+    entropy_coef: float = Field(0.0, ge=0.0, description="Weight of the entropy bonus (0: off).")
+    approx_kl_stop: float | None = Field(
+        0.1,
+        gt=0.0,
+        description="Stop the remaining PPO epochs of an update once the approximate KL between the new and the "
+        "rollout policy exceeds this; empty: never.",
+    )
+
+    # -- optimiser --------------------------------------------------------------------------
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="Decay after warm-up, per update, down to min_lr_ratio * lr."
+    )
+    warmup_updates: int = Field(2, ge=0, description="Updates of linear learning-rate warm-up.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate as a share of lr.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm to this.")
+    value_head_lr_ratio: float = Field(1.0, gt=0.0, description="Learning rate of the value head as a multiple of lr.")
+
+    # -- hardware ---------------------------------------------------------------------------
+    device: str | None = Field(
+        None, description="'cpu', 'cuda' or 'cuda:N'. Empty: $PREFTUNE_DEVICE, else a GPU when visible, else CPU."
+    )
+    mixed_precision: Literal["auto", "bf16", "no"] = Field(
+        "auto", description="'auto': bf16 autocast on a GPU that supports it, fp32 on CPU; 'no': fp32 everywhere."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, about 30% more time)."
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="DeepSpeed config file (JSON; ZeRO stage 0, 1 or 2 in zero_optimization): the trainable parameters "
+        "and the AdamW optimiser go through deepspeed.initialize (the gpu extra). Batch fields may be left out or "
+        "'auto' (filled from batch_size, mini_batch_size, grad_accum_steps and the process count) or must agree; "
+        "gradient_clipping likewise with max_grad_norm. Empty: plain PyTorch.",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch. Empty: automatic on CPU -- one thread per params_per_thread trainable "
+        "model parameters, at least 1, at most torch's default (tiny models run fastest on one thread).",
+    )
+    params_per_thread: int = Field(
+        20_000_000,
+        ge=1,
+        description="Automatic thread count: policy parameters per CPU thread (GEMMs smaller than this lose more "
+        "to thread synchronisation than they gain).",
+    )
+    deterministic: bool = Field(
+        True, description="torch.use_deterministic_algorithms (warn-only): same seed, same run, resumable exactly."
+    )
+
+    # -- reliability ------------------------------------------------------------------------
+    checkpoint_every: int = Field(10, ge=1, description="Updates between checkpoints (and one at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    checkpoint_dir: str | None = Field(
+        None,
+        description="Where checkpoints go (local path or s3://). Empty: '<output>.checkpoints' next to the output.",
+    )
+
+    # -- outputs and observability ----------------------------------------------------------
+    save_merged: bool = Field(
+        True,
+        description="Save the policy with the adapter merged in at the top of the output (loadable with plain "
+        "from_pretrained); the adapter is always saved in 'adapter/'.",
+    )
+    samples_every: int = Field(10, ge=1, description="Updates between tables of sample generations in MLflow.")
+    samples_per_table: int = Field(16, ge=1, description="Generations (with rewards) per sample table.")
+    log_model: bool = Field(True, description="Log the trained policy to MLflow as a model with a signature.")
+    pushgateway_url: str | None = Field(
+        None, description="Prometheus Pushgateway (host:port or URL): key gauges are pushed after every update."
+    )
+    pushgateway_job: str = Field("preftune-ppo", min_length=1, description="Pushgateway job label.")
+    progress: bool = Field(True, description="Show a progress bar with ETA and the live reward and KL.")
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> PPOSection:
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must divide batch_size ({self.batch_size})")
+        if self.mini_batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"grad_accum_steps ({self.grad_accum_steps}) must divide mini_batch_size ({self.mini_batch_size})"
+            )
+        return self

@@ -1,0 +1,114 @@
+"""Batched ancestral sampling with a KV cache: the rollout's generation, and nothing else.
+
+Why not ``model.generate``: a rollout needs exactly "sample from softmax(logits / T) until EOS or
+``max_new_tokens``, from left-padded prompts, with a seeded generator we can checkpoint". A short
+loop does that with one prefill forward (``logits_to_keep=1``: no vocabulary projection over the
+prompt) and one cached forward per new token, stops as soon as every row has emitted EOS, and
+keeps the random stream in a ``torch.Generator`` whose state is saved with each checkpoint (so a
+resumed run samples exactly what the uninterrupted run would have).
+
+With ``with_scores`` it also returns, for free, what PPO needs from the rollout policy: the
+log-prob of each sampled token under ``softmax(logits / T)``, the entropy of that distribution,
+and the last hidden state before each token (the value head's input) -- which saves the rollout
+a whole extra forward pass over prompt + response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from preftune.ppo import core
+from preftune.ppo.policy import position_ids_from_mask
+
+
+class NonFiniteLogits(RuntimeError):
+    """The policy produced NaN or inf logits while sampling (weights diverged)."""
+
+
+@dataclass
+class Samples:
+    prompt_ids: torch.Tensor  # (batch, P) left-padded
+    prompt_mask: torch.Tensor  # (batch, P) 1 on real prompt tokens
+    response_ids: torch.Tensor  # (batch, R) sampled tokens; pad_token_id after EOS
+    n_forward_tokens: int  # tokens the model processed (prefill + one per step per row)
+    logprobs: torch.Tensor | None = None  # (batch, R) float32, with ``with_scores``
+    entropy: torch.Tensor | None = None  # (batch, R) float32, with ``with_scores``
+    hidden: torch.Tensor | None = None  # (batch, R, hidden): last hidden state before each token
+
+
+@torch.no_grad()
+def sample(
+    lm: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+    with_scores: bool = False,
+) -> Samples:
+    """Sample one response per (left-padded) prompt row; rows stop at EOS, the batch when all have."""
+    batch = prompt_ids.shape[0]
+    device = prompt_ids.device
+    attention = prompt_mask.long()
+    out = lm(
+        input_ids=prompt_ids,
+        attention_mask=attention,
+        position_ids=position_ids_from_mask(attention),
+        use_cache=True,
+        logits_to_keep=1,
+        output_hidden_states=with_scores,
+    )
+    past = out.past_key_values
+    logits = out.logits[:, -1, :]
+    logprobs: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] = []
+    hiddens: list[torch.Tensor] = []
+    next_pos = attention.sum(dim=1, keepdim=True)  # position of the first new token on each row
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    n_tokens = int(prompt_ids.numel())
+    for step in range(max_new_tokens):
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits(f"non-finite logits at new token {step}")
+        scaled = logits.float() / temperature
+        probs = torch.softmax(scaled, dim=-1)
+        # sampling on CPU with the checkpointed generator keeps the stream identical across devices and resumes
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)  # trick: pad after EOS
+        tokens.append(nxt)
+        if with_scores:  # trick: old log-probs, entropy and value inputs from the sampling pass itself
+            logprobs.append(core.logprobs_from_logits(scaled.unsqueeze(1), nxt.unsqueeze(1)).squeeze(1))
+            entropies.append(core.entropy_from_logits(scaled))
+            hiddens.append(out.hidden_states[-1][:, -1, :])
+        finished |= nxt == eos_token_id
+        if bool(finished.all()):
+            break
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
+        out = lm(
+            input_ids=nxt.unsqueeze(1),
+            attention_mask=attention,
+            position_ids=next_pos,
+            past_key_values=past,
+            use_cache=True,
+            output_hidden_states=with_scores,
+        )
+        past = out.past_key_values
+        logits = out.logits[:, -1, :]
+        next_pos = next_pos + 1
+        n_tokens += batch
+    response = torch.stack(tokens, dim=1)
+    return Samples(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask.long(),
+        response_ids=response,
+        n_forward_tokens=n_tokens,
+        logprobs=torch.stack(logprobs, dim=1) if with_scores else None,
+        entropy=torch.stack(entropies, dim=1) if with_scores else None,
+        hidden=torch.stack(hiddens, dim=1) if with_scores else None,
+    )

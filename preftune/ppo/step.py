@@ -1,0 +1,498 @@
+"""The ppo step: policy + reward model + prompts in, a trained (and published) policy out.
+
+:func:`run_ppo` is what ``preftune ppo`` and the pipeline component call. It
+
+1. resolves the inputs (policy ref, reward-model folder, prompt set; ``s3://`` through storage),
+2. builds the actor-critic (LoRA by default: the base is loaded once) and the reward scorer,
+3. resumes from the newest checkpoint when there is one (the same command after a kill),
+4. trains (:class:`~preftune.ppo.trainer.PPOTrainer`) with MLflow, Prometheus and a progress bar,
+5. publishes the policy folder atomically (layout in :mod:`preftune.ppo.artifacts`) and logs it
+   to MLflow as a pyfunc model with a signature, with the reward-and-KL curves.
+
+Nothing is published when training fails; checkpoints stay for the next attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from preftune.config import RunConfig
+from preftune.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+STEP = "ppo"
+FINGERPRINT_EXEMPT = frozenset(
+    {
+        "updates",
+        "progress",
+        "threads",
+        "params_per_thread",
+        "pushgateway_url",
+        "pushgateway_job",
+        "samples_every",
+        "samples_per_table",
+        "log_model",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "checkpoint_dir",
+        "save_merged",
+        "device",
+        "forward_batch_size",
+        "reward_batch_size",
+        "max_minutes",
+        "length_drift_guard",
+        "max_length_drift",
+        "repetition_drift_guard",
+        "max_repetition_rise",
+        "repetition_ngram",
+        "reward_divergence_guard",
+        "divergence_min_reward_rise",
+        "divergence_min_judged_rise",
+        "drift_window",
+    }
+)
+"""PPO settings that may change between a checkpoint and its resume (they do not change the math).
+
+``updates`` may grow (train longer); the lr schedule then stretches from the resumed update on.
+``forward_batch_size`` only chunks no-grad passes and ``threads`` only schedules work; either can
+change float reductions by an ulp (the run stays valid, no longer bit-identical).
+"""
+
+
+@dataclass
+class PPOResult:
+    """What the ppo step produced and measured."""
+
+    output: str
+    updates: int
+    resumed_from: int | None
+    final: dict[str, float]
+    first: dict[str, float]
+    kl: float
+    kl_budget: float
+    kl_within_budget: bool
+    reward_gain: float
+    seconds: float
+    last_checkpoint: str | None
+    mlflow_run_id: str | None
+    policy: str
+    reward_model: str
+    process_rank: int = 0
+    history: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_history: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_history:
+            d.pop("history")
+        return d
+
+
+def checkpoint_root(output: str, cfg: RunConfig) -> str:
+    """``ppo.checkpoint_dir``, else ``<output>.checkpoints`` next to the output (local or s3://)."""
+    if cfg.ppo.checkpoint_dir:
+        return cfg.ppo.checkpoint_dir
+    return output.rstrip("/") + ".checkpoints"
+
+
+def fingerprint(cfg: RunConfig, policy_path: str, reward_dir: str) -> str:
+    """Hash of everything a resume must share with the run that wrote the checkpoint."""
+    ppo = {k: v for k, v in cfg.ppo.model_dump(mode="json").items() if k not in FINGERPRINT_EXEMPT}
+    canonical = json.dumps(
+        {"ppo": ppo, "seed": cfg.run.seed, "policy": policy_path, "reward_model": reward_dir},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def auto_threads(n_params: int, params_per_thread: int, available: int) -> int:
+    """One CPU thread per ``params_per_thread`` parameters, between 1 and ``available``."""
+    return max(1, min(available, n_params // params_per_thread))
+
+
+@contextlib.contextmanager
+def torch_settings(threads: int | None, deterministic: bool) -> Iterator[None]:
+    """Thread count and deterministic algorithms for the duration of the step (then restored)."""
+    import torch
+
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # trick: reproducible (and resumable) runs
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def select_device(preference: str | None) -> Any:
+    import torch
+
+    choice = preference or os.environ.get("PREFTUNE_DEVICE")
+    if choice:
+        dev = torch.device(choice)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"ppo.device is {choice!r} but no CUDA GPU is visible")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_prompt_items(
+    cfg: RunConfig, storage: Any, excluded: set[str], allowed: set[str] | None = None
+) -> tuple[list[Any], dict[str, int]]:
+    """The rollout prompts (families in ``excluded``, or not in ``allowed``, left out) and counts per family."""
+    from preftune.collect.generate import load_prompts
+    from preftune.collect.validation import ValidationReport
+    from preftune.ppo.trainer import PromptItem
+
+    spec = cfg.ppo.prompts or cfg.data.prompts
+    records = load_prompts(spec, cfg, storage, ValidationReport(max_chars=cfg.data.max_chars))
+    items = [
+        PromptItem(prompt=r.prompt, family=r.family, prompt_id=r.prompt_id)
+        for r in records
+        if r.family not in excluded and (allowed is None or r.family in allowed)
+    ]
+    if not items:
+        covered = f" and keeping only the reward model's families {sorted(allowed)}" if allowed is not None else ""
+        raise InputError(
+            f"{spec}: no prompt left after excluding the families {sorted(excluded)}{covered}; check "
+            "ppo.exclude_families and ppo.reward_model_families_only"
+        )
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it.family] = counts.get(it.family, 0) + 1
+    return items, counts
+
+
+def suite_judge(cfg: RunConfig, device: Any) -> Any:
+    """The reward-divergence guard's judge: the evaluation suite's judge of each rollout response's family.
+
+    True when the response shows one of its family's preferred behaviours, False when it does not,
+    None for families the suite does not cover or that have no preferred behaviour.
+    """
+    from preftune.evaluate.judges import load_judges
+    from preftune.evaluate.step import judge_by_family
+    from preftune.evaluate.suite import load_suite
+
+    suite = load_suite(cfg.evaluation.suite, reward_model=cfg.evaluation.reward_model, world=cfg.world)
+    judges = load_judges(suite, reward_model=cfg.evaluation.reward_model, device=device)
+    preferred = {name: fam.preferred for name, fam in suite.families.items() if fam.preferred}
+
+    def judge(items: Any, responses: Any) -> list[bool | None]:
+        families = [it.family if it.family in preferred else "" for it in items]  # "": not judged
+        labels = judge_by_family(suite, judges, families, [it.prompt for it in items], list(responses))
+        return [None if f == "" else label in preferred[f] for f, label in zip(families, labels, strict=True)]
+
+    return judge
+
+
+def load_policy_model(path: str, device: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot load the policy as a causal LM ({err})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise InputError(f"{path}: the policy's tokenizer has no EOS token; responses could never stop")
+    return model.to(device), tok
+
+
+def run_ppo(
+    cfg: RunConfig,
+    reward_model_dir: str,
+    output: str,
+    policy_ref: str | None = None,
+    *,
+    resume: bool = True,
+    pipeline_run_id: str | None = None,
+    reward_fn: Any = None,
+) -> PPOResult:
+    """Train the policy with PPO against the reward model and publish it at ``output``.
+
+    ``reward_fn(prompts, responses) -> tensor`` replaces the reward model's scores when given (tests,
+    custom rewards); the reward model folder still provides the normalisation statistics. Under
+    ``torchrun`` (several processes) the rollouts and updates are data-parallel and process 0 alone
+    tracks, checkpoints and publishes (see :mod:`preftune.ppo.distributed`).
+    """
+
+    from preftune.ppo import distributed
+
+    s = cfg.ppo
+    ctx = distributed.init_distributed(select_device(s.device).type)
+    try:
+        with torch_settings(s.threads, s.deterministic):
+            return _run(cfg, reward_model_dir, output, policy_ref, resume, pipeline_run_id, reward_fn, ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _run(
+    cfg: RunConfig,
+    reward_model_dir: str,
+    output: str,
+    policy_ref: str | None,
+    resume: bool,
+    pipeline_run_id: str | None,
+    reward_fn: Any,
+    ctx: Any,
+) -> PPOResult:
+    import torch
+
+    from preftune import tracking
+    from preftune.collect.generate import resolve_policy
+    from preftune.ppo import distributed
+    from preftune.ppo.checkpoint import CheckpointStore, local_scratch, remove_scratch
+    from preftune.ppo.observe import MlflowLogger, PushgatewayReporter
+    from preftune.ppo.policy import ActorCritic
+    from preftune.ppo.trainer import PPOTrainer, install_sigterm
+    from preftune.reward.model import RewardScorer
+    from preftune.storage import Storage
+
+    s = cfg.ppo
+    storage = Storage.from_config(cfg.storage)
+    device = distributed.device_for(ctx, select_device(s.device))
+    policy_ref = policy_ref or cfg.models.policy
+    torch.manual_seed(cfg.run.seed)
+    ds_config = None
+    if s.deepspeed_config:  # checked against the run config before any model is loaded
+        from preftune.ppo import zero
+
+        ds_config = zero.load(str(storage.local_path(s.deepspeed_config)), s, ctx.world_size)
+
+    # -- inputs ------------------------------------------------------------------------------
+    reward_local = str(storage.local_path(reward_model_dir))
+    scorer = RewardScorer.load(reward_local, device=device, batch_size=s.reward_batch_size)
+    meta = scorer.meta
+    reward_stats = (meta.reward_mean, meta.reward_std) if meta is not None else None
+    excluded = set(s.exclude_families)
+    extra = getattr(meta, "model_extra", None) or {}
+    excluded |= set(extra.get("excluded_families") or [])
+    allowed = set(meta.per_family) if (s.reward_model_families_only and meta is not None and meta.per_family) else None
+    prompts, family_counts = load_prompt_items(cfg, storage, excluded, allowed)
+    policy_path = resolve_policy(policy_ref, cfg, storage)
+    base, tok = load_policy_model(policy_path, device)
+    if s.threads is None and device.type == "cpu":
+        n_params = sum(p.numel() for p in base.parameters())
+        torch.set_num_threads(auto_threads(n_params, s.params_per_thread, torch.get_num_threads()))
+
+    # -- actor-critic and trainer -------------------------------------------------------------
+    actor = ActorCritic(
+        base,
+        mode=s.mode,
+        critic=s.critic,
+        temperature=s.temperature,
+        lora_r=s.lora_r,
+        lora_alpha=s.lora_alpha,
+        lora_dropout=s.lora_dropout,
+        lora_target_modules=list(s.lora_target_modules),
+        ref_device=torch.device("cpu") if (s.ref_offload and device.type == "cuda") else device,
+    ).to(device)
+    if s.gradient_checkpointing:
+        actor.gradient_checkpointing_enable()
+    ckpt_root = checkpoint_root(output, cfg)
+    store = CheckpointStore(ckpt_root, storage, s.keep_checkpoints, fingerprint(cfg, policy_path, reward_local))
+
+    def score(prompts_: Any, responses_: Any) -> torch.Tensor:
+        return scorer.score(list(prompts_), list(responses_))
+
+    trainer = PPOTrainer(
+        s,
+        actor,
+        tok,
+        reward_fn or score,
+        prompts,
+        seed=cfg.run.seed,
+        device=device,
+        reward_stats=reward_stats,
+        checkpoints=store,
+        progress=s.progress and ctx.is_main,
+        world_size=ctx.world_size,
+        rank=ctx.rank,
+        judge_fn=suite_judge(cfg, device) if s.reward_divergence_guard != "off" else None,
+    )
+    trainer.broadcast_parameters()
+
+    # -- resume -------------------------------------------------------------------------------
+    info = store.latest() if resume else None
+    if not resume and ctx.is_main:
+        store.clear()
+    distributed.barrier(ctx)
+    if info is not None:
+        if info.fingerprint != store.fingerprint:
+            raise ConfigError(
+                f"{ckpt_root}: the checkpoint at update {info.update} was written with other PPO settings, "
+                "policy, reward model or seed; rerun with the same config, or pass --no-resume to start over"
+            )
+        scratch = local_scratch("preftune-ppo-resume-")
+        try:
+            trainer.resume(info, store.fetch(info, scratch / "ckpt"))
+        finally:
+            remove_scratch(scratch)
+        log.info("resumed from %s (update %d)", info.uri, info.update)
+    if ds_config is not None:  # after resume: ZeRO's fp32 master weights start from the resumed weights
+        trainer.attach_engine(zero.initialize(actor, trainer.optimizer, ds_config, device))
+
+    # -- train (process 0 tracks) -------------------------------------------------------------
+    params = {
+        "ppo.resolved.policy_path": policy_path,
+        "ppo.resolved.reward_model": reward_model_dir,
+        "ppo.resolved.n_prompts": len(prompts),
+        "ppo.resolved.prompt_families": json.dumps(family_counts, sort_keys=True),
+        "ppo.resolved.trainable_parameters": actor.n_trainable(),
+        "ppo.resolved.device": str(device),
+        "ppo.resolved.processes": ctx.world_size,
+        "ppo.resolved.threads": torch.get_num_threads(),
+        "ppo.resolved.checkpoint_root": ckpt_root,
+        "ppo.resolved.deepspeed_zero_stage": (ds_config.get("zero_optimization") or {}).get("stage", 0)
+        if ds_config
+        else "off",
+    }
+    tags = {"preftune.resumed_from_update": str(trainer.update_idx)} if trainer.update_idx else None
+    run_cm: Any = (
+        tracking.start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params=params, tags=tags)
+        if ctx.is_main
+        else contextlib.nullcontext(None)
+    )
+    with run_cm as run:
+        if ctx.is_main:
+            mlflow_logger = MlflowLogger()
+            if trainer.history:
+                mlflow_logger.log_history(trainer.history)
+            trainer.callbacks.append(mlflow_logger)
+            if s.pushgateway_url:
+                trainer.callbacks.append(
+                    PushgatewayReporter(
+                        s.pushgateway_url,
+                        s.pushgateway_job,
+                        {"run": cfg.run.name, "pipeline_run_id": tracking.pipeline_run_id()},
+                    )
+                )
+        undo = install_sigterm(trainer)
+        try:
+            result = trainer.train()
+        finally:
+            undo()
+        history = result.history
+        final = dict(history[-1]) if history else {}
+        first = dict(history[0]) if history else {}
+        kl = float(final.get("ppo/kl", 0.0))
+        within = kl <= s.kl_budget
+        run_id = run.info.run_id if run is not None else None
+        if ctx.is_main:
+            _publish(
+                cfg,
+                actor,
+                tok,
+                result,
+                output,
+                storage,
+                policy_ref,
+                policy_path,
+                reward_model_dir,
+                family_counts,
+                run_id,
+            )
+    distributed.barrier(ctx)
+    return PPOResult(
+        output=output,
+        updates=result.updates,
+        resumed_from=result.resumed_from,
+        final=final,
+        first=first,
+        kl=kl,
+        kl_budget=s.kl_budget,
+        kl_within_budget=within,
+        reward_gain=float(final.get("ppo/reward_mean", 0.0) - first.get("ppo/reward_mean", 0.0)),
+        seconds=result.seconds,
+        last_checkpoint=result.last_checkpoint,
+        mlflow_run_id=run_id,
+        policy=policy_ref,
+        reward_model=reward_model_dir,
+        process_rank=ctx.rank,
+        history=history,
+    )
+
+
+def _publish(
+    cfg: RunConfig,
+    actor: Any,
+    tok: Any,
+    result: Any,
+    output: str,
+    storage: Any,
+    policy_ref: str,
+    policy_path: str,
+    reward_model_dir: str,
+    family_counts: dict[str, int],
+    run_id: str | None,
+) -> None:
+    """Write the policy folder, log it (curves, metrics, pyfunc model) and publish it atomically."""
+    import mlflow
+
+    from preftune.ppo import artifacts
+    from preftune.ppo.observe import curves_png
+
+    s = cfg.ppo
+    history = result.history
+    final = dict(history[-1]) if history else {}
+    kl = float(final.get("ppo/kl", 0.0))
+    within = kl <= s.kl_budget
+    with tempfile.TemporaryDirectory(prefix="preftune-ppo-out-") as tmp:
+        folder = Path(tmp) / "policy"
+        written = actor.save_policy(folder, tok, merged=s.save_merged)
+        metadata = {
+            "format": artifacts.FORMAT,
+            "version": artifacts.VERSION,
+            "base": policy_ref,
+            "base_path": policy_path,
+            "mode": s.mode,
+            "critic": s.critic,
+            "merged": written["merged"],
+            "adapter": written["adapter"],
+            "reward_model": reward_model_dir,
+            "updates": result.updates,
+            "resumed_from": result.resumed_from,
+            "final": final,
+            "kl": kl,
+            "kl_budget": s.kl_budget,
+            "kl_within_budget": within,
+            "prompt_families": family_counts,
+            "config_hash": cfg.config_hash(),
+            "mlflow_run_id": run_id,
+            "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        (folder / artifacts.METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        (folder / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.last_samples))
+        if history:
+            curves_png(history, folder / "curves.png", kl_budget=s.kl_budget)
+            mlflow.log_artifact(str(folder / "curves.png"))
+        mlflow.log_artifact(str(folder / "metrics.json"))
+        mlflow.log_metrics({"ppo/final_kl_within_budget": float(within)})
+        mlflow.set_tag("preftune.kl_within_budget", str(within).lower())
+        if s.log_model:
+            from preftune.ppo.mlflow_model import log_policy_model
+
+            log_policy_model(folder, max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+        storage.put_dir(folder, output)

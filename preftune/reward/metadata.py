@@ -1,0 +1,78 @@
+"""``reward_model.json``: what PPO and evaluate need to know about a published reward model.
+
+The file sits next to the weights so that the folder is self-describing: which base it came
+from, which dataset (by content hash) and config trained it, how good it was on held-out
+pairs, and the reward mean and std over held-out responses that PPO uses to normalise
+rewards. It is deliberately small and dependency-free (no torch) so any step can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from preftune.errors import InputError
+
+METADATA_FILE = "reward_model.json"
+FORMAT = "preftune.reward_model"
+VERSION = 1
+
+
+class RewardModelMeta(BaseModel):
+    """Contents of ``reward_model.json`` (format ``preftune.reward_model``, version 1)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str = Field(FORMAT, description="Always 'preftune.reward_model'.")
+    version: int = Field(VERSION, description="Schema version of this file.")
+    base: str = Field(..., description="Model reference the reward model started from (as given in the config).")
+    dataset_hash: str = Field(..., description="Content hash of the preference dataset it was trained on.")
+    eval_accuracy: float = Field(..., ge=0.0, le=1.0, description="Held-out pairwise accuracy (ties count 1/2).")
+    per_family: dict[str, float] = Field(default_factory=dict, description="Held-out accuracy per behaviour family.")
+    reward_mean: float = Field(..., description="Mean reward over held-out responses (for PPO normalisation).")
+    reward_std: float = Field(..., gt=0.0, description="Std of the reward over held-out responses.")
+    config_hash: str = Field(..., description="Hash of the run config that trained it.")
+    max_length: int = Field(..., ge=1, description="Tokens scored per prompt+response (longer: left-truncated).")
+    mode: str = Field("full", description="'full' or 'lora' (the weights in the folder are merged either way).")
+    adapter: str | None = Field(None, description="Sub-folder with the LoRA adapter, when trained with LoRA.")
+    created_at: str | None = Field(None, description="ISO 8601 UTC time of publication.")
+
+    @field_validator("reward_mean", "reward_std", "eval_accuracy")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+def read_metadata(folder: str | Path) -> RewardModelMeta:
+    """Read and validate ``reward_model.json`` from a local reward-model folder."""
+    path = Path(folder) / METADATA_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(
+            f"{path}: not a preftune reward model (no {METADATA_FILE}; train one with `preftune train-reward`)"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read reward-model metadata: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InputError(
+            f"{path}: expected format {FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}"
+        )
+    if data.get("version") != VERSION:
+        raise InputError(
+            f"{path}: unsupported {FORMAT} version {data.get('version')!r} (this preftune reads {VERSION})"
+        )
+    try:
+        return RewardModelMeta.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise InputError(f"{path}: {loc}: {first['msg']}") from None

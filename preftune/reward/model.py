@@ -1,0 +1,241 @@
+"""Loading, adapting, saving and scoring with a reward model.
+
+A reward model here is any ``AutoModelForSequenceClassification`` with one output: it may
+have another architecture and tokenizer than the policy, because it scores *text* (rendered
+with :func:`preftune.text.render_pair` through its own tokenizer). Published reward models
+hold merged weights (LoRA already folded in), so PPO and evaluate load them with a plain
+``from_pretrained`` and need no peft.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from preftune.errors import InputError
+from preftune.reward.data import encode_texts, length_bucketed_batches, pad_right
+from preftune.reward.metadata import RewardModelMeta, read_metadata
+from preftune.text import render_pair
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+
+
+def select_device(preference: str | None = None) -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``; ``$PREFTUNE_DEVICE`` or ``preference`` overrides."""
+    choice = preference or os.environ.get("PREFTUNE_DEVICE")
+    if choice:
+        dev = torch.device(choice)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {choice!r} requested but no CUDA GPU is visible")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The reward model's own tokenizer, with a pad token, right padding and left truncation.
+
+    Right padding: the classification head reads the last non-pad token. Left truncation: an
+    over-long prompt loses its beginning, never the response being judged.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot load a tokenizer ({err})") from None
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.padding_side = "right"
+    tok.truncation_side = "left"
+    return tok
+
+
+def load_sequence_classifier(path: str | Path, tokenizer: Any, device: torch.device) -> Any:
+    """``AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`` in float32.
+
+    A causal-LM checkpoint gets a freshly initialised one-output ``score`` head (seed first).
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised score head" notice is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot load as a sequence-classification model ({err})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device)
+
+
+def add_lora(model: Any, r: int, alpha: int, dropout: float) -> Any:
+    """Wrap with LoRA on every linear layer; the score head is fully trained (modules_to_save)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    head = [name for name in ("score", "classifier") if getattr(model, name, None) is not None]
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        modules_to_save=head or None,
+    )
+    return get_peft_model(model, config)
+
+
+def is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a runtime dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_reward_model(model: Any, tokenizer: Any, out_dir: Path) -> str | None:
+    """Save merged weights + tokenizer into ``out_dir``; a LoRA model also keeps its adapter.
+
+    Returns the adapter's sub-folder name (or None). Merging costs one copy of the weights but
+    means every consumer loads the folder with plain ``from_pretrained``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter = None
+    if is_peft(model):
+        model.save_pretrained(str(out_dir / ADAPTER_DIR))
+        adapter = ADAPTER_DIR
+        model = model.merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return adapter
+
+
+def rewards_of(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar reward per row (the head's single logit)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.logits.squeeze(-1).float()
+
+
+class RewardScorer:
+    """Scores (prompt, response) pairs with a published reward model; what PPO calls.
+
+    Batched (length-sorted to avoid padding), no gradients, on GPU when present. With
+    ``normalize=True`` rewards are standardised with the held-out mean and std saved in
+    ``reward_model.json``, so PPO sees rewards of unit scale whatever the reward model.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_length: int,
+        meta: RewardModelMeta | None = None,
+        device: torch.device | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        self.device = device or next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.meta = meta
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+        storage: Any | None = None,
+    ) -> RewardScorer:
+        """Load a folder written by ``preftune train-reward`` (metadata required).
+
+        ``folder`` may be an ``s3://`` URI: it is fetched (and cached) through ``storage``
+        (a :class:`preftune.storage.Storage`; default: one with environment settings).
+        """
+        if "://" in str(folder):
+            from preftune.storage import Storage
+
+            folder = (storage or Storage()).local_path(str(folder))
+        folder = Path(folder)
+        meta = read_metadata(folder)
+        dev = device if isinstance(device, torch.device) else select_device(device)
+        tok = load_tokenizer(folder)
+        model = load_sequence_classifier(folder, tok, dev)
+        return cls(model, tok, max_length=meta.max_length, meta=meta, device=dev, batch_size=batch_size)
+
+    def normalize(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(r - mean) / std with the held-out statistics saved at training time."""
+        if self.meta is None:
+            raise InputError("this reward model has no reward_model.json: no saved mean/std to normalise with")
+        return (rewards - self.meta.reward_mean) / self.meta.reward_std
+
+    @torch.inference_mode()
+    def score_texts(self, texts: Sequence[str], *, batch_size: int | None = None) -> torch.Tensor:
+        """Rewards for already rendered texts (float32, on CPU, in input order)."""
+        ids, _ = encode_texts(list(texts), self.tokenizer, self.max_length)
+        return self.score_ids(ids, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def score_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int | None = None) -> torch.Tensor:
+        bs = batch_size or self.batch_size
+        out = np.zeros(len(ids), dtype=np.float32)
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        pad_id = self.tokenizer.pad_token_id
+        for idx in length_bucketed_batches(lengths, bs, rng=None):
+            arr, mask = pad_right([ids[i] for i in idx], pad_id)
+            r = rewards_of(self.model, torch.from_numpy(arr).to(self.device), torch.from_numpy(mask).to(self.device))
+            out[idx] = r.cpu().numpy()
+        if not np.all(np.isfinite(out)):
+            bad = int((~np.isfinite(out)).sum())
+            raise InputError(f"reward model produced {bad} non-finite rewards; the model folder is corrupt or diverged")
+        return torch.from_numpy(out)
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        normalize: bool = False,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Reward of each response to its prompt (raw user text; rendered here)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        texts = [render_pair(p, r, self.tokenizer) for p, r in zip(prompts, responses, strict=True)]
+        rewards = self.score_texts(texts, batch_size=batch_size)
+        return self.normalize(rewards) if normalize else rewards
+
+    __call__ = score
+
+    def __repr__(self) -> str:
+        acc = f", eval_accuracy={self.meta.eval_accuracy:.3f}" if self.meta else ""
+        return f"RewardScorer(device={self.device}, max_length={self.max_length}{acc})"
+
+
+def finite_std(values: np.ndarray) -> float:
+    """Population std, never 0 (a constant reward would make normalisation divide by zero)."""
+    s = float(np.std(values)) if values.size else 0.0
+    return s if math.isfinite(s) and s > 1e-6 else 1.0

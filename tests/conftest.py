@@ -1,0 +1,38 @@
+"""Shared test set-up: an isolated preftune home, and real servers started once per session.
+
+Servers (S3-compatible, MLflow on PostgreSQL, ...) are real processes on 127.0.0.1, started by
+session-scoped fixtures in ``tests/support``; the code under test only knows their URLs.
+Set ``PREFTUNE_TEST_HOME`` to keep the test home (and its built demo world) between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Isolate every test run from the user's ~/.preftune and MLflow settings, before anything imports preftune.
+os.environ["PREFTUNE_HOME"] = os.environ.get("PREFTUNE_TEST_HOME") or tempfile.mkdtemp(prefix="preftune-test-home-")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFTUNE_PARENT_RUN_ID", None)
+os.environ.pop("PREFTUNE_PIPELINE_RUN_ID", None)
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that busy-wait make torch 10-20x slower on a busy 2-core machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+from support.mlflow_server import *  # noqa: E402,F401,F403
+from support.postgres import *  # noqa: E402,F401,F403
+from support.s3 import *  # noqa: E402,F401,F403
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """``mlflow.set_tracking_uri`` writes ``$MLFLOW_TRACKING_URI``: undo it after every test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

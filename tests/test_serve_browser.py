@@ -1,0 +1,209 @@
+"""The rater page in a real browser: headless Chromium (Debian's package) driven by Selenium.
+
+A rater opens the page with ``?token=``, picks the best answer with the keyboard, ranks
+all answers, marks all unacceptable and flags one as unsafe; every judgement must be in the
+database. Without /usr/bin/chromium the test skips on a developer machine and fails in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from support.serve import ADMIN_TOKEN, candidates, jsonl, make_settings, running_server
+
+CHROMIUM = Path(os.environ.get("PREFTUNE_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("PREFTUNE_CHROMEDRIVER", "/usr/bin/chromedriver"))
+
+pytestmark = pytest.mark.slow
+
+
+def _require(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    _require(CHROMIUM.exists(), f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)")
+    _require(
+        CHROMEDRIVER.exists() or shutil.which("chromedriver") is not None,
+        f"{CHROMEDRIVER} is missing (apt-get install chromium-driver)",
+    )
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _require(False, "selenium is not installed (pip install selenium)")
+        raise
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        opts.add_argument(flag)
+    driver_path = str(CHROMEDRIVER) if CHROMEDRIVER.exists() else shutil.which("chromedriver")
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(predicate, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as err:  # noqa: BLE001 - the page is changing under us; retry
+            last = err
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def test_rater_judges_with_the_keyboard_in_headless_chromium(browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from sqlalchemy import select
+
+    from preftune.serve import db, service
+    from preftune.serve.models import Judgement
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    sessions = db.make_sessionmaker(engine)
+    hostile = '<img src=x id="xss" onerror="document.title=\'pwned\'">'
+    recs = candidates(4, family="tone", n_candidates=3)
+    recs[0]["candidates"][1]["text"] = hostile
+    with sessions() as s:
+        service.import_tasks(
+            s, service.parse_candidates_jsonl(jsonl(recs).splitlines(), source="t", max_text_chars=8000)
+        )
+        _rater, token = service.create_rater(s, "browser-rater")
+
+    def stored() -> list[Judgement]:
+        with sessions() as s:
+            rows = list(s.scalars(select(Judgement).order_by(Judgement.id)))
+            s.commit()
+            return rows
+
+    def shown_task():
+        cards = browser.find_elements(By.CSS_SELECTOR, "#candidates .candidate")
+        if len(cards) != 3 or browser.find_element(By.ID, "task").get_attribute("hidden") is not None:
+            return None
+        return browser.find_element(By.ID, "prompt").text, [int(c.get_attribute("data-index")) for c in cards]
+
+    with running_server(make_settings(url)) as base:
+        browser.get(f"{base}/?token={token}")
+        prompt1, order1 = _wait(shown_task, what="the first task")
+        assert "token=" not in browser.current_url  # the token left the address bar ...
+        assert browser.execute_script("return window.localStorage.getItem('preftune.raterToken')") == token
+        _wait(lambda: "browser-rater" in browser.find_element(By.ID, "who").text, what="the rater name")
+        # candidate text is shown as text, never as HTML
+        assert browser.find_elements(By.ID, "xss") == [] and browser.title != "pwned"
+        assert hostile in browser.find_element(By.ID, "candidates").text
+
+        # 1. Shift+1 flags the first shown answer unsafe, then key "2" picks the second shown answer as best.
+        ActionChains(browser).key_down(Keys.SHIFT).send_keys("1").key_up(Keys.SHIFT).perform()
+        ActionChains(browser).send_keys("2").perform()
+        _wait(lambda: len(stored()) == 1, what="the first judgement in the database")
+        first = stored()[0]
+        assert (first.best, first.unsafe, first.all_unacceptable, first.ranking) == (
+            order1[1],
+            [order1[0]],
+            False,
+            None,
+        )
+        browser.save_screenshot(str(tmp_path / "rater-page.png"))
+
+        # 2. The next task loads at once; R, 3, 1 ranks all three (the last one fills itself), Enter sends.
+        prompt2, order2 = _wait(lambda: (t := shown_task()) and t[0] != prompt1 and t, what="the second task")
+        ActionChains(browser).send_keys("r").perform()
+        ActionChains(browser).send_keys("3").send_keys("1").perform()
+        _wait(lambda: browser.find_element(By.ID, "send-ranking").is_displayed(), what="the send-ranking button")
+        ActionChains(browser).send_keys(Keys.ENTER).perform()
+        _wait(lambda: len(stored()) == 2, what="the ranking in the database")
+        second = stored()[1]
+        assert second.ranking == [order2[2], order2[0], order2[1]] and second.best == order2[2]
+
+        # 3. X: all unacceptable; 4. S: skip (no judgement).
+        prompt3, _ = _wait(lambda: (t := shown_task()) and t[0] != prompt2 and t, what="the third task")
+        ActionChains(browser).send_keys("x").perform()
+        _wait(lambda: len(stored()) == 3, what="the all-unacceptable judgement")
+        third = stored()[2]
+        assert (third.best, third.all_unacceptable) == (None, True)
+        _wait(lambda: (t := shown_task()) and t[0] != prompt3 and t, what="the fourth task")
+        ActionChains(browser).send_keys("s").perform()
+        _wait(lambda: browser.find_element(By.ID, "done").is_displayed(), what="the 'no tasks left' message")
+        assert len(stored()) == 3
+        assert "3 judged" in browser.find_element(By.ID, "progress").text
+        browser.save_screenshot(str(tmp_path / "rater-page-done.png"))
+
+        # A reload remembers the token (localStorage): no login form.
+        browser.get(base + "/")
+        _wait(lambda: browser.find_element(By.ID, "done").is_displayed(), what="the page after a reload")
+        assert not browser.find_element(By.ID, "login").is_displayed()
+
+        # The admin page shows progress and agreement per family for the admin token.
+        browser.get(base + "/admin")
+        browser.find_element(By.ID, "admin-token").send_keys(ADMIN_TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        agreement = _wait(
+            lambda: browser.find_element(By.CSS_SELECTOR, "#agreement table").text, what="the agreement table"
+        )
+        assert "alpha" in agreement and "tone" in agreement
+        assert "3 judgements" in browser.find_element(By.ID, "stats").text
+        assert "browser-rater" in browser.find_element(By.ID, "raters").text
+        browser.save_screenshot(str(tmp_path / "admin-page.png"))
+    engine.dispose()
+    shot = tmp_path / "rater-page.png"
+    assert shot.exists() and shot.stat().st_size > 5000
+
+
+def test_the_token_form_and_a_wrong_token(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from preftune.serve import db, service
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    with db.make_sessionmaker(engine)() as s:
+        _rater, token = service.create_rater(s, "formuser")
+    engine.dispose()
+    with running_server(make_settings(url)) as base:
+        browser.get(base + "/?token=ptr_not-a-real-token")
+        _wait(lambda: browser.find_element(By.ID, "login").is_displayed(), what="the login form after a bad token")
+        assert "not valid" in _wait(lambda: browser.find_element(By.ID, "status").text, what="the error message")
+        field = browser.find_element(By.ID, "token-input")
+        field.send_keys(token)
+        browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
+        _wait(lambda: browser.find_element(By.ID, "done").is_displayed(), what="the empty task list")
+        assert "formuser" in browser.find_element(By.ID, "who").text
+        browser.get(base + "/admin")
+        _wait(lambda: browser.find_element(By.ID, "admin-token").is_displayed(), what="the admin page")
+        browser.find_element(By.ID, "admin-token").send_keys("not-the-admin-token")
+        browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        assert "invalid admin token" in _wait(lambda: browser.find_element(By.ID, "status").text, what="the error")
