@@ -281,7 +281,12 @@ class PromotionLock:
                 self.held = True
                 return
             except MlflowException as err:
-                if _error_code(err) != "RESOURCE_ALREADY_EXISTS":
+                code = _error_code(err)
+                if code == "RESOURCE_DOES_NOT_EXIST":
+                    # MLflow's SQL store answers a duplicate name by reading the existing model back; when
+                    # its holder released it in between, that read says "not found": the lock is free, retry
+                    continue
+                if code != "RESOURCE_ALREADY_EXISTS":
                     raise
             tags = self._read()
             if tags is not None:
