@@ -319,6 +319,8 @@ def worker_preftune(spec: dict[str, Any]) -> dict[str, Any]:
     )
     if s.mode == "full":
         s = s.model_copy(update={"lr": spec["lr_full"]})
+    if spec.get("overrides"):  # --set key=value: ppo fields changed for this comparison (validated)
+        s = PPOSection.model_validate({**s.model_dump(), **spec["overrides"]})
     actor = ActorCritic(model, mode=s.mode, critic=s.critic, temperature=1.0, lora_r=s.lora_r, lora_alpha=s.lora_alpha)
     if s.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
@@ -508,7 +510,7 @@ def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
             if size == "small":
                 spec["updates"] = args.small_updates
             rows = [
-                run_worker("preftune", {**spec, "mode": "lora"}, args.threads),
+                run_worker("preftune", {**spec, "mode": "lora", "overrides": args.overrides}, args.threads),
                 run_worker("trl", {**spec, "mode": "full"}, args.threads),
                 run_worker("trl", {**spec, "mode": "lora"}, args.threads),
             ]
@@ -541,6 +543,61 @@ def mode_scaling(args: argparse.Namespace) -> dict[str, Any]:
         for batch in (8, 16, 32):
             r = run_worker("preftune", {**spec, "batch_size": batch, "mini_batches": max(1, batch // 4)}, args.threads)
             out["by_batch_size"].append({"batch_size": batch, **r})
+    return out
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of y at x on (x, y) points sorted by x; None outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def mode_frontier(args: argparse.Namespace) -> dict[str, Any]:
+    """Reward gain against KL spent, over a sweep of the KL coefficient, for both trainers.
+
+    Gains at equal updates reward whichever trainer takes bigger steps; RLHF trades reward for KL
+    to the initial policy, so the fair comparison is the reward gained at the same held-out KL
+    (read off each trainer's sweep by linear interpolation).
+    """
+    coefs = [float(c) for c in args.kl_coefs.split(",")]
+    out: dict[str, Any] = {"threads": args.threads, "updates": args.updates, "kl_coefs": coefs, "rows": []}
+    # preftune's divergence guard (kl_hard_limit) is a product safety stop TRL does not have: lifted here
+    ours = {"kl_hard_limit": 1e6, **args.overrides}
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        paths = build_models("tiny", Path(tmp))
+        spec = {**base_spec(argparse.Namespace(**{**vars(args), "size": "tiny"})), **paths}
+        for coef in coefs:
+            for impl, mode in (("preftune", "lora"), ("trl", "full"), ("trl", "lora")):
+                r = run_worker(impl, {**spec, "kl_coef": coef, "mode": mode, "overrides": ours}, args.threads)
+                out["rows"].append({"kl_coef": coef, **r})
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in out["rows"]:
+        if "error" not in r:
+            curves.setdefault(r["impl"], []).append((r["held_out_kl"], r["reward_gain"]))
+    for pts in curves.values():
+        pts.sort()
+    out["at_matched_kl"] = {
+        f"{kl:g}": {impl: _interpolate(pts, kl) for impl, pts in curves.items()} for kl in args.matched_kls
+    }
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl, pts in curves.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xlabel("held-out KL to the initial policy (nats per response)")
+        ax.set_ylabel("held-out reward gain")
+        ax.set_title(f"Reward vs KL, kl_coef sweep {args.kl_coefs}, {args.updates} updates")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        out["plot"] = args.plot
     return out
 
 
@@ -588,7 +645,7 @@ def main() -> None:
         _worker_main(sys.argv[2], sys.argv[3])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", nargs="?", default="compare", choices=["compare", "scaling", "efficacy"])
+    p.add_argument("mode", nargs="?", default="compare", choices=["compare", "scaling", "efficacy", "frontier"])
     p.add_argument("--size", default="both", choices=["tiny", "small", "both"])
     p.add_argument("--updates", type=int, default=6, help="PPO updates per run (tiny size)")
     p.add_argument("--small-updates", type=int, default=2, help="PPO updates per run (small size)")
@@ -599,10 +656,29 @@ def main() -> None:
     p.add_argument("--output", default=None, help="efficacy: where to publish the trained policy")
     p.add_argument("--samples", type=int, default=8, help="efficacy: samples per held-out prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        dest="overrides_raw",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="compare/frontier: change a ppo field of preftune's run (YAML value), e.g. --set value_head_lr_ratio=10",
+    )
+    p.add_argument("--kl-coefs", default="0.02,0.05,0.1,0.2", help="frontier: KL coefficients swept")
+    p.add_argument("--matched-kls", type=float, nargs="*", default=[5.0, 10.0, 20.0], help="frontier: KLs compared at")
+    p.add_argument("--plot", default=None, help="frontier: write the reward-vs-KL plot (PNG) here")
     args = p.parse_args()
+    import yaml
+
+    args.overrides = {}
+    for item in args.overrides_raw:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item}: expected KEY=VALUE")
+        args.overrides[key.strip()] = yaml.safe_load(value)
     if args.mode == "efficacy" and not args.reward_model:
         p.error("efficacy needs --reward-model")
-    modes = {"compare": mode_compare, "scaling": mode_scaling, "efficacy": mode_efficacy}
+    modes = {"compare": mode_compare, "scaling": mode_scaling, "efficacy": mode_efficacy, "frontier": mode_frontier}
     with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the JSON
         result = modes[args.mode](args)
     print(json.dumps(result, indent=2))
