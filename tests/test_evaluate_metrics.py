@@ -15,6 +15,7 @@ from preftune.evaluate.judges import RulesJudge
 from preftune.evaluate.metrics import (
     Estimate,
     SampleRecord,
+    behaviour_shift_values,
     bootstrap_mean,
     case_values,
     compute_metrics,
@@ -109,6 +110,33 @@ def test_paired_delta_and_win_rate():
     win = m["benign"]["reward_win_rate"]["candidate"]
     assert win.value == pytest.approx((5 + 0.5) / 6)  # one tie counts one half
     assert win_rate_values(records[::2], records[1::2])["c0"] == 0.5
+
+
+def test_behaviour_shift_is_the_total_variation_between_the_two_mixes_and_can_be_gated():
+    # a contested family with no preferred behaviour: the candidate moved c1 from firm to cautious
+    records = []
+    for s, (cand, champ) in enumerate(
+        [("cautious", "firm"), ("cautious", "firm"), ("cautious", "cautious"), ("firm", "unknown")]
+    ):
+        records.append(rec("candidate", "c1", "tone", cand, sample=s))
+        records.append(rec("champion", "c1", "tone", champ, sample=s))
+    for s in range(4):  # c2: the same answers from both
+        records.append(rec("candidate", "c2", "tone", "question", sample=s))
+        records.append(rec("champion", "c2", "tone", "question", sample=s))
+    cand = [r for r in records if r.model == "candidate"]
+    champ = [r for r in records if r.model == "champion"]
+    # c1: candidate 3/4 cautious + 1/4 firm, champion 1/4 cautious + 2/4 firm + 1/4 unknown -> 0.5 * (2/4 + 1/4 + 1/4)
+    assert behaviour_shift_values(cand, champ) == {"c1": 0.5, "c2": 0.0}
+    m = compute_metrics(records, ["tone"], confidence=0.95, n_resamples=200, seed=0)
+    shift = m["tone"]["behaviour_shift"]["candidate"]
+    assert shift.value == pytest.approx(0.25) and shift.n == 2
+    assert "behaviour_shift" not in compute_metrics(cand, ["tone"], confidence=0.95, n_resamples=200, seed=0)["tone"]
+    gate = absolute_gates(m, {"tone": {"behaviour_shift": Threshold(max=0.1)}}, decision="point", confidence=0.95)[0]
+    assert gate.passed is False and gate.name == "tone.behaviour_shift.max"
+    cfg = parse_config({"evaluation": {"gates": {"thresholds": {"tone": {"behaviour_shift": {"max": 0.2}}}}}})
+    assert cfg.evaluation.gates.thresholds["tone"]["behaviour_shift"].max == 0.2
+    with pytest.raises(ConfigError, match="already a comparison with the champion"):
+        parse_config({"evaluation": {"gates": {"non_regression": {"behaviour_shift": 0.1}}}})
 
 
 def test_absolute_gates_on_bound_vs_point():

@@ -24,10 +24,14 @@ METRIC_DIRECTIONS: dict[str, str] = {
     "needless_refusal_share": "lower",
     "unknown_share": "lower",
     "reward_win_rate": "higher",
+    "behaviour_shift": "lower",
     "kl_to_reference": "lower",
     "response_length": "none",
 }
 """Per-family metrics and which way is better ("none": two-sided, only absolute bounds make sense)."""
+
+COMPARISON_METRICS = frozenset({"reward_win_rate", "behaviour_shift"})
+"""Metrics that already compare the candidate with the champion: absolute bounds only, no non-regression."""
 
 CAPABILITY_METRICS: dict[str, str] = {
     "loglik_per_token": "higher",
@@ -135,8 +139,15 @@ class GatesSection(Section):
     @classmethod
     def _known_nr(cls, v: dict[str, float]) -> dict[str, float]:
         for metric, tol in v.items():
+            if metric in COMPARISON_METRICS:
+                raise ValueError(
+                    f"non_regression.{metric}: already a comparison with the champion; bound it in "
+                    f"gates.thresholds (e.g. {{tone: {{{metric}: {{max: 0.2}}}}}}) instead"
+                )
             if METRIC_DIRECTIONS.get(metric, "none") == "none":
-                comparable = sorted(m for m, d in METRIC_DIRECTIONS.items() if d != "none")
+                comparable = sorted(
+                    m for m, d in METRIC_DIRECTIONS.items() if d != "none" and m not in COMPARISON_METRICS
+                )
                 raise ValueError(f"non_regression.{metric}: not a comparable metric; expected one of {comparable}")
             if tol < 0:
                 raise ValueError(f"non_regression.{metric}: tolerance must be >= 0, got {tol}")

@@ -172,6 +172,28 @@ def win_rate_values(candidate: Iterable[SampleRecord], champion: Iterable[Sample
     return out
 
 
+def behaviour_shift_values(candidate: Iterable[SampleRecord], champion: Iterable[SampleRecord]) -> dict[str, float]:
+    """Per case, the total variation distance between the two models' behaviour mixes over its samples.
+
+    0: the same mix of behaviours (``unknown`` counted as one), 1: no behaviour in common. This is
+    what a family with no preferred behaviour (a contested one, left out of PPO) can still be
+    gated on: it should not move. With few samples per case two different models show some shift
+    by chance alone; the champion is sampled with the same seeds, so an unchanged model shows 0.
+    """
+    cand: dict[str, list[str]] = defaultdict(list)
+    champ: dict[str, list[str]] = defaultdict(list)
+    for r in candidate:
+        cand[r.case_id].append(r.behaviour)
+    for r in champion:
+        champ[r.case_id].append(r.behaviour)
+    out = {}
+    for cid in cand.keys() & champ.keys():
+        a, b = cand[cid], champ[cid]
+        behaviours = set(a) | set(b)
+        out[cid] = 0.5 * sum(abs(a.count(x) / len(a) - b.count(x) / len(b)) for x in behaviours)
+    return out
+
+
 PER_FAMILY_METRICS = (*SHARE_METRICS, "kl_to_reference", "response_length")
 
 
@@ -190,8 +212,9 @@ def compute_metrics(
 ) -> dict[str, dict[str, dict[str, Estimate]]]:
     """``{family|"all": {metric: {"candidate": E, "champion": E, "delta": E}}}``.
 
-    ``champion`` and ``delta`` appear when the records hold champion samples; ``reward_win_rate``
-    (candidate over champion) when they also hold rewards. A metric that applies to no case of a
+    ``champion`` and ``delta`` appear when the records hold champion samples, with
+    ``behaviour_shift`` (candidate against champion); ``reward_win_rate`` (candidate over
+    champion) when they also hold rewards. A metric that applies to no case of a
     family is absent for that family.
     """
     by_model: dict[str, list[SampleRecord]] = defaultdict(list)
@@ -221,6 +244,10 @@ def compute_metrics(
                     entry[CHAMPION] = est(hv, f"{group}.{metric}.champion")
                     entry["delta"] = est(_paired(cv, hv), f"{group}.{metric}.delta")
             fam[metric] = entry
+        if has_champion:
+            sv = behaviour_shift_values(cand, champ)
+            if sv:
+                fam["behaviour_shift"] = {CANDIDATE: est(sv, f"{group}.behaviour_shift")}
         if has_champion and with_reward:
             wv = win_rate_values(cand, champ)
             if wv:

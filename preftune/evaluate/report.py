@@ -26,6 +26,7 @@ METRIC_LABELS = {
     "needless_refusal_share": "needless-refusal share",
     "unknown_share": "unknown (judge undecided) share",
     "reward_win_rate": "reward-model win rate over champion",
+    "behaviour_shift": "behaviour shift from champion (total variation)",
     "kl_to_reference": "KL to reference (nats/response)",
     "response_length": "response length (words)",
     "loglik_per_token": "log-likelihood (nats/token)",
