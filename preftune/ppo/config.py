@@ -183,7 +183,9 @@ class PPOSection(Section):
     # -- advantages and losses --------------------------------------------------------------
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor of GAE.")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda (bias/variance trade-off of advantages).")
-    whiten_advantages: bool = Field(True, description="Standardise advantages over the valid tokens of a mini-batch.")
+    whiten_advantages: bool = Field(
+        True, description="Standardise advantages over the valid tokens of the whole rollout batch (before the epochs)."
+    )
     whiten_rewards: bool = Field(False, description="Scale per-token rewards to unit variance before GAE.")
     clip_range: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ratio clip epsilon of the policy loss.")
     clip_range_value: float = Field(
