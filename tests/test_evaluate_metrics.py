@@ -15,7 +15,7 @@ from preftune.evaluate.judges import RulesJudge
 from preftune.evaluate.metrics import (
     Estimate,
     SampleRecord,
-    behaviour_shift_values,
+    behaviour_shift,
     bootstrap_mean,
     case_values,
     compute_metrics,
@@ -125,11 +125,15 @@ def test_behaviour_shift_is_the_total_variation_between_the_two_mixes_and_can_be
         records.append(rec("champion", "c2", "tone", "question", sample=s))
     cand = [r for r in records if r.model == "candidate"]
     champ = [r for r in records if r.model == "champion"]
-    # c1: candidate 3/4 cautious + 1/4 firm, champion 1/4 cautious + 2/4 firm + 1/4 unknown -> 0.5 * (2/4 + 1/4 + 1/4)
-    assert behaviour_shift_values(cand, champ) == {"c1": 0.5, "c2": 0.0}
+    # pooled over the 8 samples: candidate cautious 3, firm 1, question 4; champion cautious 1, firm 2,
+    # unknown 1, question 4 -> total variation 0.5 * (2 + 1 + 1 + 0) / 8
     m = compute_metrics(records, ["tone"], confidence=0.95, n_resamples=200, seed=0)
     shift = m["tone"]["behaviour_shift"]["candidate"]
     assert shift.value == pytest.approx(0.25) and shift.n == 2
+    assert shift.ci_low <= 0.25 <= shift.ci_high <= 0.5  # a case resampled twice: 0 (c2, c2) .. 0.5 (c1, c1)
+    same = behaviour_shift(champ, champ, confidence=0.95, n_resamples=200, seed=0, name="s")
+    assert (same.value, same.ci_low, same.ci_high) == (0.0, 0.0, 0.0)
+    assert behaviour_shift(cand, [], confidence=0.95, n_resamples=200, seed=0, name="s") is None
     assert "behaviour_shift" not in compute_metrics(cand, ["tone"], confidence=0.95, n_resamples=200, seed=0)["tone"]
     gate = absolute_gates(m, {"tone": {"behaviour_shift": Threshold(max=0.1)}}, decision="point", confidence=0.95)[0]
     assert gate.passed is False and gate.name == "tone.behaviour_shift.max"

@@ -172,26 +172,72 @@ def win_rate_values(candidate: Iterable[SampleRecord], champion: Iterable[Sample
     return out
 
 
-def behaviour_shift_values(candidate: Iterable[SampleRecord], champion: Iterable[SampleRecord]) -> dict[str, float]:
-    """Per case, the total variation distance between the two models' behaviour mixes over its samples.
+def behaviour_shift(
+    candidate: Iterable[SampleRecord],
+    champion: Iterable[SampleRecord],
+    *,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+    name: str,
+) -> Estimate | None:
+    """How far a group's behaviour mix moved: total variation distance between the two models' shares.
 
-    0: the same mix of behaviours (``unknown`` counted as one), 1: no behaviour in common. This is
-    what a family with no preferred behaviour (a contested one, left out of PPO) can still be
-    gated on: it should not move. With few samples per case two different models show some shift
-    by chance alone; the champion is sampled with the same seeds, so an unchanged model shows 0.
+    The shares are pooled over the cases both models answered (each case weighs by its samples);
+    0 = the same mix (``unknown`` counts as a behaviour), 1 = nothing in common. The interval is a
+    bootstrap over cases. This is what a family with no preferred behaviour (a contested one, left
+    out of PPO) can be gated on: it should not move. The champion is sampled with the same seeds,
+    so an unchanged model reads 0; a changed one also shows some shift from sampling noise, which
+    shrinks as the family gets more cases and samples.
     """
+    from scipy.stats import bootstrap
+
     cand: dict[str, list[str]] = defaultdict(list)
     champ: dict[str, list[str]] = defaultdict(list)
     for r in candidate:
         cand[r.case_id].append(r.behaviour)
     for r in champion:
         champ[r.case_id].append(r.behaviour)
-    out = {}
-    for cid in cand.keys() & champ.keys():
-        a, b = cand[cid], champ[cid]
-        behaviours = set(a) | set(b)
-        out[cid] = 0.5 * sum(abs(a.count(x) / len(a) - b.count(x) / len(b)) for x in behaviours)
-    return out
+    cases = sorted(cand.keys() & champ.keys())
+    if not cases:
+        return None
+    behaviours = sorted({b for c in cases for b in (*cand[c], *champ[c])})
+    col = {b: i for i, b in enumerate(behaviours)}
+    counts_c = np.zeros((len(cases), len(behaviours)))
+    counts_h = np.zeros((len(cases), len(behaviours)))
+    for i, c in enumerate(cases):
+        for b in cand[c]:
+            counts_c[i, col[b]] += 1
+        for b in champ[c]:
+            counts_h[i, col[b]] += 1
+
+    def tv(idx: np.ndarray) -> float:
+        a, b = counts_c[idx].sum(axis=0), counts_h[idx].sum(axis=0)
+        return float(0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
+
+    everything = np.arange(len(cases))
+    value = tv(everything)
+    if len(cases) < 2:
+        return Estimate(value, float("nan"), float("nan"), len(cases))
+    lo, hi = float("nan"), float("nan")
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = bootstrap(
+                (everything,),
+                tv,
+                n_resamples=n_resamples,
+                confidence_level=confidence,
+                method=method,
+                vectorized=False,
+                rng=_rng(seed, name),
+            )
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if math.isfinite(lo) and math.isfinite(hi):
+            break
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # every resample gives the same figure (e.g. 0)
+        lo = hi = value
+    return Estimate(value, min(lo, value), max(hi, value), len(cases))
 
 
 PER_FAMILY_METRICS = (*SHARE_METRICS, "kl_to_reference", "response_length")
@@ -245,9 +291,11 @@ def compute_metrics(
                     entry["delta"] = est(_paired(cv, hv), f"{group}.{metric}.delta")
             fam[metric] = entry
         if has_champion:
-            sv = behaviour_shift_values(cand, champ)
-            if sv:
-                fam["behaviour_shift"] = {CANDIDATE: est(sv, f"{group}.behaviour_shift")}
+            shift = behaviour_shift(
+                cand, champ, confidence=confidence, n_resamples=n_resamples, seed=seed, name=f"{group}.behaviour_shift"
+            )
+            if shift is not None:
+                fam["behaviour_shift"] = {CANDIDATE: shift}
         if has_champion and with_reward:
             wv = win_rate_values(cand, champ)
             if wv:
