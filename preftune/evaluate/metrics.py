@@ -103,10 +103,39 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def bootstrap_mean(values: Sequence[float], *, confidence: float, n_resamples: int, seed: int, name: str) -> Estimate:
-    """Mean of ``values`` with a bootstrap CI (BCa, percentile when BCa is undefined); NaN CI below 2 units."""
+def _bootstrap_ci(
+    data: np.ndarray,
+    statistic: Callable[..., Any],
+    *,
+    vectorized: bool,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+    name: str,
+) -> tuple[float, float]:
+    """Bootstrap interval of ``statistic`` over the units of ``data`` (BCa, percentile when BCa is undefined)."""
     from scipy.stats import bootstrap
 
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = bootstrap(
+                (data,),
+                statistic,
+                n_resamples=n_resamples,
+                confidence_level=confidence,
+                method=method,
+                vectorized=vectorized,
+                rng=_rng(seed, name),
+            )
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if math.isfinite(lo) and math.isfinite(hi):
+            return lo, hi
+    return float("nan"), float("nan")
+
+
+def bootstrap_mean(values: Sequence[float], *, confidence: float, n_resamples: int, seed: int, name: str) -> Estimate:
+    """Mean of ``values`` with a bootstrap CI (BCa, percentile when BCa is undefined); NaN CI below 2 units."""
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     if x.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
@@ -115,24 +144,10 @@ def bootstrap_mean(values: Sequence[float], *, confidence: float, n_resamples: i
         return Estimate(value, float("nan"), float("nan"), int(x.size))
     if np.all(x == x[0]):
         return Estimate(value, value, value, int(x.size))
-    ci = (float("nan"), float("nan"))
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = bootstrap(
-                (x,),
-                np.mean,
-                n_resamples=n_resamples,
-                confidence_level=confidence,
-                method=method,
-                vectorized=True,
-                rng=_rng(seed, name),
-            )
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if math.isfinite(lo) and math.isfinite(hi):
-            ci = (lo, hi)
-            break
-    return Estimate(value, min(ci[0], value), max(ci[1], value), int(x.size))
+    lo, hi = _bootstrap_ci(
+        x, np.mean, vectorized=True, confidence=confidence, n_resamples=n_resamples, seed=seed, name=name
+    )
+    return Estimate(value, min(lo, value), max(hi, value), int(x.size))
 
 
 def case_values(records: Iterable[SampleRecord], metric: str) -> dict[str, float]:
@@ -190,8 +205,6 @@ def behaviour_shift(
     so an unchanged model reads 0; a changed one also shows some shift from sampling noise, which
     shrinks as the family gets more cases and samples.
     """
-    from scipy.stats import bootstrap
-
     cand: dict[str, list[str]] = defaultdict(list)
     champ: dict[str, list[str]] = defaultdict(list)
     for r in candidate:
@@ -219,22 +232,9 @@ def behaviour_shift(
     value = tv(everything)
     if len(cases) < 2:
         return Estimate(value, float("nan"), float("nan"), len(cases))
-    lo, hi = float("nan"), float("nan")
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = bootstrap(
-                (everything,),
-                tv,
-                n_resamples=n_resamples,
-                confidence_level=confidence,
-                method=method,
-                vectorized=False,
-                rng=_rng(seed, name),
-            )
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if math.isfinite(lo) and math.isfinite(hi):
-            break
+    lo, hi = _bootstrap_ci(
+        everything, tv, vectorized=False, confidence=confidence, n_resamples=n_resamples, seed=seed, name=name
+    )
     if not (math.isfinite(lo) and math.isfinite(hi)):  # every resample gives the same figure (e.g. 0)
         lo = hi = value
     return Estimate(value, min(lo, value), max(hi, value), len(cases))
