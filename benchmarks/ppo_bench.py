@@ -307,6 +307,7 @@ def worker_preftune(spec: dict[str, Any]) -> dict[str, Any]:
         kl_controller="fixed",
         kl_coef=spec["kl_coef"],
         approx_kl_stop=None,
+        kl_hard_limit=1e6,  # the divergence guard is a product safety stop TRL does not have: lifted here
         missing_eos_penalty=None,
         reward_normalize=False,
         reward_clip=None,
@@ -563,14 +564,12 @@ def mode_frontier(args: argparse.Namespace) -> dict[str, Any]:
     """
     coefs = [float(c) for c in args.kl_coefs.split(",")]
     out: dict[str, Any] = {"threads": args.threads, "updates": args.updates, "kl_coefs": coefs, "rows": []}
-    # preftune's divergence guard (kl_hard_limit) is a product safety stop TRL does not have: lifted here
-    ours = {"kl_hard_limit": 1e6, **args.overrides}
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
         paths = build_models("tiny", Path(tmp))
         spec = {**base_spec(argparse.Namespace(**{**vars(args), "size": "tiny"})), **paths}
         for coef in coefs:
             for impl, mode in (("preftune", "lora"), ("trl", "full"), ("trl", "lora")):
-                r = run_worker(impl, {**spec, "kl_coef": coef, "mode": mode, "overrides": ours}, args.threads)
+                r = run_worker(impl, {**spec, "kl_coef": coef, "mode": mode, "overrides": args.overrides}, args.threads)
                 out["rows"].append({"kl_coef": coef, **r})
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in out["rows"]:
