@@ -116,6 +116,35 @@ def test_reward_up_while_share_flat_is_reward_hacking():
     assert r["exit_code"] == ExitCode.GATE_FAILED
 
 
+def test_against_a_registry_champion_a_lower_share_is_not_called_reward_hacking():
+    # a team with a champion from a full run: the pilot's 12 updates start from models.policy, so a
+    # share below the champion's says nothing about the reward being gamed
+    i = inputs(change=(-0.29, -0.38, -0.22))
+    i.evaluation["champion"] = {"ref": "models:/preftune-policy/1", "label": "preftune-policy v1"}
+    r = rep.analyse(CFG, i, pilot_batch=32)
+    assert ("reward_hacking", "safety") not in flags(r)
+    reason = r["families"]["safety"]["reason"]
+    assert r["families"]["safety"]["verdict"] == "no-go" and "below the champion" in reason
+    assert "pilot.baseline: policy" in reason
+    # against the policy PPO started from, the same figures are reward hacking / the wrong way
+    i.evaluation["champion"] = {"ref": CFG.models.policy, "label": CFG.models.policy}
+    r = rep.analyse(CFG, i, pilot_batch=32)
+    assert ("reward_hacking", "safety") in flags(r)
+    assert "wrong way" in r["families"]["safety"]["reason"]
+
+
+def test_the_pilot_measures_against_the_policy_it_starts_from_by_default():
+    from preftune.pilot.run import pilot_config
+
+    assert CFG.pilot.baseline == "policy"
+    assert pilot_config(CFG, champion_exists=True).evaluation.champion == CFG.models.policy
+    assert pilot_config(CFG).evaluation.champion == CFG.models.policy  # the pipeline variant too
+    champ = CFG.model_copy(deep=True)
+    champ.pilot.baseline = "champion"
+    assert pilot_config(champ, champion_exists=True).evaluation.champion == "registry"
+    assert pilot_config(champ, champion_exists=False).evaluation.champion == CFG.models.policy
+
+
 def test_without_a_baseline_the_verdict_needs_data_and_no_reward_hacking_is_claimed():
     i = inputs()
     i.evaluation["champion"] = None

@@ -52,9 +52,11 @@ class PilotSection(Section):
         32, ge=1, description="Prompts per PPO rollout in the pilot; empty: ppo.batch_size."
     )
     baseline: Literal["champion", "policy"] = Field(
-        "champion",
-        description="What the pilot's candidate is compared with: 'champion' (the registry's champion, or the base "
-        "policy models.policy when there is none) or 'policy' (always models.policy).",
+        "policy",
+        description="What the pilot's candidate is compared with: 'policy' (models.policy, where the pilot's PPO "
+        "starts: measures what PPO moved) or 'champion' (the registry's champion, models.policy when there is "
+        "none: whether a short PPO already beats it; reward hacking is then not judged, as the reward curve and "
+        "the share change start from different models).",
     )
     trend_window: int = Field(
         3,

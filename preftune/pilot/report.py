@@ -202,6 +202,10 @@ def analyse(cfg: RunConfig, inputs: PilotInputs, *, pilot_batch: int, seconds: f
     per_family_acc = inputs.reward.get("per_family") or {}
     overall_acc = inputs.reward.get("eval_accuracy")
     has_baseline = bool(ev.get("champion"))
+    # the reward curve starts at models.policy: a share change against any other baseline (a registry
+    # champion) does not say whether PPO moved the behaviour, so reward hacking is only judged from there
+    base = ev.get("champion") or {}
+    baseline_is_start = has_baseline and (base.get("ref") or base.get("label")) == cfg.models.policy
     families = list(fams_fit) + [f for f in roles if f not in fams_fit]
 
     flags: list[dict[str, Any]] = []
@@ -270,6 +274,7 @@ def analyse(cfg: RunConfig, inputs: PilotInputs, *, pilot_batch: int, seconds: f
             and row["reward_change"] is not None
             and row["reward_change"] >= s.divergence_min_reward_rise
             and change is not None  # no baseline measured: the verdict says so, no flag is raised on nothing
+            and baseline_is_start
             and change["ci_low"] is not None
             and change["ci_low"] <= p.min_share_gain
         ):
@@ -287,7 +292,7 @@ def analyse(cfg: RunConfig, inputs: PilotInputs, *, pilot_batch: int, seconds: f
         rows[f] = row
 
     for row in rows.values():
-        row["verdict"], row["reason"] = _verdict(cfg, row, flags, has_baseline, overall_acc)
+        row["verdict"], row["reason"] = _verdict(cfg, row, flags, has_baseline, baseline_is_start, overall_acc)
 
     go = [f for f, r in rows.items() if r["verdict"] == GO]
     if go:
@@ -331,6 +336,7 @@ def _verdict(
     row: Mapping[str, Any],
     flags: Sequence[Mapping[str, Any]],
     has_baseline: bool,
+    baseline_is_start: bool,
     overall_acc: float | None,
 ) -> tuple[str, str]:
     """(go / no-go / needs data, the reason in one sentence) for one family."""
@@ -372,6 +378,11 @@ def _verdict(
             return NO_GO, f"preferred share {span}, but: " + "; ".join(fl["detail"] for fl in blocking)
         return GO, f"PPO moved the preferred share by {span} within the pilot's budget (reward {row['trend']})"
     if change["ci_high"] is not None and change["ci_high"] < 0:
+        if not baseline_is_start:
+            return NO_GO, (
+                f"the pilot's candidate is below the champion ({span}); PPO started from {cfg.models.policy}, "
+                "so pilot.baseline: policy measures what it moved"
+            )
         return NO_GO, f"PPO moved the preferred share the wrong way: {span}"
     if any(fl["flag"] == "reward_hacking" and fl["family"] == f for fl in flags):
         return NO_GO, f"the reward rose but the preferred share did not ({span}): reward hacking"
