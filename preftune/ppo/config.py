@@ -183,12 +183,12 @@ class PPOSection(Section):
     # -- advantages and losses --------------------------------------------------------------
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor of GAE.")
     lam: float = Field(
-        0.99,
+        0.95,
         ge=0.0,
         le=1.0,
-        description="GAE lambda (bias/variance trade-off of advantages). The value head starts untrained, so a "
-        "lambda well below 1 first hides the end-of-response reward from early tokens (0.95^48 = 0.09): 0.99 keeps "
-        "it (docs/benchmarks.md, reward-vs-KL frontier).",
+        description="GAE lambda (bias/variance trade-off of advantages). The value head starts untrained, so early "
+        "on a lambda below 1 hides the end-of-response reward from early tokens (0.95^48 = 0.09): 0.99 learns more "
+        "reward per nat of KL (docs/benchmarks.md, frontier) but let more unsafe answers through on the demo suite.",
     )
     whiten_advantages: bool = Field(
         True, description="Standardise advantages over the valid tokens of the whole rollout batch (before the epochs)."
