@@ -72,3 +72,29 @@ def test_demo_stopped_by_the_fit_gate_exits_10_and_keeps_the_champion(tmp_path, 
     assert [r.data.tags["preftune.outcome"] for r in runs] == ["not-fit"]
     steps = {r.data.tags["preftune.step"] for r in client.search_runs([exp.experiment_id], "")}
     assert steps == {"pipeline", "collect", "check-fit", "demo"}
+
+
+def test_the_default_demo_promotes_its_candidate_with_every_gate_passed(tmp_path, capsys):
+    """The README's first command on the embedded defaults (only the MLflow store is this test's own).
+
+    A change of a default (a PPO hyperparameter, a gate) that makes the demo reject its own candidate
+    fails here: session 3 found such a change (GAE lambda 0.99) only by running the README command.
+    """
+    import yaml
+    from mlflow import MlflowClient
+
+    from preftune.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"tracking": {"uri": uri}}))
+    code = 0
+    try:
+        main(["demo", "--config", str(path), "--samples", "1"])
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0, out[-3000:]
+    assert "8/8 gates passed" in out and "promoted as preftune-policy version 1" in out, out[-3000:]
+    client = MlflowClient(uri)
+    assert str(client.get_model_version_by_alias("preftune-policy", "champion").version) == "1"
