@@ -224,16 +224,18 @@ def behaviour_shift(
         for b in champ[c]:
             counts_h[i, col[b]] += 1
 
-    def tv(idx: np.ndarray) -> float:
-        a, b = counts_c[idx].sum(axis=0), counts_h[idx].sum(axis=0)
-        return float(0.5 * np.abs(a / a.sum() - b / b.sum()).sum())
+    def tv(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        # idx: case indices, (n,) or a batch of resamples (..., n); vectorised, as the evaluate step runs it per family
+        idx = np.moveaxis(idx, axis, -1)
+        a, b = counts_c[idx].sum(axis=-2), counts_h[idx].sum(axis=-2)
+        return 0.5 * np.abs(a / a.sum(axis=-1, keepdims=True) - b / b.sum(axis=-1, keepdims=True)).sum(axis=-1)
 
     everything = np.arange(len(cases))
-    value = tv(everything)
+    value = float(tv(everything))
     if len(cases) < 2:
         return Estimate(value, float("nan"), float("nan"), len(cases))
     lo, hi = _bootstrap_ci(
-        everything, tv, vectorized=False, confidence=confidence, n_resamples=n_resamples, seed=seed, name=name
+        everything, tv, vectorized=True, confidence=confidence, n_resamples=n_resamples, seed=seed, name=name
     )
     if not (math.isfinite(lo) and math.isfinite(hi)):  # every resample gives the same figure (e.g. 0)
         lo = hi = value
