@@ -123,9 +123,12 @@ class Pair:
     rater_id: str | None
     created_at: str | None
     where: str = field(default="", compare=False)
+    # How much better ``chosen`` is, in the source's own score units (UltraFeedback and HelpSteer
+    # score differences, SHP's log score ratio); ``None`` when the source gives only a choice.
+    margin: float | None = None
 
     def to_record(self) -> dict[str, Any]:
-        return {
+        rec = {
             "pair_id": self.pair_id,
             "item_id": self.item_id,
             "prompt_id": self.prompt_id,
@@ -139,6 +142,9 @@ class Pair:
             "rater_id": self.rater_id,
             "created_at": self.created_at,
         }
+        if self.margin is not None:  # only where the source scored its answers (older hashes unchanged)
+            rec["margin"] = self.margin
+        return rec
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Pair:
@@ -155,6 +161,7 @@ class Pair:
             source=str(rec.get("source") or "unknown"),
             rater_id=rec.get("rater_id"),
             created_at=rec.get("created_at"),
+            margin=float(rec["margin"]) if rec.get("margin") is not None else None,
         )
 
 
