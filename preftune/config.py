@@ -77,6 +77,31 @@ class GenerationSection(Section):
     batch_size: int = Field(32, ge=1, description="Prompts per generation batch.")
 
 
+class ImportOptionsSection(Section):
+    """Choices some import formats leave open."""
+
+    pku_axis: Literal["better", "safer"] = Field(
+        "better",
+        description="PKU-SafeRLHF: which of its two preferences to learn: 'better' (better_response_id, "
+        "helpfulness) or 'safer' (safer_response_id).",
+    )
+    score_field: str = Field(
+        "helpfulness",
+        min_length=1,
+        description="Per-response score files (HelpSteer): the attribute that ranks a prompt's responses.",
+    )
+    score_pairs: Literal["all", "best_vs_rest"] = Field(
+        "all",
+        description="Scored or ranked responses (UltraFeedback, HelpSteer): 'all' pairs of different scores, or "
+        "the best against each lower-scored one. Either way an item's pairs weigh 1 in total.",
+    )
+
+    def options(self):  # -> preftune.collect.formats.FormatOptions
+        from preftune.collect.formats import FormatOptions
+
+        return FormatOptions(pku_axis=self.pku_axis, score_field=self.score_field, score_pairs=self.score_pairs)
+
+
 class DataSection(Section):
     """Where prompts and judgements come from, and how the preference dataset is built."""
 
@@ -93,9 +118,25 @@ class DataSection(Section):
     judgements_path: str | None = Field(
         None, description="For 'service' or 'file': the JSONL/Parquet file or s3:// URI to read."
     )
-    format: Literal["auto", "preftune", "trl", "hh", "best-of-n"] = Field(
-        "auto", description="Format of judgements_path; 'auto' detects it from the first record."
+    format: Literal[
+        "auto",
+        "preftune",
+        "best-of-n",
+        "trl",
+        "ultrafeedback-binarized",
+        "ultrafeedback",
+        "helpsteer",
+        "nectar",
+        "shp",
+        "pku-saferlhf",
+        "openai",
+        "hh",
+    ] = Field(
+        "auto",
+        description="Format of judgements_path; 'auto' detects it from the first record (docs/data.md lists each "
+        "format's fields).",
     )
+    import_options: ImportOptionsSection = Field(default_factory=lambda: ImportOptionsSection())
     prompt_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of the prompt set to use (a pilot uses a small slice)."
     )

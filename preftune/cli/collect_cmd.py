@@ -2,7 +2,7 @@
 
 Contract (scripts and the pipeline rely on it):
 
-- ``preftune collect --from-file PATH [--format auto|trl|hh|best-of-n|preftune] --output DIR [--strict]``
+- ``preftune collect --from-file PATH [--format auto|NAME] --output DIR [--strict]``
 - ``preftune collect --config run.yaml --output DIR`` (generation plus judgement per ``data.judgements``)
 - ``preftune collect --config run.yaml --candidates-only --output DIR`` (writes DIR/candidates.jsonl)
 - ``preftune check-fit --dataset DIR [--config run.yaml] [--output DIR]``
@@ -21,12 +21,18 @@ from pathlib import Path
 import typer
 
 
-class ImportFormat(str, Enum):
-    auto = "auto"
-    trl = "trl"
-    hh = "hh"
-    best_of_n = "best-of-n"
-    preftune = "preftune"
+# The names of preftune.collect.formats.FORMATS (kept literal so that --help needs no import).
+ImportFormat = Enum(  # type: ignore[misc]
+    "ImportFormat",
+    {
+        n.replace("-", "_"): n
+        for n in (
+            "auto", "preftune", "best-of-n", "trl", "ultrafeedback-binarized", "ultrafeedback", "helpsteer",
+            "nectar", "shp", "pku-saferlhf", "openai", "hh",
+        )
+    },
+    type=str,
+)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,6 +1,6 @@
 """The collect step: typed entry points for the CLI and the kfp component.
 
-- :func:`collect_from_file`: import an existing preference file (TRL, HH-RLHF, best-of-N or a
+- :func:`collect_from_file`: import an existing preference file (any format of :mod:`preftune.collect.formats`, or a
   feedback-service export) into a dataset.
 - :func:`collect_from_config`: what ``preftune collect --config run.yaml`` does: per
   ``data.judgements``, either sample candidates from the policy and have the simulated panel
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from preftune.collect.dataset import BuiltDataset, build_dataset, log_dataset_input, publish, resolve_output
-from preftune.collect.formats import Importer
+from preftune.collect.formats import Importer, nothing_kept_message
 from preftune.collect.pairs import WEIGHTING, ExpansionStats, expand_judgements
 from preftune.collect.records import metric_key
 from preftune.collect.validation import ValidationReport
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, InputError, PreftuneError
 
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.config import RunConfig
@@ -85,6 +85,27 @@ def _check_output(output: str) -> None:
     if not str(output).strip():
         raise ConfigError("--output: give the folder (or s3:// prefix) to publish the dataset to")
     parse_uri(str(output).replace("{hash}", "0"))
+
+
+def _refuse_if_nothing_kept(path: str, importer: Importer, output: str, storage: Any) -> None:
+    """An import that kept no record publishes no dataset: the validation report and the rejected
+    records go under the output folder (no completion marker, so nothing reads it as a dataset)
+    and the error names the top drop reasons."""
+    if importer.pairs or importer.judgements:
+        return
+    report = importer.report
+    folder = str(output).replace("{hash}", "rejected").rstrip("/")
+    try:
+        storage.write_text(f"{folder}/validation.json", json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        storage.write_text(f"{folder}/validation.md", report.to_markdown())
+        storage.write_text(
+            f"{folder}/rejected.jsonl",
+            "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in importer.rejected),
+        )
+        written: str | None = folder
+    except PreftuneError:
+        written = None  # the message still names the reasons
+    raise InputError(nothing_kept_message(path, report, written))
 
 
 def _log_and_publish(
@@ -167,9 +188,9 @@ def collect_from_file(
     params = {"collect.mode": "file", "collect.input": str(path), "collect.format": fmt, "collect.strict": strict}
     with start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params=params) as run:
         report = ValidationReport(strict=strict, max_chars=cfg.data.max_chars)
-        importer = Importer(report, cfg.data.max_chars)
-        data = storage.read_bytes(str(path))
-        used = importer.add_file(str(path), data, fmt)
+        importer = Importer(report, cfg.data.max_chars, cfg.data.import_options.options())
+        used = importer.add_path(str(path), storage, fmt)
+        _refuse_if_nothing_kept(str(path), importer, output, storage)
         import mlflow
 
         mlflow.set_tag("preftune.collect.format", used)
@@ -204,7 +225,7 @@ def collect_from_config(
         import mlflow
 
         report = ValidationReport(strict=cfg.data.strict, max_chars=cfg.data.max_chars)
-        importer = Importer(report, cfg.data.max_chars)
+        importer = Importer(report, cfg.data.max_chars, cfg.data.import_options.options())
         generation = None
         candidates: list[dict[str, Any]] = []
         used: str | None = None
@@ -230,7 +251,8 @@ def collect_from_config(
             from preftune.collect.judge import judgement_file
 
             path, fmt = judgement_file(cfg)
-            used = importer.add_file(path, storage.read_bytes(path), fmt)
+            used = importer.add_path(path, storage, fmt)
+            _refuse_if_nothing_kept(path, importer, output, storage)
         mlflow.set_tag("preftune.collect.format", used)
         uri, built, stats = _log_and_publish(
             cfg=cfg,
