@@ -190,8 +190,40 @@ class PPOSection(Section):
         "on a lambda below 1 hides the end-of-response reward from early tokens (0.95^48 = 0.09): 0.99 learns more "
         "reward per nat of KL (docs/benchmarks.md, frontier) but let more unsafe answers through on the demo suite.",
     )
+    advantage_estimator: Literal["gae", "rloo", "grpo", "reinforce_pp"] = Field(
+        "gae",
+        description="How advantages are estimated (preftune.ppo.estimators): 'gae' (a critic, gamma and lam); "
+        "critic-free, no value head allocated or trained: 'rloo' (leave-one-out baseline over samples_per_prompt "
+        "responses to the same prompt), 'grpo' (return standardised within those responses), 'reinforce_pp' "
+        "(REINFORCE++: per-token reward-to-go, standardised over the batch). The KL penalty is in the reward for all.",
+    )
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Responses sampled per prompt in a rollout (the prompt stream repeats each prompt this many "
+        "times; batch_size counts responses and must be a multiple). At least 2 for rloo and grpo.",
+    )
+    critic_init: Literal["auto", "reward_model", "zero"] = Field(
+        "auto",
+        description="Start of the critic (gae): 'reward_model' copies the reward model's trunk and score head into "
+        "the critic (TRL's start; needs critic: separate, mode: full, and a reward model of the policy's "
+        "architecture and vocabulary), 'zero' a zero value head on the policy trunk, 'auto' the first when the "
+        "architectures allow it, else the second. critic_warmup_updates applies after either.",
+    )
+    critic_warmup_updates: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Critic-only updates on the first rollouts before PPO starts (gae): the policy is frozen and "
+        "only the critic (value head, and the critic adapter or copy of a separate critic) learns the returns, so "
+        "the first advantages are not computed against a zero value. They do not count in 'updates'.",
+    )
     whiten_advantages: bool = Field(
-        True, description="Standardise advantages over the valid tokens of the whole rollout batch (before the epochs)."
+        True,
+        description="gae: standardise advantages over the valid tokens of the whole rollout batch (before the "
+        "epochs). The critic-free estimators normalise in their own way (grpo per group, reinforce_pp per batch, "
+        "rloo not at all).",
     )
     whiten_rewards: bool = Field(False, description="Scale per-token rewards to unit variance before GAE.")
     clip_range: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ratio clip epsilon of the policy loss.")
@@ -282,5 +314,24 @@ class PPOSection(Section):
         if self.mini_batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"grad_accum_steps ({self.grad_accum_steps}) must divide mini_batch_size ({self.mini_batch_size})"
+            )
+        from preftune.ppo.estimators import get
+
+        need = get(self.advantage_estimator).min_samples_per_prompt
+        if self.samples_per_prompt < need:
+            raise ValueError(
+                f"advantage_estimator {self.advantage_estimator!r} compares responses to the same prompt: "
+                f"samples_per_prompt must be at least {need} (it is {self.samples_per_prompt})"
+            )
+        if self.critic_init == "reward_model" and (self.mode, self.critic) != ("full", "separate"):
+            raise ValueError(
+                "critic_init 'reward_model' copies the reward model into a critic of its own: it needs mode: full "
+                f"and critic: separate (this run has mode: {self.mode}, critic: {self.critic}); use 'auto' or 'zero' "
+                "with critic_warmup_updates"
+            )
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"samples_per_prompt ({self.samples_per_prompt}) must divide batch_size ({self.batch_size}): "
+                "a rollout holds whole groups of responses to the same prompt"
             )
         return self
