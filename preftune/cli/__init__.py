@@ -22,6 +22,7 @@ from preftune.cli import (
     config_cmd,
     demo_cmd,
     evaluate_cmd,
+    judge_cmd,
     kube_cmd,
     pilot_cmd,
     pipeline_cmd,
@@ -59,6 +60,7 @@ def _root(
 
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(kube_cmd.app, name="kube")
+app.add_typer(judge_cmd.app, name="judge")
 demo_cmd.register(app)
 collect_cmd.register(app)
 reward_cmd.register(app)

@@ -29,11 +29,14 @@ from preftune.evaluate.metrics import (
     CANDIDATE,
     CAPABILITY,
     CHAMPION,
+    CORRECTED,
+    CORRECTED_CHAMPION,
     Estimate,
     SampleRecord,
     behaviour_shares,
     capability_metrics,
     compute_metrics,
+    corrected_shares,
     metrics_to_json,
 )
 from preftune.evaluate.suite import Suite, load_suite, thresholds_for
@@ -369,6 +372,273 @@ def _stored_champion_samples(
     return tags[registry.TAG_EVAL_RUN_ID], mine, cap
 
 
+@dataclass
+class _Models:
+    candidate: registry.ResolvedModel
+    champion: registry.ResolvedModel | None
+    reference: registry.ResolvedModel
+
+
+def _resolve_models(cfg: RunConfig, client: Any, tmp: Path, candidate: str, champion_ref: str) -> _Models:
+    """The candidate, the champion (registry alias, fallback, or a reference) and the reference, as local folders."""
+    ev = cfg.evaluation
+    name = cfg.models.registered_model
+    cand = registry.resolve_model(candidate, client, tmp, world=cfg.world)
+    champ: registry.ResolvedModel | None = None
+    if champion_ref == "registry":
+        version = registry.alias_version(client, name, cfg.promotion.champion_alias)
+        if version is not None:
+            champ = registry.resolve_model(f"models:/{name}/{version}", client, tmp)
+        elif ev.champion_fallback == "reference":  # no champion yet: measure the change against the reference
+            champ = registry.resolve_model(ev.reference or cfg.models.policy, client, tmp, world=cfg.world)
+    elif champion_ref != "none":
+        champ = registry.resolve_model(champion_ref, client, tmp, world=cfg.world)
+    reference = registry.resolve_model(ev.reference or cfg.models.policy, client, tmp, world=cfg.world)
+    return _Models(cand, champ, reference)
+
+
+def _run_tags_and_params(
+    suite: Suite, candidate: str, cand_hash: str, champ: registry.ResolvedModel | None
+) -> tuple[dict[str, str], dict[str, Any]]:
+    tags = {
+        RUN_TAG_SUITE: suite.id,
+        RUN_TAG_SUITE_HASH: suite.sha256,
+        RUN_TAG_CANDIDATE: candidate[:5000],
+        RUN_TAG_CANDIDATE_HASH: cand_hash,
+        RUN_TAG_CHAMPION: champ.label if champ else "none",
+        RUN_TAG_FIRST: "true" if champ is None else "false",
+    }
+    if champ is not None and champ.version is not None:
+        tags[RUN_TAG_CHAMPION_VERSION] = champ.version
+    params = {
+        "eval.suite": suite.id,
+        "eval.candidate": candidate[:500],
+        "eval.champion": (champ.label if champ else "none")[:500],
+        "eval.samples_per_prompt": suite.generation.samples_per_prompt,
+        "eval.cases": len(suite.cases),
+    }
+    return tags, params
+
+
+def run_calibration(suite: Suite, judges: Mapping[str, Any], cfg: RunConfig) -> Any:
+    """Score every judge on the suite's labelled responses (None without a calibration section)."""
+    from preftune.evaluate.calibration import calibrate
+
+    ev = cfg.evaluation
+    return calibrate(
+        suite, judges, confidence=ev.confidence, n_resamples=ev.bootstrap_resamples, seed=suite.generation.seed
+    )
+
+
+def log_calibration(report: Any) -> None:
+    """Calibration figures on the active MLflow run: metrics and two tables (judges, confusion cells)."""
+    import mlflow
+
+    if report is None:
+        return
+    mlflow.log_metrics(report.metrics())
+    summary, cells = report.tables()
+    mlflow.log_table(summary, artifact_file="calibration/judges.json")
+    mlflow.log_table(cells, artifact_file="calibration/confusion.json")
+
+
+def _sample_and_judge(
+    models: _Models,
+    suite: Suite,
+    judges: Mapping[str, Any],
+    scorer: Any,
+    device: Any,
+    cfg: RunConfig,
+    client: Any,
+    uri: str,
+    tmp: Path,
+    reference_hash: str,
+    progress: bool | None,
+) -> tuple[list[SampleRecord], dict[str, dict[str, float]], str | None]:
+    """Sample and judge the candidate and (unless its stored samples can be reused) the champion."""
+    from tqdm.auto import tqdm
+
+    from preftune.evaluate.generation import load_policy
+
+    ev = cfg.evaluation
+    gen = suite.generation
+    champ = models.champion
+    reused_from = None
+    with torch_threads(ev.threads):
+        ref_policy = load_policy(models.reference.path, device, cfg.world)
+        capability: dict[str, dict[str, float]] = {}
+        if suite.capability:
+            capability["reference"] = _capability(ref_policy, suite)
+        todo = [(CANDIDATE, models.candidate)] + ([(CHAMPION, champ)] if champ is not None else [])
+        reuse = None
+        if champ is not None and ev.reuse_champion_samples:
+            reuse = _stored_champion_samples(client, uri, tmp, cfg, suite, champ, reference_hash)
+            if reuse is not None:
+                todo = todo[:1]
+        bar = tqdm(
+            total=len(suite.cases) * gen.samples_per_prompt * len(todo),
+            desc="evaluate: sampling",
+            unit="seq",
+            disable=None if progress is None else not progress,
+            leave=False,
+        )
+        records: list[SampleRecord] = []
+        try:
+            for label, model in todo:
+                recs, cap = _evaluate_model(label, model, suite, judges, ref_policy, scorer, device, cfg, bar.update)
+                records += recs
+                if cap is not None:
+                    capability[label] = cap
+        finally:
+            bar.close()
+        if reuse is not None:
+            reused_from, champ_records, champ_cap = reuse
+            if scorer is not None:
+                prompts = {c.id: c.prompt for c in suite.cases}
+                scores = scorer.score([prompts[r.case_id] for r in champ_records], [r.text for r in champ_records])
+                for r, v in zip(champ_records, scores.tolist(), strict=True):
+                    r.reward = v
+            records += champ_records
+            if champ_cap is not None:
+                capability[CHAMPION] = champ_cap
+    return records, capability, reused_from
+
+
+def _all_metrics(
+    records: Sequence[SampleRecord],
+    capability: Mapping[str, Mapping[str, float]],
+    suite: Suite,
+    cfg: RunConfig,
+    calibration: Any,
+    with_reward: bool,
+) -> dict[str, dict[str, dict[str, Estimate]]]:
+    """Per-family figures, capability figures, and shares corrected for each calibrated judge's confusion."""
+    ev = cfg.evaluation
+    seed = suite.generation.seed
+    metrics = compute_metrics(
+        records,
+        list(suite.families),
+        confidence=ev.confidence,
+        n_resamples=ev.bootstrap_resamples,
+        seed=seed,
+        with_reward=with_reward,
+    )
+    if suite.capability:
+        metrics[CAPABILITY] = capability_metrics(
+            capability[CANDIDATE],
+            capability.get("reference"),
+            capability.get(CHAMPION),
+            confidence=ev.confidence,
+            n_resamples=ev.bootstrap_resamples,
+            seed=seed,
+        )
+    if calibration is not None:
+        roles = {
+            c.id: {
+                "preferred": c.preferred,
+                "acceptable": c.preferred | c.acceptable,
+                "forbidden": c.forbidden,
+                "needless_refusal": c.needless_refusal,
+            }
+            for c in suite.cases
+        }
+        for family, (human, judged) in calibration.pairs().items():
+            for model, key in ((CANDIDATE, CORRECTED), (CHAMPION, CORRECTED_CHAMPION)):
+                fixed = corrected_shares(
+                    records,
+                    family,
+                    model,
+                    roles,
+                    human,
+                    judged,
+                    confidence=ev.confidence,
+                    n_resamples=ev.bootstrap_resamples,
+                    seed=seed,
+                )
+                for metric, est in fixed.items():
+                    if metric in metrics.get(family, {}):
+                        metrics[family][metric][key] = est
+    return metrics
+
+
+def _results(
+    cfg: RunConfig,
+    suite: Suite,
+    run_id: str,
+    candidate: str,
+    models: _Models,
+    cand_hash: str,
+    reference_hash: str,
+    reward_model: str | None,
+    gates: Sequence[GateResult],
+    metrics: Mapping[str, Any],
+    records: Sequence[SampleRecord],
+    calibration: Any,
+    reused_from: str | None,
+    t_gen: float,
+) -> dict[str, Any]:
+    """``results.json``: the verdict, every gate and figure, and where they came from."""
+    ev = cfg.evaluation
+    champ = models.champion
+    passed, reasons = verdict(gates)
+    return {
+        "format": RESULTS_FORMAT,
+        "version": 1,
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "run_id": run_id,
+        "passed": passed,
+        "reasons": reasons,
+        "first_promotion": champ is None,
+        "decision": ev.gates.decision,
+        "confidence": ev.confidence,
+        "suite": {
+            "id": suite.id,
+            "name": suite.name,
+            "version": suite.version,
+            "sha256": suite.sha256,
+            "source": suite.source,
+            "cases": len(suite.cases),
+            "samples_per_prompt": suite.generation.samples_per_prompt,
+            "seed": suite.generation.seed,
+        },
+        "families": list(suite.families),
+        "family_roles": {
+            name: {
+                "judge": fam.judge,
+                "preferred": sorted(fam.preferred),
+                "acceptable": sorted(fam.acceptable),
+                "forbidden": sorted(fam.forbidden),
+                "needless_refusal": sorted(fam.needless_refusal),
+            }
+            for name, fam in suite.families.items()
+        },
+        "candidate": {"ref": candidate, "label": models.candidate.label, "model_hash": cand_hash},
+        "champion": (
+            {
+                "ref": champ.ref,
+                "label": champ.label,
+                "version": champ.version,
+                "registered_model": champ.registered_name,
+                "model_hash": registry.folder_hash(champ.path),
+                "samples_from_eval_run": reused_from,
+            }
+            if champ
+            else None
+        ),
+        "reference": models.reference.ref,
+        "reference_hash": reference_hash,
+        "reward_model": reward_model,
+        "calibration": calibration.to_json() if calibration is not None else None,
+        "gates": [g.to_dict() for g in gates],
+        "metrics": metrics_to_json(metrics),
+        "behaviour_shares": {
+            CANDIDATE: behaviour_shares(records, CANDIDATE),
+            CHAMPION: behaviour_shares(records, CHAMPION) if champ else None,
+        },
+        "seconds": {"generation_and_scoring": round(t_gen, 3)},
+    }
+
+
 def evaluate(
     cfg: RunConfig,
     candidate: str,
@@ -383,40 +653,28 @@ def evaluate(
 
     ``champion``, ``suite``, ``output`` and ``reward_model`` override ``cfg.evaluation``.
     Never raises for a failed gate: the verdict is in the result (the CLI turns it into exit 13).
+    A judge that fails its calibration (kappa below the floor) raises ConfigError (exit 2) before
+    any generation, after logging its figures to the run.
     """
-    import mlflow
-    from tqdm.auto import tqdm
-
     from preftune import tracking
-    from preftune.evaluate.generation import load_policy, select_device
+    from preftune.evaluate.calibration import CALIBRATION_FILE, require_calibrated
+    from preftune.evaluate.generation import select_device
     from preftune.evaluate.judges import load_judges
 
     ev = cfg.evaluation
     reward_model = reward_model or ev.reward_model
     the_suite = load_suite(suite or ev.suite, reward_model=reward_model, world=cfg.world)
     thresholds_for(the_suite, ev.gates)  # config thresholds naming unknown families fail here
-    champion_ref = champion or ev.champion
-    gen = the_suite.generation
     t0 = time.perf_counter()
 
     uri = tracking.resolve_tracking_uri(cfg.tracking)
     tracking.configure(cfg)  # unreachable tracking server: fail before loading or generating anything
     client = registry.mlflow_client(uri)
-    name = cfg.models.registered_model
 
     with registry.temp_workdir("evaluate-") as tmp_name:
         tmp = Path(tmp_name)
-        cand = registry.resolve_model(candidate, client, tmp, world=cfg.world)
-        champ: registry.ResolvedModel | None = None
-        if champion_ref == "registry":
-            version = registry.alias_version(client, name, cfg.promotion.champion_alias)
-            if version is not None:
-                champ = registry.resolve_model(f"models:/{name}/{version}", client, tmp)
-            elif ev.champion_fallback == "reference":  # no champion yet: measure the change against the reference
-                champ = registry.resolve_model(ev.reference or cfg.models.policy, client, tmp, world=cfg.world)
-        elif champion_ref != "none":
-            champ = registry.resolve_model(champion_ref, client, tmp, world=cfg.world)
-        reference = registry.resolve_model(ev.reference or cfg.models.policy, client, tmp, world=cfg.world)
+        models = _resolve_models(cfg, client, tmp, candidate, champion or ev.champion)
+        champ = models.champion
         device = select_device(ev.device)
         judges = load_judges(the_suite, reward_model=reward_model, device=device)
         scorer = None
@@ -425,88 +683,21 @@ def evaluate(
 
             scorer = RewardScorer.load(registry.resolve_model(reward_model, client, tmp).path, device=device)
 
-        cand_hash = registry.folder_hash(cand.path)
-        reference_hash = registry.folder_hash(reference.path)
-        tags = {
-            RUN_TAG_SUITE: the_suite.id,
-            RUN_TAG_SUITE_HASH: the_suite.sha256,
-            RUN_TAG_CANDIDATE: candidate[:5000],
-            RUN_TAG_CANDIDATE_HASH: cand_hash,
-            RUN_TAG_CHAMPION: champ.label if champ else "none",
-            RUN_TAG_FIRST: "true" if champ is None else "false",
-        }
-        if champ is not None and champ.version is not None:
-            tags[RUN_TAG_CHAMPION_VERSION] = champ.version
-        params = {
-            "eval.suite": the_suite.id,
-            "eval.candidate": candidate[:500],
-            "eval.champion": (champ.label if champ else "none")[:500],
-            "eval.samples_per_prompt": gen.samples_per_prompt,
-            "eval.cases": len(the_suite.cases),
-        }
+        cand_hash = registry.folder_hash(models.candidate.path)
+        reference_hash = registry.folder_hash(models.reference.path)
+        tags, params = _run_tags_and_params(the_suite, candidate, cand_hash, champ)
         with tracking.start_step_run(STEP, cfg, params=params, tags=tags) as run:
             run_id = run.info.run_id
-            reused_from = None
             with torch_threads(ev.threads):
-                ref_policy = load_policy(reference.path, device, cfg.world)
-                capability: dict[str, dict[str, float]] = {}
-                if the_suite.capability:
-                    capability["reference"] = _capability(ref_policy, the_suite)
-                models = [(CANDIDATE, cand)] + ([(CHAMPION, champ)] if champ is not None else [])
-                reuse = None
-                if champ is not None and ev.reuse_champion_samples:
-                    reuse = _stored_champion_samples(client, uri, tmp, cfg, the_suite, champ, reference_hash)
-                    if reuse is not None:
-                        models = models[:1]
-                bar = tqdm(
-                    total=len(the_suite.cases) * gen.samples_per_prompt * len(models),
-                    desc="evaluate: sampling",
-                    unit="seq",
-                    disable=None if progress is None else not progress,
-                    leave=False,
-                )
-                records: list[SampleRecord] = []
-                try:
-                    for label, model in models:
-                        recs, cap = _evaluate_model(
-                            label, model, the_suite, judges, ref_policy, scorer, device, cfg, bar.update
-                        )
-                        records += recs
-                        if cap is not None:
-                            capability[label] = cap
-                finally:
-                    bar.close()
-                if reuse is not None:
-                    reused_from, champ_records, champ_cap = reuse
-                    if scorer is not None:
-                        prompts = {c.id: c.prompt for c in the_suite.cases}
-                        scores = scorer.score(
-                            [prompts[r.case_id] for r in champ_records], [r.text for r in champ_records]
-                        )
-                        for r, v in zip(champ_records, scores.tolist(), strict=True):
-                            r.reward = v
-                    records += champ_records
-                    if champ_cap is not None:
-                        capability[CHAMPION] = champ_cap
-            t_gen = time.perf_counter() - t0
+                calibration = run_calibration(the_suite, judges, cfg)
+            log_calibration(calibration)
+            require_calibrated(calibration, the_suite)  # exit 2 before any generation
 
-            metrics = compute_metrics(
-                records,
-                list(the_suite.families),
-                confidence=ev.confidence,
-                n_resamples=ev.bootstrap_resamples,
-                seed=gen.seed,
-                with_reward=scorer is not None,
+            records, capability, reused_from = _sample_and_judge(
+                models, the_suite, judges, scorer, device, cfg, client, uri, tmp, reference_hash, progress
             )
-            if the_suite.capability:
-                metrics[CAPABILITY] = capability_metrics(
-                    capability[CANDIDATE],
-                    capability.get("reference"),
-                    capability.get(CHAMPION),
-                    confidence=ev.confidence,
-                    n_resamples=ev.bootstrap_resamples,
-                    seed=gen.seed,
-                )
+            t_gen = time.perf_counter() - t0
+            metrics = _all_metrics(records, capability, the_suite, cfg, calibration, scorer is not None)
             gates = compute_gates(
                 cfg,
                 the_suite,
@@ -515,90 +706,69 @@ def evaluate(
                 champion_label=champ.label if champ else "champion",
             )
             passed, reasons = verdict(gates)
-
-            results = {
-                "format": RESULTS_FORMAT,
-                "version": 1,
-                "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "run_id": run_id,
-                "passed": passed,
-                "reasons": reasons,
-                "first_promotion": champ is None,
-                "decision": ev.gates.decision,
-                "confidence": ev.confidence,
-                "suite": {
-                    "id": the_suite.id,
-                    "name": the_suite.name,
-                    "version": the_suite.version,
-                    "sha256": the_suite.sha256,
-                    "source": the_suite.source,
-                    "cases": len(the_suite.cases),
-                    "samples_per_prompt": gen.samples_per_prompt,
-                    "seed": gen.seed,
-                },
-                "families": list(the_suite.families),
-                "family_roles": {
-                    name: {
-                        "judge": fam.judge,
-                        "preferred": sorted(fam.preferred),
-                        "acceptable": sorted(fam.acceptable),
-                        "forbidden": sorted(fam.forbidden),
-                        "needless_refusal": sorted(fam.needless_refusal),
-                    }
-                    for name, fam in the_suite.families.items()
-                },
-                "candidate": {"ref": candidate, "label": cand.label, "model_hash": cand_hash},
-                "champion": (
-                    {
-                        "ref": champ.ref,
-                        "label": champ.label,
-                        "version": champ.version,
-                        "registered_model": champ.registered_name,
-                        "model_hash": registry.folder_hash(champ.path),
-                        "samples_from_eval_run": reused_from,
-                    }
-                    if champ
-                    else None
-                ),
-                "reference": reference.ref,
-                "reference_hash": reference_hash,
-                "reward_model": reward_model,
-                "gates": [g.to_dict() for g in gates],
-                "metrics": metrics_to_json(metrics),
-                "behaviour_shares": {
-                    CANDIDATE: behaviour_shares(records, CANDIDATE),
-                    CHAMPION: behaviour_shares(records, CHAMPION) if champ else None,
-                },
-                "seconds": {"generation_and_scoring": round(t_gen, 3)},
-            }
+            results = _results(
+                cfg,
+                the_suite,
+                run_id,
+                candidate,
+                models,
+                cand_hash,
+                reference_hash,
+                reward_model,
+                gates,
+                metrics,
+                records,
+                calibration,
+                reused_from,
+                t_gen,
+            )
             staging = tmp / "report"
             _write_output(staging, results, records, capability, gates, metrics, ev.gates.non_regression)
-            out_uri = output or ev.output or str(_default_output(run_id))
-            published = _publish(staging, out_uri, cfg)
-
-            flat = metric_names(metrics)
-            for family, shares in results["behaviour_shares"][CANDIDATE].items():
-                for b, v in shares.items():
-                    flat[f"behaviour_share.{family}.{b}"] = v
-            flat.update(
-                {
-                    "eval.gates.passed": 1.0 if passed else 0.0,
-                    "eval.gates.failed": float(len(reasons)),
-                    "eval.gates.total": float(sum(g.passed is not None for g in gates)),
-                    "eval.first_promotion": 1.0 if champ is None else 0.0,
-                    "eval.seconds": time.perf_counter() - t0,
-                }
-            )
-            mlflow.log_metrics(flat)
-            mlflow.log_artifacts(str(staging), ARTIFACT_DIR)
-            mlflow.set_tags(
-                {
-                    registry.RUN_TAG_EVAL_PASSED: "true" if passed else "false",
-                    registry.RUN_TAG_EVAL_REASONS: ("; ".join(reasons) or "all gates passed")[:7900],
-                    "preftune.eval.output": published[:5000],
-                }
-            )
+            if calibration is not None:
+                (staging / CALIBRATION_FILE).write_text(
+                    json.dumps(calibration.to_json(), indent=2) + "\n", encoding="utf-8"
+                )
+            published = _publish(staging, output or ev.output or str(_default_output(run_id)), cfg)
+            _log_run(results, metrics, gates, passed, reasons, champ is None, t0, staging, published)
     return EvalResult(passed, reasons, gates, metrics, results, run_id, published, records, capability)
+
+
+def _log_run(
+    results: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    gates: Sequence[GateResult],
+    passed: bool,
+    reasons: Sequence[str],
+    first: bool,
+    t0: float,
+    staging: Path,
+    published: str,
+) -> None:
+    """Metrics (stable names), the report folder as artifacts, and the verdict tags."""
+    import mlflow
+
+    flat = metric_names(metrics)
+    for family, shares in results["behaviour_shares"][CANDIDATE].items():
+        for b, v in shares.items():
+            flat[f"behaviour_share.{family}.{b}"] = v
+    flat.update(
+        {
+            "eval.gates.passed": 1.0 if passed else 0.0,
+            "eval.gates.failed": float(len(reasons)),
+            "eval.gates.total": float(sum(g.passed is not None for g in gates)),
+            "eval.first_promotion": 1.0 if first else 0.0,
+            "eval.seconds": time.perf_counter() - t0,
+        }
+    )
+    mlflow.log_metrics(flat)
+    mlflow.log_artifacts(str(staging), ARTIFACT_DIR)
+    mlflow.set_tags(
+        {
+            registry.RUN_TAG_EVAL_PASSED: "true" if passed else "false",
+            registry.RUN_TAG_EVAL_REASONS: ("; ".join(reasons) or "all gates passed")[:7900],
+            "preftune.eval.output": published[:5000],
+        }
+    )
 
 
 def _default_output(run_id: str) -> Path:

@@ -22,19 +22,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from preftune.errors import ConfigError, PreftuneError
 from preftune.evaluate.config import Threshold, check_threshold_metrics
+from preftune.evaluate.judges import (  # noqa: F401 (re-exported: the suite's judge sections)
+    JUDGE_TYPES,
+    ClassifierJudgeSpec,
+    DemoJudgeSpec,
+    EmbeddingJudgeSpec,
+    EnsembleJudgeSpec,
+    LlmJudgeSpec,
+    RewardJudgeSpec,
+    RulesJudgeSpec,
+    RuleSpec,
+    resolve_judge_path,
+)
+from preftune.evaluate.judges.registry import CheckContext, judge_type
 
 SUITE_FORMAT = "preftune.suite"
 FORMAT_VERSION = 1
 RESERVED_FAMILIES = frozenset({"all", "capability", "every_family"})
 FAMILY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-BEHAVIOUR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+UNKNOWN_LABEL = "unknown"
 DEMO_PROMPTS = "demo:prompts-eval"
 """``cases_from`` entry that reads the demo world's held-out prompts (built on demand)."""
 
@@ -55,46 +68,9 @@ class GenerationSpec(_Strict):
     batch_size: int = Field(64, ge=1, le=4096, description="Sequences per generation batch (part of the seeding).")
 
 
-class RuleSpec(_Strict):
-    """A behaviour is recognised when ``all`` match, one of ``any``/``keywords`` matches, and no ``none`` does."""
-
-    all: list[str] = Field(default_factory=list, description="Regular expressions that must all match.")
-    any: list[str] = Field(default_factory=list, description="Regular expressions of which one must match.")
-    keywords: list[str] = Field(default_factory=list, description="Words or phrases of which one must occur.")
-    none: list[str] = Field(default_factory=list, description="Regular expressions that must not match.")
-
-
-class RulesJudgeSpec(_Strict):
-    type: Literal["rules"]
-    ignore_case: bool = True
-    behaviours: dict[str, RuleSpec] = Field(..., min_length=1)
-
-
-class ClassifierJudgeSpec(_Strict):
-    type: Literal["classifier"]
-    path: str = Field(..., min_length=1, description="Folder of a sequence classifier whose id2label are behaviours.")
-    input: Literal["response", "pair"] = "response"
-    min_confidence: float = Field(0.0, ge=0.0, lt=1.0)
-    max_length: int = Field(256, ge=8)
-
-
-class RewardJudgeSpec(_Strict):
-    type: Literal["reward"]
-    path: str | None = Field(None, description="Reward-model folder; empty: the run's evaluation.reward_model.")
-    threshold: float = 0.0
-    margin: float = Field(0.0, ge=0.0, description="Scores within threshold +- margin are 'unknown'.")
-    above: str = Field(..., min_length=1, description="Behaviour of responses scoring above the threshold.")
-    below: str = Field(..., min_length=1, description="Behaviour of responses scoring below the threshold.")
-    normalize: bool = Field(False, description="Compare normalised rewards (train-reward's held-out mean/std).")
-
-
-class DemoJudgeSpec(_Strict):
-    type: Literal["demo"]
-
-
-JudgeSpec = Annotated[
-    RulesJudgeSpec | ClassifierJudgeSpec | RewardJudgeSpec | DemoJudgeSpec, Field(discriminator="type")
-]
+JudgeSpec = Annotated[Union[tuple(t.spec for t in JUDGE_TYPES.values())], Field(discriminator="type")]  # noqa: UP007
+"""Every registered judge type's suite section, told apart by ``type``."""
+JUDGE_TYPE_NAMES = tuple(JUDGE_TYPES)
 
 
 class FamilySpec(_Strict):
@@ -106,6 +82,9 @@ class FamilySpec(_Strict):
     forbidden: list[str] = Field(default_factory=list)
     needless_refusal: list[str] = Field(default_factory=list)
     thresholds: dict[str, Threshold] = Field(default_factory=dict)
+    judge_min_kappa: float | None = Field(
+        None, ge=-1.0, le=1.0, description="This family's floor on its judge's Cohen's kappa (default: calibration's)."
+    )
 
 
 class CaseSpec(_Strict):
@@ -131,6 +110,30 @@ class CapabilitySpec(_Strict):
     texts: list[CapabilityText] = Field(..., min_length=2)
 
 
+class CalibrationItemSpec(_Strict):
+    """One human-labelled response: what the family's judge should have said."""
+
+    id: str | None = Field(None, min_length=1)
+    family: str = Field(..., min_length=1)
+    prompt: str = ""
+    response: str = Field(..., min_length=1)
+    label: str = Field(..., min_length=1, description="The behaviour a person saw, or 'unknown' (none of them).")
+
+
+class CalibrationSpec(_Strict):
+    """Human labels the judges are measured against before their verdicts gate anything."""
+
+    judge_min_kappa: float = Field(
+        0.6, ge=-1.0, le=1.0, description="A family whose judge agrees less (Cohen's kappa) is not gated: exit 2."
+    )
+    min_items: int = Field(10, ge=2, description="Labelled responses each calibrated family needs at least.")
+    require_every_family: bool = Field(True, description="Every family needs labelled responses.")
+    items: list[CalibrationItemSpec] = Field(default_factory=list)
+    items_from: list[str] = Field(
+        default_factory=list, description="JSONL files of labelled responses (relative to the suite)."
+    )
+
+
 class SuiteFile(_Strict):
     format: Literal["preftune.suite"]
     format_version: Literal[1] = 1
@@ -146,6 +149,7 @@ class SuiteFile(_Strict):
     thresholds: dict[str, dict[str, Threshold]] = Field(
         default_factory=dict, description="Thresholds on the pooled figures ('all') and the capability set."
     )
+    calibration: CalibrationSpec | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -163,6 +167,35 @@ class Family:
     forbidden: frozenset[str]
     needless_refusal: frozenset[str]
     thresholds: dict[str, Threshold]
+    judge_min_kappa: float | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationItem:
+    id: str
+    family: str
+    prompt: str
+    response: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The suite's human-labelled responses and the agreement its judges must reach."""
+
+    judge_min_kappa: float
+    min_items: int
+    require_every_family: bool
+    items: tuple[CalibrationItem, ...]
+
+    def by_family(self) -> dict[str, list[CalibrationItem]]:
+        out: dict[str, list[CalibrationItem]] = {}
+        for it in self.items:
+            out.setdefault(it.family, []).append(it)
+        return out
+
+    def min_kappa(self, family: Family) -> float:
+        return family.judge_min_kappa if family.judge_min_kappa is not None else self.judge_min_kappa
 
 
 @dataclass(frozen=True)
@@ -204,6 +237,7 @@ class Suite:
     sha256: str = ""
     cases_by_family: dict[str, list[Case]] = field(default_factory=dict)
     thresholds: dict[str, dict[str, Threshold]] = field(default_factory=dict)
+    calibration: Calibration | None = None
 
     @property
     def id(self) -> str:
@@ -226,6 +260,7 @@ class Suite:
                     "forbidden": sorted(f.forbidden),
                     "needless_refusal": sorted(f.needless_refusal),
                     "thresholds": {m: t.model_dump(mode="json") for m, t in sorted(f.thresholds.items())},
+                    **({"judge_min_kappa": f.judge_min_kappa} if f.judge_min_kappa is not None else {}),
                 }
                 for name, f in sorted(self.families.items())
             },
@@ -250,6 +285,20 @@ class Suite:
                 g: {m: t.model_dump(mode="json") for m, t in sorted(ms.items())}
                 for g, ms in sorted(self.thresholds.items())
             },
+            **({"calibration": self._canonical_calibration()} if self.calibration is not None else {}),
+        }
+
+    def _canonical_calibration(self) -> dict[str, Any]:
+        cal = self.calibration
+        assert cal is not None
+        return {
+            "judge_min_kappa": cal.judge_min_kappa,
+            "min_items": cal.min_items,
+            "require_every_family": cal.require_every_family,
+            "items": [
+                {"id": i.id, "family": i.family, "prompt": i.prompt, "response": i.response, "label": i.label}
+                for i in cal.items
+            ],
         }
 
 
@@ -346,7 +395,7 @@ def _loc_label(data: Any, loc: Sequence[Any]) -> str:
             rest = ".".join(parts[2:])
             label = f"case {cid!r} (cases[{loc[1]}])" if cid else f"cases[{loc[1]}]"
             return f"{label}{': ' + rest if rest else ''}"
-    if len(loc) >= 3 and loc[0] == "judges" and loc[2] in ("rules", "classifier", "reward", "demo"):
+    if len(loc) >= 3 and loc[0] == "judges" and loc[2] in JUDGE_TYPE_NAMES:
         parts = [parts[0], parts[1], *parts[3:]]  # drop the discriminator tag pydantic inserts
     return ".".join(parts) or "<top level>"
 
@@ -398,31 +447,15 @@ def _read_case_file(ref: str, base: Path | None, world: Any, storage: Any, probl
     return out
 
 
-def _judge_labels(spec: Any, family: str, problems: _Problems, loc: Sequence[Any]) -> set[str] | None:
+def _judge_labels(
+    spec: Any, family: str, problems: _Problems, loc: Sequence[Any], judges: dict[str, Any] | None = None
+) -> set[str] | None:
     """The behaviours a judge can output for ``family`` (None: only known once the model is loaded)."""
-    if isinstance(spec, RulesJudgeSpec):
-        return set(spec.behaviours)
-    if isinstance(spec, RewardJudgeSpec):
-        return {spec.above, spec.below}
-    if isinstance(spec, DemoJudgeSpec):
-        from preftune.world import FAMILIES
-
-        fam = FAMILIES.get(family)
-        if fam is None:
-            problems.add(loc, f"family {family!r}: the demo judge only knows the families {sorted(FAMILIES)}")
-            return None
-        return set(fam.behaviours)
-    return None
-
-
-def _check_path(path: str, base: Path | None) -> Path | None:
-    """The local folder of a model path (relative to the suite), or None when it does not exist."""
-    if path.startswith(("s3://", "demo:", "models:/")):
-        return Path(path)  # resolved (and checked) when the judge is loaded, still before generation
-    p = Path(path).expanduser()
-    if not p.is_absolute() and base is not None:
-        p = base / p
-    return p if p.exists() else None
+    try:
+        return judge_type(spec).labels(spec, family, judges or {})
+    except KeyError as err:
+        problems.add(loc, f"family {family!r}: {err.args[0] if err.args else err}")
+        return None
 
 
 def parse_suite(
@@ -437,11 +470,55 @@ def parse_suite(
 ) -> Suite:
     """Validate a loaded suite document and resolve its cases; raises ConfigError listing every problem."""
     problems = _Problems(source_name, text)
+    spec = _validate_schema(data, problems)
+    judges = dict(spec.judges)
+    ctx = CheckContext(base_dir=base_dir, reward_model=reward_model, judges=judges, families=dict(spec.families))
+    for jname, j in judges.items():
+        for loc, msg in judge_type(j).check(jname, j, ctx):
+            problems.add(loc, msg)
+    families = _resolve_families(spec, judges, problems)
+    cases = _resolve_cases(spec, judges, families, base_dir, world, storage, problems, source_name)
+    by_family: dict[str, list[Case]] = {f: [] for f in families}
+    for c in cases:
+        by_family[c.family].append(c)
+    for fname, items in by_family.items():
+        if not items:
+            problems.add(("families", fname), f"family {fname!r} is empty: it has no cases (add cases or remove it)")
+    _check_suite_thresholds(spec, problems)
+    cap_texts = _resolve_capability(spec, problems)
+    calibration = _resolve_calibration(spec, judges, families, base_dir, problems)
+    problems.raise_if_any()
+
+    suite = Suite(
+        name=spec.name,
+        version=spec.version,
+        source=source_name,
+        description=spec.description,
+        generation=spec.generation,
+        judges=judges,
+        families=families,
+        cases=cases,
+        capability=cap_texts,
+        capability_max_tokens=spec.capability.max_tokens if spec.capability else 256,
+        cases_by_family=by_family,
+        thresholds={g: dict(m) for g, m in spec.thresholds.items()},
+        calibration=calibration,
+    )
+    canonical = json.dumps(suite.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    suite.sha256 = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return suite
+
+
+def _validate_schema(data: Any, problems: _Problems) -> SuiteFile:
+    """The document against the schema; every field error with its line."""
     if not isinstance(data, dict):
         problems.add((), f"expected a mapping with format: {SUITE_FORMAT}, got {type(data).__name__}")
         problems.raise_if_any()
+    if isinstance(data.get("calibration"), str):  # shorthand: a JSONL file of labelled responses
+        data = {**data, "calibration": {"items_from": [data["calibration"]]}}
+    types = ", ".join(JUDGE_TYPE_NAMES)
     try:
-        spec = SuiteFile.model_validate(data)
+        return SuiteFile.model_validate(data)
     except ValidationError as err:
         for e in err.errors():
             loc = tuple(e["loc"])
@@ -450,53 +527,16 @@ def parse_suite(
                 msg = "unknown field (see docs/suites.md for the format)"
             elif e["type"] == "union_tag_invalid" and loc[:1] == ("judges",):
                 got = e.get("input", {}).get("type") if isinstance(e.get("input"), dict) else None
-                msg = f"unknown judge type {got!r}; expected one of rules, classifier, reward, demo"
+                msg = f"unknown judge type {got!r}; expected one of {types}"
             elif e["type"] == "union_tag_not_found":
-                msg = "a judge needs a type: rules, classifier, reward or demo"
-            yaml_loc = [p for p in loc if p not in ("rules", "classifier", "reward", "demo") or loc[:1] != ("judges",)]
+                msg = f"a judge needs a type: {types}"
+            yaml_loc = [p for p in loc if p not in JUDGE_TYPE_NAMES or loc[:1] != ("judges",)]
             problems.add(yaml_loc, f"{_loc_label(data, loc)}: {msg}")
         problems.raise_if_any()
+    raise AssertionError("unreachable")  # pragma: no cover
 
-    # judges: regexes compile, model paths exist, behaviour names are sane
-    judges = dict(spec.judges)
-    for jname, j in judges.items():
-        if isinstance(j, RulesJudgeSpec):
-            for b, rule in j.behaviours.items():
-                if not BEHAVIOUR_NAME.match(b):
-                    problems.add(("judges", jname, "behaviours", b), f"judge {jname!r}: bad behaviour name {b!r}")
-                if not (rule.all or rule.any or rule.keywords):
-                    problems.add(
-                        ("judges", jname, "behaviours", b),
-                        f"judge {jname!r}, behaviour {b!r}: a rule needs 'all', 'any' or 'keywords' patterns",
-                    )
-                for kind in ("all", "any", "none"):
-                    for pattern in getattr(rule, kind):
-                        try:
-                            re.compile(pattern)
-                        except re.error as err:
-                            problems.add(
-                                ("judges", jname, "behaviours", b, kind),
-                                f"judge {jname!r}, behaviour {b!r}: {kind} pattern {pattern!r} is not a valid "
-                                f"regular expression ({err})",
-                            )
-        elif isinstance(j, ClassifierJudgeSpec):
-            if _check_path(j.path, base_dir) is None:
-                problems.add(
-                    ("judges", jname, "path"), f"judge {jname!r}: classifier model path {j.path!r} does not exist"
-                )
-        elif isinstance(j, RewardJudgeSpec):
-            path = j.path or reward_model
-            if not path:
-                problems.add(
-                    ("judges", jname),
-                    f"judge {jname!r}: a reward judge needs a path, or evaluation.reward_model in the run config",
-                )
-            elif _check_path(path, base_dir) is None:
-                problems.add(("judges", jname, "path"), f"judge {jname!r}: reward model path {path!r} does not exist")
-            if j.above == j.below:
-                problems.add(("judges", jname), f"judge {jname!r}: 'above' and 'below' must be different behaviours")
 
-    # families
+def _resolve_families(spec: SuiteFile, judges: dict[str, Any], problems: _Problems) -> dict[str, Family]:
     families: dict[str, Family] = {}
     for fname, f in spec.families.items():
         floc = ("families", fname)
@@ -513,7 +553,7 @@ def parse_suite(
             )
             labels = None
         else:
-            labels = _judge_labels(judges[f.judge], fname, problems, (*floc, "judge"))
+            labels = _judge_labels(judges[f.judge], fname, problems, (*floc, "judge"), judges)
         universe = set(f.behaviours) if f.behaviours is not None else labels
         source = "the family's behaviours" if f.behaviours is not None else f"what judge {f.judge!r} can output"
         for role, msg in _role_problems(
@@ -535,9 +575,31 @@ def parse_suite(
             forbidden=frozenset(f.forbidden),
             needless_refusal=frozenset(f.needless_refusal),
             thresholds=dict(f.thresholds),
+            judge_min_kappa=f.judge_min_kappa,
         )
+    return families
 
-    # cases: inline, then included files
+
+def _family_universe(fam: Family, judges: dict[str, Any], source_name: str) -> tuple[set[str] | None, str]:
+    """(behaviours a family can show, where that list comes from) for messages."""
+    if fam.behaviours is not None:
+        return set(fam.behaviours), "the family's behaviours"
+    j = judges.get(fam.judge)
+    labels = _judge_labels(j, fam.name, _Problems(source_name, None), (), judges) if j is not None else None
+    return labels, f"what judge {fam.judge!r} can output"
+
+
+def _resolve_cases(
+    spec: SuiteFile,
+    judges: dict[str, Any],
+    families: dict[str, Family],
+    base_dir: Path | None,
+    world: Any,
+    storage: Any,
+    problems: _Problems,
+    source_name: str,
+) -> list[Case]:
+    """Cases inline, then from the included files, with roles inherited from their family."""
     raw_cases: list[tuple[dict, Sequence[Any], str | None]] = [
         (c.model_dump(), ("cases", i), None) for i, c in enumerate(spec.cases)
     ]
@@ -558,20 +620,8 @@ def parse_suite(
             else:
                 problems.add((*loc, *sub), f"{label}: {msg}")
 
-        if where is not None:
-            for key in ("id", "family", "prompt"):
-                if not isinstance(rec.get(key), str) or not rec.get(key):
-                    add(f"needs a non-empty string {key!r}")
-            if not isinstance(rec.get("tags", []), list):
-                add("'tags' must be a list")
-            if any(
-                not (isinstance(rec.get(k, []), list) or rec.get(k) is None)
-                for k in ("preferred", "acceptable", "forbidden")
-            ):
-                add("preferred/acceptable/forbidden must be lists")
-                continue
-            if not cid or not isinstance(rec.get("family"), str) or not isinstance(rec.get("prompt"), str):
-                continue
+        if where is not None and not _case_record_ok(rec, cid, add):
+            continue
         if cid in seen:
             add(f"duplicate case id (first defined at {seen[cid]})", ("id",))
             continue
@@ -583,12 +633,8 @@ def parse_suite(
         pref = set(rec["preferred"]) if rec.get("preferred") is not None else set(fam.preferred)
         acc = set(rec["acceptable"]) if rec.get("acceptable") is not None else set(fam.acceptable)
         forb = set(rec["forbidden"]) if rec.get("forbidden") is not None else set(fam.forbidden)
-        overrides = any(rec.get(k) is not None for k in ("preferred", "acceptable", "forbidden"))
-        if overrides:
-            j = judges.get(fam.judge)
-            labels = _judge_labels(j, fam.name, _Problems(source_name, None), ()) if j is not None else None
-            universe = set(fam.behaviours) if fam.behaviours is not None else labels
-            source = "the family's behaviours" if fam.behaviours is not None else f"what judge {fam.judge!r} can output"
+        if any(rec.get(k) is not None for k in ("preferred", "acceptable", "forbidden")):
+            universe, source = _family_universe(fam, judges, source_name)
             for role, msg in _role_problems("", pref, acc, forb, set(fam.needless_refusal), universe, source):
                 add(msg, (role,))
         cases.append(
@@ -603,14 +649,25 @@ def parse_suite(
                 needless_refusal=fam.needless_refusal,
             )
         )
+    return cases
 
-    by_family: dict[str, list[Case]] = {f: [] for f in families}
-    for c in cases:
-        by_family[c.family].append(c)
-    for fname, items in by_family.items():
-        if not items:
-            problems.add(("families", fname), f"family {fname!r} is empty: it has no cases (add cases or remove it)")
 
+def _case_record_ok(rec: dict, cid: str, add: Any) -> bool:
+    """Type checks of a case read from a JSONL file (inline cases are checked by the schema)."""
+    for key in ("id", "family", "prompt"):
+        if not isinstance(rec.get(key), str) or not rec.get(key):
+            add(f"needs a non-empty string {key!r}")
+    if not isinstance(rec.get("tags", []), list):
+        add("'tags' must be a list")
+    if any(
+        not (isinstance(rec.get(k, []), list) or rec.get(k) is None) for k in ("preferred", "acceptable", "forbidden")
+    ):
+        add("preferred/acceptable/forbidden must be lists")
+        return False
+    return bool(cid) and isinstance(rec.get("family"), str) and isinstance(rec.get("prompt"), str)
+
+
+def _check_suite_thresholds(spec: SuiteFile, problems: _Problems) -> None:
     for group, metrics in spec.thresholds.items():
         if group not in ("all", "capability"):
             problems.add(
@@ -626,6 +683,8 @@ def parse_suite(
     if "capability" in spec.thresholds and spec.capability is None:
         problems.add(("thresholds", "capability"), "thresholds.capability needs a capability section with texts")
 
+
+def _resolve_capability(spec: SuiteFile, problems: _Problems) -> list[CapabilityText]:
     cap_texts: list[CapabilityText] = []
     if spec.capability is not None:
         ids: set[str] = set()
@@ -634,25 +693,98 @@ def parse_suite(
                 problems.add(("capability", "texts", i, "id"), f"capability text {t.id!r}: duplicate id")
             ids.add(t.id)
             cap_texts.append(t)
-    problems.raise_if_any()
+    return cap_texts
 
-    suite = Suite(
-        name=spec.name,
-        version=spec.version,
-        source=source_name,
-        description=spec.description,
-        generation=spec.generation,
-        judges=judges,
-        families=families,
-        cases=cases,
-        capability=cap_texts,
-        capability_max_tokens=spec.capability.max_tokens if spec.capability else 256,
-        cases_by_family=by_family,
-        thresholds={g: dict(m) for g, m in spec.thresholds.items()},
+
+def _resolve_calibration(
+    spec: SuiteFile, judges: dict[str, Any], families: dict[str, Family], base_dir: Path | None, problems: _Problems
+) -> Calibration | None:
+    """Human-labelled responses per family: labels the family can show (or unknown), enough of them."""
+    cal = spec.calibration
+    if cal is None:
+        return None
+    raw: list[tuple[dict, Sequence[Any], str | None]] = [
+        (it.model_dump(), ("calibration", "items", i), None) for i, it in enumerate(cal.items)
+    ]
+    for idx, ref in enumerate(cal.items_from):
+        raw += _read_calibration_file(ref, base_dir, problems, ("calibration", "items_from", idx))
+    items: list[CalibrationItem] = []
+    ids: dict[str, str] = {}
+    for n, (rec, loc, where) in enumerate(raw):
+
+        def add(msg: str, where: str | None = where, loc: Any = loc) -> None:
+            if where is not None:
+                problems.items.append(f"{where}: calibration: {msg}")
+            else:
+                problems.add(loc, f"calibration: {msg}")
+
+        fam = families.get(rec["family"])
+        if fam is None:
+            add(f"unknown family {rec['family']!r} (families: {sorted(families)})")
+            continue
+        universe, source = _family_universe(fam, judges, problems.source_name)
+        if rec["label"] != UNKNOWN_LABEL and universe is not None and rec["label"] not in universe:
+            add(f"label {rec['label']!r} is not 'unknown' nor among {source}: {sorted(universe)}")
+            continue
+        iid = rec.get("id") or f"{fam.name}-{n}"
+        if iid in ids:
+            add(f"duplicate calibration id {iid!r} (first at {ids[iid]})")
+            continue
+        ids[iid] = where or f"calibration.items[{loc[-1]}]"
+        items.append(
+            CalibrationItem(
+                id=iid, family=fam.name, prompt=rec.get("prompt") or "", response=rec["response"], label=rec["label"]
+            )
+        )
+    counts = {f: sum(it.family == f for it in items) for f in families}
+    for f, n in counts.items():
+        if n == 0 and not cal.require_every_family:
+            continue
+        if n < cal.min_items:
+            problems.add(
+                ("calibration",),
+                f"calibration: family {f!r} has {n} labelled responses; at least {cal.min_items} are needed "
+                "(calibration.min_items)" + ("" if n else "; or set calibration.require_every_family: false"),
+            )
+    return Calibration(
+        judge_min_kappa=cal.judge_min_kappa,
+        min_items=cal.min_items,
+        require_every_family=cal.require_every_family,
+        items=tuple(items),
     )
-    canonical = json.dumps(suite.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    suite.sha256 = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-    return suite
+
+
+def _read_calibration_file(
+    ref: str, base: Path | None, problems: _Problems, loc: Sequence[Any]
+) -> list[tuple[dict, Sequence[Any], str | None]]:
+    """Labelled responses from a JSONL file of ``{"family", "prompt", "response", "label"}`` (+ optional id)."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        problems.add(loc, f"calibration file {path} not found")
+        return []
+    except (OSError, UnicodeDecodeError) as err:
+        problems.add(loc, f"cannot read calibration file {path}: {err}")
+        return []
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = CalibrationItemSpec.model_validate_json(line).model_dump()
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "record"
+            problems.items.append(
+                f"{path}:{n}: calibration record: {where}: {first['msg']} "
+                '(expected {"family", "prompt", "response", "label"}, optional "id")'
+            )
+            continue
+        out.append((rec, loc, f"{path}:{n}"))
+    return out
 
 
 def _role_problems(
@@ -699,16 +831,6 @@ def load_suite(
     return parse_suite(
         data, source_name=source_name, text=text, base_dir=base, reward_model=reward_model, world=world, storage=storage
     )
-
-
-def resolve_judge_path(path: str, suite: Suite) -> str:
-    """A judge's model path as given in the suite, made absolute against the suite's folder."""
-    if "://" in path or path.startswith("demo:"):
-        return path
-    p = Path(path).expanduser()
-    if not p.is_absolute() and not suite.source.startswith("s3://"):
-        p = Path(suite.source).resolve().parent / p
-    return str(p)
 
 
 def thresholds_for(suite: Suite, gates: Any) -> dict[str, dict[str, Threshold]]:
