@@ -126,3 +126,99 @@ def test_config_validates_samples_per_prompt() -> None:
     with pytest.raises(ValueError, match="critic_init 'reward_model'"):
         PPOSection(critic_init="reward_model")
     assert PPOSection(critic_init="reward_model", mode="full", critic="separate").critic_init == "reward_model"
+
+
+# -- the critic: none for critic-free runs, or started from the reward model ---------------------
+
+
+@pytest.fixture(scope="module")
+def toy_policy(tmp_path_factory: pytest.TempPathFactory):
+    from preftune.ppo import toy
+
+    torch.set_num_threads(1)
+    return toy.build_policy(tmp_path_factory.mktemp("est-policy"), eos_boost=3.0, initializer_range=0.3)
+
+
+def _actor(policy_dir, mode: str, critic: str):
+    from transformers import AutoModelForCausalLM
+
+    from preftune.ppo.policy import ActorCritic
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    return ActorCritic(model, mode=mode, critic=critic, temperature=1.0, lora_r=4, lora_alpha=8)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_critic_free_actor_has_no_value_head(toy_policy, mode: str, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    actor = _actor(toy_policy, mode, "none")
+    assert actor.value_head is None
+    assert not any("value_head" in n for n, _ in actor.named_parameters())
+    assert not any(n.startswith("value_head") for n in actor.trainable_state())
+    with_head = _actor(toy_policy, mode, "shared")
+    head = sum(p.numel() for n, p in with_head.trainable_named_parameters() if n.startswith("value_head."))
+    assert head > 0 and actor.n_trainable() == with_head.n_trainable() - head
+    ids = torch.tensor([[5, 6, 7, 8]])
+    logits, values = actor.policy_forward(ids, torch.ones_like(ids), 2)
+    assert values is None and logits.shape[:2] == (1, 2)
+    with pytest.raises(RuntimeError):
+        actor.critic_forward(ids, torch.ones_like(ids), 2)
+    tok = AutoTokenizer.from_pretrained(toy_policy)
+    actor.save_policy(tmp_path / "out", tok, merged=True)
+    assert not (tmp_path / "out" / "value_head.pt").exists()
+
+
+def _reward_like_policy(policy_dir, tmp_path):
+    """A GPT-2 sequence classifier with the policy's config and tokenizer (random weights, another seed)."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2ForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(policy_dir)
+    cfg.num_labels = 1
+    torch.manual_seed(7)
+    rm = GPT2ForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 0.5)
+    return rm, AutoTokenizer.from_pretrained(policy_dir)
+
+
+def test_separate_full_critic_starts_as_the_reward_model(toy_policy, tmp_path) -> None:
+    from preftune.ppo.policy import start_critic
+
+    rm, tok = _reward_like_policy(toy_policy, tmp_path)
+    actor = _actor(toy_policy, "full", "separate")
+    assert start_critic(actor, "auto", rm, tok, tok, reward_stats=(0.5, 2.0)) == "reward_model"
+    ids = torch.tensor([[5, 6, 7, 8, 9], [4, 4, 3, 2, 1]])
+    attn = torch.ones_like(ids)
+    values = actor.critic_forward(ids, attn, 3)  # value before response token t = RM score of the text up to t-1
+    with torch.no_grad():
+        for cut, col in ((2, 0), (3, 1), (4, 2)):
+            want = (rm(input_ids=ids[:, :cut], attention_mask=attn[:, :cut]).logits.squeeze(-1) - 0.5) / 2.0
+            assert values[:, col].tolist() == pytest.approx(want.tolist(), abs=1e-4)
+    # the policy itself is untouched: its trunk is not the reward model's
+    assert not torch.equal(actor.model.transformer.h[0].mlp.c_fc.weight, rm.transformer.h[0].mlp.c_fc.weight)
+
+
+@pytest.mark.parametrize("mode,critic", [("lora", "shared"), ("lora", "separate"), ("full", "shared")])
+def test_critic_sharing_the_policy_trunk_keeps_the_zero_start(toy_policy, tmp_path, mode: str, critic: str) -> None:
+    from preftune.errors import ConfigError
+    from preftune.ppo.policy import start_critic
+
+    rm, tok = _reward_like_policy(toy_policy, tmp_path)
+    actor = _actor(toy_policy, mode, critic)
+    assert start_critic(actor, "auto", rm, tok, tok) == "zero"
+    assert float(actor.value_head.summary.weight.detach().abs().sum()) == 0.0
+    with pytest.raises(ConfigError, match="critic_init"):
+        start_critic(actor, "reward_model", rm, tok, tok)
+
+
+def test_reward_model_with_another_tokenizer_does_not_fit(toy_policy, tmp_path) -> None:
+    from preftune.ppo import toy
+    from preftune.ppo.policy import reward_model_fits_critic
+
+    rm, tok = _reward_like_policy(toy_policy, tmp_path)
+    other = toy.toy_tokenizer(vocab_size=300)
+    actor = _actor(toy_policy, "full", "separate")
+    assert reward_model_fits_critic(actor, rm, tok, tok) is None
+    assert "tokenizer" in (reward_model_fits_critic(actor, rm, tok, other) or "")

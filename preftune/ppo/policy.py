@@ -12,6 +12,9 @@ mode = full       model (trained) + value head on its trunk;    model + a second
                   reference = frozen copy                       head; reference = frozen copy
 ================  ==========================================  ==============================================
 
+A critic-free advantage estimator (``rloo``, ``grpo``, ``reinforce_pp``) builds the actor with
+``critic="none"``: no value head is allocated, trained, checkpointed or saved.
+
 Every forward goes through :meth:`ActorCritic.forward`, which returns, for the response positions
 only, the logits (``logits_to_keep``: no vocabulary projection over the prompt) and the last hidden
 state the value head reads. The rest of the trainer never looks at the layout.
@@ -99,7 +102,7 @@ class ActorCritic(nn.Module):
         ref_device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("lora", "full") or critic not in ("shared", "separate"):
+        if mode not in ("lora", "full") or critic not in ("shared", "separate", "none"):
             raise ValueError(f"unknown layout mode={mode!r} critic={critic!r}")
         self.mode = mode
         self.critic_layout = critic
@@ -137,7 +140,8 @@ class ActorCritic(nn.Module):
             object.__setattr__(self, "ref_model", ref.to(ref_device) if ref_device is not None else ref)
             if critic == "separate":
                 self.critic_model = copy.deepcopy(base)
-        self.value_head = ValueHead(hidden)
+        # a critic-free run has no value head at all (nothing allocated, trained or saved for it)
+        self.value_head: ValueHead | None = ValueHead(hidden) if critic != "none" else None
         self._trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
         if self.mode == "lora" and self.critic_layout == "separate":
             # peft leaves only the active adapter trainable; both adapters are trained here
@@ -225,12 +229,12 @@ class ActorCritic(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits over the response positions, values when the critic shares the trunk else None)."""
         out = self._run(self.model, input_ids, attention_mask, n_response, with_logits=True)
-        values = self.value_head(out.hidden) if self.critic_layout == "shared" else None
+        values = self.value_head(out.hidden) if self.critic_layout == "shared" and self.value_head else None
         return out.logits, values  # type: ignore[return-value]
 
     def critic_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
         """Values from the separate critic trunk."""
-        if self.critic_layout == "shared":
+        if self.critic_layout != "separate" or self.value_head is None:
             raise RuntimeError("critic_forward is for critic='separate'; the shared critic comes with policy_forward")
         if self.mode == "lora":
             with self._adapter(CRITIC_ADAPTER):
@@ -279,5 +283,92 @@ class ActorCritic(nn.Module):
             self.model.save_pretrained(str(out_dir))
             tokenizer.save_pretrained(str(out_dir))
             written["merged"] = "."
-        torch.save(self.value_head.state_dict(), out_dir / "value_head.pt")
+        if self.value_head is not None:
+            torch.save(self.value_head.state_dict(), out_dir / "value_head.pt")
         return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the critic starts
+
+
+def _trunk(model: Any) -> Any:
+    return getattr(model, model.base_model_prefix)
+
+
+def reward_model_fits_critic(actor: ActorCritic, reward_model: Any, policy_tok: Any, reward_tok: Any) -> str | None:
+    """Why the reward model cannot be copied into ``actor``'s critic (None: it can).
+
+    The copy needs a critic with a trunk of its own that is a full model (``mode: full``, ``critic:
+    separate``), a reward model of the policy's architecture and size (same ``model_type`` and trunk
+    parameter shapes) and the same vocabulary (the critic reads the policy's token ids).
+    """
+    if actor.mode != "full" or actor.critic_layout != "separate" or actor.critic_model is None:
+        return (
+            f"the critic shares the policy's trunk (mode: {actor.mode}, critic: {actor.critic_layout}); only a "
+            "separate full critic can start as the reward model"
+        )
+    if reward_model.config.model_type != actor.critic_model.config.model_type:
+        return (
+            f"the reward model is a {reward_model.config.model_type}, the policy a "
+            f"{actor.critic_model.config.model_type}"
+        )
+    ours = {k: tuple(v.shape) for k, v in _trunk(actor.critic_model).state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in _trunk(reward_model).state_dict().items()}
+    if ours != theirs:
+        return "the reward model's trunk has other parameter names or shapes than the policy's"
+    if policy_tok.get_vocab() != reward_tok.get_vocab():
+        return "the reward model has its own tokenizer (the critic reads the policy's token ids)"
+    head = getattr(reward_model, "score", None)
+    if not isinstance(head, nn.Linear) or head.out_features != 1:
+        return "the reward model has no one-output linear 'score' head"
+    return None
+
+
+@torch.no_grad()
+def init_critic_from_reward_model(
+    actor: ActorCritic, reward_model: Any, reward_stats: tuple[float, float] | None = None
+) -> None:
+    """Copy the reward model's trunk into the critic and its score head into the value head (TRL's start).
+
+    With ``reward_stats`` (mean, std: the rewards PPO sees are normalised with them) the head is
+    rescaled so that the critic's first values are on the normalised scale: v = (score - mean) / std.
+    Check :func:`reward_model_fits_critic` first.
+    """
+    assert actor.critic_model is not None and actor.value_head is not None
+    _trunk(actor.critic_model).load_state_dict(_trunk(reward_model).state_dict())
+    head = reward_model.score
+    mean, std = reward_stats if reward_stats is not None else (0.0, 1.0)
+    summary = actor.value_head.summary
+    summary.weight.copy_(head.weight.float() / std)  # trick: critic starts as the reward model (TRL)
+    bias = head.bias.float() if head.bias is not None else torch.zeros(1)
+    summary.bias.copy_((bias - mean) / std)
+
+
+def start_critic(
+    actor: ActorCritic,
+    how: str,
+    reward_model: Any,
+    policy_tok: Any,
+    reward_tok: Any,
+    reward_stats: tuple[float, float] | None = None,
+) -> str:
+    """Start the critic as ``ppo.critic_init`` says; returns what was done: 'reward_model', 'zero' or 'none'.
+
+    'auto' copies the reward model when :func:`reward_model_fits_critic` allows it, else keeps the
+    zero-initialised value head; 'reward_model' raises :class:`~preftune.errors.ConfigError` when it
+    cannot be done.
+    """
+    from preftune.errors import ConfigError
+
+    if actor.value_head is None:
+        return "none"
+    if how == "zero":
+        return "zero"
+    why = reward_model_fits_critic(actor, reward_model, policy_tok, reward_tok)
+    if why is None:
+        init_critic_from_reward_model(actor, reward_model, reward_stats)
+        return "reward_model"
+    if how == "reward_model":
+        raise ConfigError(f"ppo.critic_init: reward_model cannot be used: {why}; use 'auto' or 'zero'")
+    return "zero"
