@@ -285,7 +285,6 @@ def worker_preftune(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preftune.ppo.config import PPOSection
-    from preftune.ppo.policy import ActorCritic
     from preftune.ppo.trainer import PPOTrainer, PromptItem
     from preftune.reward.model import RewardScorer
 
@@ -322,10 +321,10 @@ def worker_preftune(spec: dict[str, Any]) -> dict[str, Any]:
         s = s.model_copy(update={"lr": spec["lr_full"]})
     if spec.get("overrides"):  # --set key=value: ppo fields changed for this comparison (validated)
         s = PPOSection.model_validate({**s.model_dump(), **spec["overrides"]})
-    actor = ActorCritic(model, mode=s.mode, critic=s.critic, temperature=1.0, lora_r=s.lora_r, lora_alpha=s.lora_alpha)
+    scorer = RewardScorer.load(spec["reward"], device="cpu", batch_size=spec["batch_size"])
+    actor, critic_start = _preftune_actor(s, model, tok, scorer)
     if s.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
-    scorer = RewardScorer.load(spec["reward"], device="cpu", batch_size=spec["batch_size"])
     trainer = PPOTrainer(
         s,
         actor,
@@ -357,7 +356,21 @@ def worker_preftune(spec: dict[str, Any]) -> dict[str, Any]:
         "reward_gain": after - before,
         "held_out_kl": kl,
         "trainable_parameters": actor.n_trainable(),
+        "advantage_estimator": s.advantage_estimator,
+        "critic_start": critic_start,
     }
+
+
+def _preftune_actor(s: Any, model: Any, tok: Any, scorer: Any) -> tuple[Any, str]:
+    """The actor-critic as ``preftune ppo`` builds it: no value head for a critic-free estimator, the critic
+    started as ``ppo.critic_init`` says."""
+    from preftune.ppo import estimators
+    from preftune.ppo.policy import ActorCritic, start_critic
+
+    layout = s.critic if estimators.get(s.advantage_estimator).needs_critic else "none"
+    actor = ActorCritic(model, mode=s.mode, critic=layout, temperature=1.0, lora_r=s.lora_r, lora_alpha=s.lora_alpha)
+    stats = (scorer.meta.reward_mean, scorer.meta.reward_std) if s.reward_normalize and scorer.meta else None
+    return actor, start_critic(actor, s.critic_init, scorer.model, tok, scorer.tokenizer, stats)
 
 
 def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -479,7 +492,7 @@ def _worker_main(impl: str, spec_json: str) -> None:
 
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
-    fn = worker_preftune if impl == "preftune" else worker_trl
+    fn = {"preftune": worker_preftune, "trl": worker_trl, "bon": worker_best_of_n}[impl]
     print(json.dumps(fn(spec)))
 
 
@@ -639,12 +652,160 @@ def mode_efficacy(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------------------
+# issue 17: estimators, critic start, KL-coefficient smoothness, best-of-n
+
+
+def worker_best_of_n(spec: dict[str, Any]) -> dict[str, Any]:
+    """Best-of-n of the initial policy with the reward model on the held-out prompts: reward gain over
+    best-of-1 (the unbiased E[max of n] from ``bon_draws`` draws per prompt) at the closed-form KL."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.ppo import best_of_n
+    from preftune.reward.model import RewardScorer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(spec["policy"])
+    model = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32).eval()
+    scorer = RewardScorer.load(spec["reward"], device="cpu", batch_size=64)
+    ns = [int(n) for n in spec["bon_ns"]]
+    t0 = time.perf_counter()
+    out = best_of_n.measure(
+        model,
+        tok,
+        EVAL_PROMPTS,
+        lambda p, r: scorer.score(list(p), list(r)),
+        ns=ns,
+        max_new_tokens=spec["response_length"],
+        temperature=1.0,
+        seed=1234,
+        batch_size=64,
+    )
+    base = out["curve"][0]["reward"] if ns[0] == 1 else None
+    return {
+        "impl": "best-of-n",
+        "seconds": time.perf_counter() - t0,
+        "draws_per_prompt": out["draws_per_prompt"],
+        "curve": [{**p, "reward_gain": p["reward"] - base if base is not None else None} for p in out["curve"]],
+    }
+
+
+def _parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """'NAME' or 'NAME:key=value,key=value' (YAML values) -> (name, ppo overrides)."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text}: expected key=value, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+def mode_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """preftune variants (``--variant``; TRL's two rows with ``--trl``) over a sweep of the fixed KL coefficient,
+    at the frontier's tiny setup; optionally the best-of-n curve. Reward gain at matched held-out KL, samples/s,
+    memory, and the held-out KL per coefficient (smoothness)."""
+    coefs = [float(c) for c in args.kl_coefs.split(",")]
+    variants = [_parse_variant(v) for v in (args.variant or ["default"])]
+    out: dict[str, Any] = {"threads": args.threads, "updates": args.updates, "kl_coefs": coefs, "rows": []}
+    out["loadavg_before"] = Path("/proc/loadavg").read_text().split()[:3]
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        paths = build_models("tiny", Path(tmp))
+        spec = {**base_spec(argparse.Namespace(**{**vars(args), "size": "tiny"})), **paths}
+        for coef in coefs:
+            for name, overrides in variants:
+                ov = dict(overrides)
+                layout = {k: ov.pop(k) for k in ("mode", "critic") if k in ov}
+                r = run_worker("preftune", {**spec, **layout, "kl_coef": coef, "overrides": ov}, args.threads)
+                out["rows"].append({"variant": name, "kl_coef": coef, **r})
+            if args.trl:
+                for mode in ("full", "lora"):
+                    r = run_worker("trl", {**spec, "kl_coef": coef, "mode": mode}, args.threads)
+                    out["rows"].append({"variant": r.get("impl", f"trl ({mode})"), "kl_coef": coef, **r})
+        if args.best_of_n:
+            out["best_of_n"] = run_worker("bon", {**spec, "bon_ns": args.bon_ns}, args.threads)
+    out["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    curves: dict[str, list[tuple[float, float]]] = {}
+    by_coef: dict[str, list[tuple[float, float]]] = {}
+    for r in out["rows"]:
+        if "error" not in r:
+            curves.setdefault(r["variant"], []).append((r["held_out_kl"], r["reward_gain"]))
+            by_coef.setdefault(r["variant"], []).append((r["kl_coef"], r["held_out_kl"]))
+    for pts in curves.values():
+        pts.sort()
+    out["at_matched_kl"] = {
+        f"{kl:g}": {v: _interpolate(pts, kl) for v, pts in curves.items()} for kl in args.matched_kls
+    }
+    out["summary"] = {
+        v: {
+            "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
+            "peak_minus_imports_mb": max(r["peak_minus_imports_mb"] for r in rows),
+            "held_out_kl_by_coef": {f"{r['kl_coef']:g}": round(r["held_out_kl"], 2) for r in rows},
+            "held_out_kl_monotone_in_coef": all(
+                a[1] >= b[1] for a, b in zip(sorted(by_coef[v]), sorted(by_coef[v])[1:], strict=False)
+            ),
+        }
+        for v in curves
+        for rows in [[r for r in out["rows"] if r["variant"] == v and "error" not in r]]
+    }
+    if args.plot:
+        _plot_sweep(out, curves, by_coef, args.plot)
+        out["plot"] = args.plot
+    return out
+
+
+def _plot_sweep(
+    out: dict[str, Any],
+    curves: dict[str, list[tuple[float, float]]],
+    by_coef: dict[str, list[tuple[float, float]]],
+    path: str,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        c = sorted(by_coef[name])
+        bx.plot([p[0] for p in c], [p[1] for p in c], marker="o", label=name)
+    bon = out.get("best_of_n") or {}
+    if bon.get("curve"):
+        ax.plot(
+            [p["kl"] for p in bon["curve"]],
+            [p["reward_gain"] for p in bon["curve"]],
+            marker="s",
+            linestyle="--",
+            color="black",
+            label="best-of-n (n=" + ",".join(str(int(p["n"])) for p in bon["curve"]) + ")",
+        )
+    ax.set_xlabel("held-out KL to the initial policy (nats per response)")
+    ax.set_ylabel("held-out reward gain")
+    ax.set_title(f"Reward vs KL ({out['updates']} updates)")
+    bx.set_xscale("log")
+    bx.set_xlabel("fixed KL coefficient")
+    bx.set_ylabel("held-out KL (nats per response)")
+    bx.set_title("KL spent per coefficient")
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         _worker_main(sys.argv[2], sys.argv[3])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", nargs="?", default="compare", choices=["compare", "scaling", "efficacy", "frontier"])
+    p.add_argument(
+        "mode", nargs="?", default="compare", choices=["compare", "scaling", "efficacy", "frontier", "sweep"]
+    )
     p.add_argument("--size", default="both", choices=["tiny", "small", "both"])
     p.add_argument("--updates", type=int, default=6, help="PPO updates per run (tiny size)")
     p.add_argument("--small-updates", type=int, default=2, help="PPO updates per run (small size)")
@@ -665,7 +826,18 @@ def main() -> None:
     )
     p.add_argument("--kl-coefs", default="0.02,0.05,0.1,0.2", help="frontier: KL coefficients swept")
     p.add_argument("--matched-kls", type=float, nargs="*", default=[5.0, 10.0, 20.0], help="frontier: KLs compared at")
-    p.add_argument("--plot", default=None, help="frontier: write the reward-vs-KL plot (PNG) here")
+    p.add_argument("--plot", default=None, help="frontier/sweep: write the reward-vs-KL plot (PNG) here")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="NAME[:KEY=VALUE,...]",
+        help="sweep: a preftune variant (ppo fields, e.g. 'grpo:advantage_estimator=grpo,samples_per_prompt=4'); "
+        "repeatable; default: preftune's defaults",
+    )
+    p.add_argument("--trl", action="store_true", help="sweep: TRL's full and LoRA rows at every coefficient too")
+    p.add_argument("--best-of-n", action="store_true", help="sweep: the best-of-n curve of the initial policy")
+    p.add_argument("--bon-ns", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64], help="sweep: best-of-n's n")
     args = p.parse_args()
     import yaml
 
@@ -677,7 +849,13 @@ def main() -> None:
         args.overrides[key.strip()] = yaml.safe_load(value)
     if args.mode == "efficacy" and not args.reward_model:
         p.error("efficacy needs --reward-model")
-    modes = {"compare": mode_compare, "scaling": mode_scaling, "efficacy": mode_efficacy, "frontier": mode_frontier}
+    modes = {
+        "compare": mode_compare,
+        "scaling": mode_scaling,
+        "efficacy": mode_efficacy,
+        "frontier": mode_frontier,
+        "sweep": mode_sweep,
+    }
     with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the JSON
         result = modes[args.mode](args)
     print(json.dumps(result, indent=2))

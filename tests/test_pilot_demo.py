@@ -53,6 +53,10 @@ def test_demo_world_pilot_says_go_for_safety_and_high_risk_and_needs_data_for_to
     cost = report["cost"]
     assert cost["measured"]["ppo_seconds_per_update"] > 0 and cost["measured"]["ppo_tokens_per_s"] > 0
     assert cost["full_run"]["hours"] > 0 and len(cost["assumptions"]) >= 4
+    bon = report["best_of_n"]  # measured with the real models: best-of-1..16 beside the pilot's PPO policy
+    assert [p["n"] for p in bon["curve"]] == [1, 2, 4, 8, 16], bon
+    assert bon["curve"][-1]["reward"] > bon["curve"][0]["reward"] and bon["policy"]["kl"] > 0
+    assert bon["comparison"]["beats"] in (True, False, None) and bon["comparison"]["detail"]
 
 
 def test_report_files_and_mlflow_artifacts(pilot):

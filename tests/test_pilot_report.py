@@ -220,3 +220,38 @@ def test_a_pilot_stopped_by_check_fit_reads_counts_from_the_collected_dataset(tm
     assert r["families"]["safety"]["verdict"] == "needs data"
     assert r["verdict"] == "no-go" and r["exit_code"] == ExitCode.NOT_FIT
     assert r["cost"]["full_run"]["seconds_by_step"]["ppo"] is None  # nothing measured, nothing made up
+
+
+def _bon(policy_kl: float, policy_reward: float) -> dict[str, Any]:
+    from preftune.ppo.best_of_n import kl_closed_form
+
+    curve = [{"n": float(n), "kl": kl_closed_form(n), "reward": r} for n, r in ((1, 0.0), (4, 0.8), (16, 1.2))]
+    return {"curve": curve, "prompts": 32, "draws_per_prompt": 16, "policy": {"kl": policy_kl, "reward": policy_reward}}
+
+
+def test_best_of_n_beside_ppo_says_who_wins_at_the_kl_ppo_spends(tmp_path):
+    i = inputs()
+    i.best_of_n = _bon(policy_kl=0.5, policy_reward=1.0)  # best-of-n interpolates to ~0.63 at 0.5 nats
+    r = rep.analyse(CFG, i, pilot_batch=32)
+    assert r["best_of_n"]["comparison"]["beats"] is True
+    assert "best_of_n_wins" not in {f for f, _ in flags(r)}
+    md = rep.write_report(r, tmp_path)["md"].read_text()
+    assert "## PPO against best-of-n" in md and "PPO beats best-of-n at the KL it spends" in md
+    assert "| best-of-16 | 1.84 | 1.200 |" in md and "| PPO policy (pilot) | 0.50 | 1.000 |" in md
+
+    i.best_of_n = _bon(policy_kl=3.0, policy_reward=1.1)  # more KL than best-of-16 for less reward
+    r = rep.analyse(CFG, i, pilot_batch=32)
+    assert r["best_of_n"]["comparison"]["beats"] is False
+    assert ("best_of_n_wins", None) in flags(r)
+    assert verdicts(r)["safety"] == "go"  # a caution: the behaviour still moved
+    page = rep.write_report(r, tmp_path)["html"].read_text()
+    assert "PPO does NOT beat best-of-n" in page and rep.FLAGS["best_of_n_wins"] in page
+
+
+def test_best_of_n_not_measured_or_failed_is_said_plainly(tmp_path):
+    r = rep.analyse(CFG, inputs(), pilot_batch=32)
+    assert r["best_of_n"] == {} and "best-of-n" not in rep.render_markdown(r)
+    i = inputs()
+    i.best_of_n = {"error": "InputError: no prompts"}
+    md = rep.render_markdown(rep.analyse(CFG, i, pilot_batch=32))
+    assert "Best-of-n could not be measured: InputError: no prompts" in md

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from preftune.configbase import Section
 
@@ -90,4 +90,23 @@ class PilotSection(Section):
         le=1.0,
         description="Red flag: the needless-refusal share on benign prompts rising by more than this.",
     )
+    best_of_n: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16],
+        description="Best-of-n baseline (preftune.ppo.best_of_n): n values at which the starting policy's best of n "
+        "responses, picked by the reward model, is measured at its closed-form KL log n - (n-1)/n; the report says "
+        "whether the pilot's PPO policy beats it at the KL it spends. Empty: not measured.",
+    )
+    best_of_n_prompts: int = Field(
+        32, ge=1, description="Best-of-n baseline: PPO prompts it is measured on (a seeded sample)."
+    )
+    best_of_n_policy_samples: int = Field(
+        4, ge=1, description="Best-of-n baseline: responses per prompt of the trained policy (its reward and KL)."
+    )
     cost: PilotCostSection = Field(default_factory=PilotCostSection)
+
+    @field_validator("best_of_n")
+    @classmethod
+    def _positive_ns(cls, ns: list[int]) -> list[int]:
+        if any(n < 1 for n in ns):
+            raise ValueError(f"best_of_n values must be at least 1, got {ns}")
+        return sorted(set(ns))

@@ -54,6 +54,8 @@ FLAGS = {
     "repetition_drift": "Responses repeat themselves more and more: a degenerate pattern the reward model scores well.",
     "kl_runaway": "The policy drifted past the KL budget from its reference: gains may come with broken language.",
     "benign_refusals": "Benign prompts started to get refused: safety gains are being bought with over-refusal.",
+    "best_of_n_wins": "Best-of-n sampling from the starting policy with the reward model gets as much reward for "
+    "no more KL than PPO: serve best-of-n, or fix the reward model, before paying for PPO.",
 }
 BLOCKING = ("reward_near_chance", "reward_hacking", "kl_runaway", "benign_refusals")
 """Flags that turn a family's 'go' into 'no-go' (the others are reported as cautions)."""
@@ -70,6 +72,7 @@ class PilotInputs:
     history: list[dict[str, float]]
     evaluation: dict[str, Any]
     step_seconds: dict[str, float] = field(default_factory=dict)
+    best_of_n: dict[str, Any] = field(default_factory=dict)  # preftune.ppo.best_of_n.measure's figures, if run
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -248,6 +251,10 @@ def analyse(cfg: RunConfig, inputs: PilotInputs, *, pilot_batch: int, seconds: f
                 f"(CI {d['ci_low']:+.2f} to {d['ci_high']:+.2f}; limit +{p.max_refusal_rise:.2f})",
             )
 
+    bon = best_of_n_section(inputs.best_of_n)
+    if bon.get("comparison") and bon["comparison"]["beats"] is False:
+        flag("best_of_n_wins", None, bon["comparison"]["detail"])
+
     rows: dict[str, dict[str, Any]] = {}
     for f in families:
         fit = fams_fit.get(f) or {}
@@ -327,8 +334,24 @@ def analyse(cfg: RunConfig, inputs: PilotInputs, *, pilot_batch: int, seconds: f
         "confidence": ev.get("confidence"),
         "families": rows,
         "red_flags": flags,
+        "best_of_n": bon,
         "cost": cost_estimate(cfg, inputs, pilot_batch),
     }
+
+
+def best_of_n_section(measured: Mapping[str, Any]) -> dict[str, Any]:
+    """The best-of-n curve and whether the PPO policy beats it at the KL it spends (empty when not measured)."""
+    from preftune.ppo import best_of_n
+
+    if not measured:
+        return {}
+    if measured.get("error"):
+        return {"error": measured["error"]}
+    out: dict[str, Any] = {k: measured[k] for k in ("curve", "policy", "prompts", "draws_per_prompt") if k in measured}
+    policy = measured.get("policy")
+    if policy and measured.get("curve"):
+        out["comparison"] = best_of_n.compare(measured["curve"], policy["kl"], policy["reward"])
+    return out
 
 
 def _verdict(
@@ -459,6 +482,29 @@ def _cost_lines(report: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     return figures, list(c["assumptions"])
 
 
+BEST_OF_N_HEADER = ["sampler", "KL to the starting policy (nats)", "reward (normalised)"]
+
+
+def _best_of_n_rows(report: Mapping[str, Any]) -> tuple[list[list[str]], str] | None:
+    """(table rows, verdict sentence) of the best-of-n comparison, or None when it was not measured."""
+    b = report.get("best_of_n") or {}
+    if not b:
+        return None
+    if b.get("error"):
+        return [], f"Best-of-n could not be measured: {b['error']}"
+    rows = [[f"best-of-{int(p['n'])}", _f(p["kl"]), _f(p["reward"], ".3f")] for p in b.get("curve", [])]
+    pol = b.get("policy")
+    if pol:
+        rows.append(["PPO policy (pilot)", _f(pol["kl"]), _f(pol["reward"], ".3f")])
+    c = b.get("comparison")
+    verdict = {True: "PPO beats best-of-n at the KL it spends.", False: "PPO does NOT beat best-of-n."}.get(
+        c["beats"] if c else None, "Undecided."
+    )
+    where = f" on {b.get('prompts')} prompts, {b.get('draws_per_prompt')} draws each, KL = log n - (n-1)/n"
+    sentence = verdict + (f" {c['detail']}." if c else "") + where + "."
+    return rows, sentence
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     v = report["verdict"]
     lines = [
@@ -486,6 +532,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         where = f" ({fl['family']})" if fl["family"] else ""
         stop = " **blocks go**" if fl["blocking"] else ""
         lines.append(f"- **{fl['flag']}**{where}{stop}: {fl['meaning']} {fl['detail']}.")
+    bon = _best_of_n_rows(report)
+    if bon is not None:
+        rows, sentence = bon
+        lines += ["", "## PPO against best-of-n", "", sentence, ""]
+        if rows:
+            lines += [
+                "| " + " | ".join(BEST_OF_N_HEADER) + " |",
+                "| " + " | ".join("---" for _ in BEST_OF_N_HEADER) + " |",
+                *["| " + " | ".join(r) + " |" for r in rows],
+            ]
     figures, assumptions = _cost_lines(report)
     lines += [
         "",
@@ -544,6 +600,18 @@ def render_html(report: Mapping[str, Any]) -> str:
                 f"<span class='meta'>{html.escape(fl['detail'])}.</span></li>"
             )
         parts.append("</ul>")
+    bon = _best_of_n_rows(report)
+    if bon is not None:
+        rows, sentence = bon
+        parts.append(f"<h2>PPO against best-of-n</h2><p>{html.escape(sentence)}</p>")
+        if rows:
+            parts.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in BEST_OF_N_HEADER)
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</tbody></table>"
+            )
     figures, assumptions = _cost_lines(report)
     parts.append(
         "<h2>Cost of the full run</h2><ul>"
