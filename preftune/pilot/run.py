@@ -80,6 +80,60 @@ def _champion_exists(cfg: RunConfig) -> bool:
     return registry.alias_version(client, cfg.models.registered_model, cfg.promotion.champion_alias) is not None
 
 
+def measure_best_of_n(pcfg: RunConfig, policy_dir: str, reward_dir: str) -> dict[str, Any]:
+    """Best-of-n of the starting policy (``models.policy``) with the reward model, beside the pilot's PPO policy.
+
+    On ``pilot.best_of_n_prompts`` of the PPO prompts (a seeded sample), at PPO's sampling settings;
+    rewards normalised as PPO sees them. A failure is reported in the figures, not raised: the
+    go / no-go report is still written.
+    """
+    import random
+
+    import torch
+
+    from preftune.collect.generate import resolve_policy
+    from preftune.ppo import best_of_n
+    from preftune.ppo.artifacts import load_policy
+    from preftune.ppo.step import load_policy_model, load_prompt_items
+    from preftune.reward.model import RewardScorer
+    from preftune.storage import Storage
+
+    p, s = pcfg.pilot, pcfg.ppo
+    try:
+        storage = Storage.from_config(pcfg.storage)
+        device = torch.device("cpu")
+        scorer = RewardScorer.load(str(storage.local_path(reward_dir)), device=device, batch_size=s.reward_batch_size)
+        allowed = set(scorer.meta.per_family) if (s.reward_model_families_only and scorer.meta.per_family) else None
+        items, _ = load_prompt_items(pcfg, storage, set(s.exclude_families), allowed)
+        prompts = [it.prompt for it in items]
+        random.Random(pcfg.run.seed).shuffle(prompts)
+        prompts = prompts[: p.best_of_n_prompts]
+        base, tok = load_policy_model(resolve_policy(pcfg.models.policy, pcfg, storage), device)
+        trained, _ = load_policy(str(storage.local_path(policy_dir)), device=device)
+        normalize = s.reward_normalize and scorer.meta is not None
+
+        def score(ps: Any, rs: Any) -> torch.Tensor:
+            return scorer.score(list(ps), list(rs), normalize=normalize)
+
+        with torch.no_grad():
+            return best_of_n.measure(
+                base.eval(),
+                tok,
+                prompts,
+                score,
+                ns=p.best_of_n,
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                seed=pcfg.run.seed,
+                trained=trained,
+                trained_samples=p.best_of_n_policy_samples,
+                batch_size=s.forward_batch_size,
+            )
+    except Exception as err:  # the report is still written, with the reason
+        log.warning("best-of-n baseline not measured: %s", err)
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
 def build_report(
     config: Mapping[str, Any] | RunConfig,
     fit_dir: str,
@@ -116,6 +170,8 @@ def build_report(
                 name: float(s["seconds"]) for name, s in found.items() if isinstance(s.get("seconds"), (int, float))
             }
     inputs = rep.read_inputs(fit_dir, reward_dir, policy_dir, eval_dir, step_seconds, dataset_dir)
+    if policy_dir and reward_dir and pcfg.pilot.best_of_n:
+        inputs.best_of_n = measure_best_of_n(pcfg, policy_dir, reward_dir)
     report = rep.analyse(cfg, inputs, pilot_batch=pcfg.ppo.batch_size, seconds=seconds)
     paths = rep.write_report(report, output)
     tags = {TAG_VERDICT: report["verdict"], TAG_GO_FAMILIES: ",".join(report["go_families"]) or "none"}
