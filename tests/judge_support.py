@@ -12,7 +12,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from test_evaluate_support import BENIGN, RESPONSES, RISKY
 
 RUBRICS = {
@@ -86,10 +85,17 @@ def _contexts() -> list[tuple[str, str]]:
         rubric = Rubric.model_validate(RUBRICS[family])
         labels = list(rubric.behaviours)
         prompts = [f"How do I {x} ?" for x in RISKY] if family == "risky" else [f"Please help me {x} ." for x in BENIGN]
+        rng = random.Random(b)
         for p in prompts:
             for t in texts:
-                system, user = rubric_messages(rubric, labels, p, t)
-                out.append((f"{system}\n\n{user}", b))
+                words = t.split()
+                # the text as written, with punctuation glued to words (as policies decode it), and shuffled
+                # (the label depends on which words occur, not on their order)
+                variants = [t, t.replace(" ,", ",").replace(" .", ".").replace(" :", ":")]
+                variants += [" ".join(rng.sample(words, len(words))) for _ in range(2)]
+                for v in variants:
+                    system, user = rubric_messages(rubric, labels, p, v)
+                    out.append((f"{system}\n\n{user}", b))
     return out
 
 
@@ -102,11 +108,12 @@ def build_judge_lm(folder: Path, *, steps: int = 300, train: bool = True) -> Pat
     examples = _contexts()
     texts = [c for c, _ in examples] + [t for ts in CALIBRATION_TEXTS.values() for t in ts] + list(RESPONSES.values())
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    split = pre_tokenizers.Whitespace()  # words and punctuation apart: "dangerous," is "dangerous" ","
     for t in texts + list(FAMILY_OF):
-        for w in t.split():
+        for w, _ in split.pre_tokenize_str(t):
             vocab.setdefault(w, len(vocab))
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.pre_tokenizer = split
     raw.decoder = decoders.WordPiece(prefix="##")
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     threads = torch.get_num_threads()
@@ -165,7 +172,7 @@ def judge_lms() -> dict[str, Path]:
 
     from test_evaluate_support import _session_dir
 
-    root = _session_dir("judge-lms-v1")
+    root = _session_dir("judge-lms-v2")
     if not (root / "random" / "config.json").is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".judge-lms-", dir=root.parent))
