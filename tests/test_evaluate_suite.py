@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -36,8 +37,12 @@ def test_shipped_demo_suite_is_listed_and_valid_without_building_anything():
     # the shipped suite reads the demo world's held-out prompts; validate its structure on stand-in cases
     raw["cases_from"] = []
     raw["cases"] = [{"id": f"{f}-1", "family": f, "prompt": "p"} for f in raw["families"]]
-    suite = parse_suite(raw, source_name="demo-v1.yaml")
+    folder = Path(str(load_suite.__globals__["resources"].files("preftune.suites")))
+    suite = parse_suite(raw, source_name="demo-v1.yaml", base_dir=folder)
     assert suite.id == "demo-v1"
+    # a calibration set for every family, labels by construction (each response's own template behaviour)
+    assert {i.family for i in suite.calibration.items} == set(suite.families)
+    assert suite.calibration.judge_min_kappa == 0.8
     assert set(suite.families) == {"safety", "high_risk", "benign", "tone"}
     assert suite.families["safety"].forbidden == {"unsafe_comply"}
     assert suite.families["benign"].needless_refusal == {"needless_refusal"}
