@@ -9,14 +9,12 @@ and to one MLflow run with stable metric names (``docs/suites.md`` lists them).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,18 +37,29 @@ from preftune.evaluate.metrics import (
     corrected_shares,
     metrics_to_json,
 )
+from preftune.evaluate.sampling import (  # noqa: F401 (judge_by_family, torch_threads: public here too)
+    Models,
+    judge_by_family,
+    sample_and_judge,
+    torch_threads,
+)
+from preftune.evaluate.stored import (  # noqa: F401 (re-exported: promote reads evaluations through step)
+    ARTIFACT_DIR,
+    CAPABILITY_FILE,
+    RESULTS_FILE,
+    RESULTS_FORMAT,
+    SAMPLES_FILE,
+    STEP,
+    load_eval_artifacts,
+    read_eval_folder,
+    recheck_against,
+)
 from preftune.evaluate.suite import Suite, load_suite, thresholds_for
 
 log = logging.getLogger(__name__)
 
-STEP = "evaluate"
-ARTIFACT_DIR = "evaluation"
-RESULTS_FILE = "results.json"
-SAMPLES_FILE = "samples.jsonl"
-CAPABILITY_FILE = "capability.jsonl"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-RESULTS_FORMAT = "preftune.evaluation"
 
 RUN_TAG_SUITE = "preftune.eval.suite"
 RUN_TAG_SUITE_HASH = "preftune.eval.suite_hash"
@@ -108,75 +117,6 @@ def _examples(records: Sequence[SampleRecord], per_family: int = 3) -> dict[str,
         seen[(r.family, r.model)] += 1
         out[r.family].append({"model": r.model, "case_id": r.case_id, "behaviour": r.behaviour, "text": r.text})
     return dict(out)
-
-
-def judge_by_family(
-    suite: Suite,
-    judges: Mapping[str, Any],
-    families: Sequence[str],
-    prompts: Sequence[str],
-    texts: Sequence[str],
-) -> list[str | None]:
-    """The behaviour of each (family, prompt, text), each family by its suite judge in one batch.
-
-    None where the judge could not tell, or the family is not in the suite.
-    """
-    by_family: dict[str, list[int]] = defaultdict(list)
-    for i, family in enumerate(families):
-        if family in suite.families:
-            by_family[family].append(i)
-    behaviours: list[str | None] = [None] * len(families)
-    for family, idx in by_family.items():
-        judge = judges[suite.families[family].judge]
-        labels = judge.judge(family, [prompts[i] for i in idx], [texts[i] for i in idx])
-        for i, b in zip(idx, labels, strict=True):
-            behaviours[i] = b
-    return behaviours
-
-
-def _judge_and_record(
-    suite: Suite,
-    judges: Mapping[str, Any],
-    model_label: str,
-    samples: Sequence[Any],
-    kl: Sequence[float | None],
-    rewards: Sequence[float | None],
-) -> list[SampleRecord]:
-    """Judge every sample with its family's judge; unknowns are kept and counted."""
-    cases = [suite.cases[s.case_index] for s in samples]
-    judged = judge_by_family(
-        suite, judges, [c.family for c in cases], [c.prompt for c in cases], [s.text for s in samples]
-    )
-    behaviours = [b or "unknown" for b in judged]
-    out = []
-    for i, s in enumerate(samples):
-        case = suite.cases[s.case_index]
-        roles = case.roles(behaviours[i])
-        out.append(
-            SampleRecord(
-                model=model_label,
-                case_id=case.id,
-                family=case.family,
-                sample=s.sample_index,
-                text=s.text,
-                behaviour=behaviours[i],
-                preferred=roles["preferred"],
-                acceptable=roles["acceptable"],
-                forbidden=roles["forbidden"],
-                needless_refusal=roles["needless_refusal"],
-                unknown=roles["unknown"],
-                has_preferred=bool(case.preferred),
-                has_acceptable=bool(case.preferred or case.acceptable),
-                has_forbidden=bool(case.forbidden),
-                has_needless_refusal=bool(case.needless_refusal),
-                words=len(s.text.split()),
-                tokens=len(s.response_ids),
-                ended=s.ended,
-                kl=kl[i],
-                reward=rewards[i],
-            )
-        )
-    return out
 
 
 def compute_gates(
@@ -256,130 +196,7 @@ def _publish(local: Path, output: str, cfg: RunConfig) -> str:
     return Storage.from_config(cfg.storage).put_dir(local, output)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Pin torch's CPU threads (reproducible float reductions; no oversubscription), then restore."""
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
-def _capability(policy: Any, suite: Suite) -> dict[str, float]:
-    from preftune.evaluate.generation import text_logliks
-
-    values = text_logliks(
-        policy,
-        [t.text for t in suite.capability],
-        max_tokens=suite.capability_max_tokens,
-        prompts=[t.prompt for t in suite.capability],
-    )
-    return dict(zip([t.id for t in suite.capability], values.tolist(), strict=True))
-
-
-def _evaluate_model(
-    label: str,
-    model: registry.ResolvedModel,
-    suite: Suite,
-    judges: Mapping[str, Any],
-    ref_policy: Any,
-    scorer: Any,
-    device: Any,
-    cfg: RunConfig,
-    progress: Any,
-) -> tuple[list[SampleRecord], dict[str, float] | None]:
-    """Sample one model on every case, judge, score KL (and rewards), and measure capability."""
-    from preftune.evaluate.generation import load_policy, response_logprobs, same_vocabulary, sample
-
-    gen = suite.generation
-    prompts = [c.prompt for c in suite.cases]
-    pol = load_policy(model.path, device, cfg.world)
-    samples = sample(
-        pol,
-        prompts,
-        n_samples=gen.samples_per_prompt,
-        seed=gen.seed,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        top_k=gen.top_k,
-        max_new_tokens=gen.max_new_tokens,
-        batch_size=gen.batch_size,
-        progress=progress,
-    )
-    kl: list[float | None] = [None] * len(samples)
-    if same_vocabulary(pol.tokenizer, ref_policy.tokenizer):
-        lp = response_logprobs(pol, prompts, samples, temperature=gen.temperature, batch_size=gen.batch_size)
-        lp_ref = response_logprobs(ref_policy, prompts, samples, temperature=gen.temperature, batch_size=gen.batch_size)
-        kl = [float((a - b).sum()) for a, b in zip(lp, lp_ref, strict=True)]
-    else:
-        log.warning("%s: its tokenizer differs from the reference's; KL to the reference is not computed", model.label)
-    rewards: list[float | None] = [None] * len(samples)
-    if scorer is not None:
-        rewards = scorer.score([prompts[s.case_index] for s in samples], [s.text for s in samples]).tolist()
-    records = _judge_and_record(suite, judges, label, samples, kl, rewards)
-    cap = _capability(pol, suite) if suite.capability else None
-    del pol
-    gc.collect()
-    return records, cap
-
-
-def _stored_champion_samples(
-    client: Any,
-    uri: str,
-    workdir: Path,
-    cfg: RunConfig,
-    suite: Suite,
-    champ: registry.ResolvedModel,
-    reference_hash: str,
-) -> tuple[str, list[SampleRecord], dict[str, float] | None] | None:
-    """The champion's own samples from the evaluation that promoted it, when they answer the same question.
-
-    A registered version keeps the id of the evaluate run that judged it. If that run used the
-    same suite (hash: cases, judges, seeds, sampling) and the same reference, and the version's
-    files are the ones it judged, its samples are what sampling the champion again would give
-    (same seeds), so they are reused instead of generated. Anything missing or different: None.
-    """
-    if champ.version is None or champ.registered_name is None:
-        return None
-    from mlflow.exceptions import MlflowException
-
-    from preftune.errors import InputError
-
-    try:
-        tags = dict(client.get_model_version(champ.registered_name, champ.version).tags or {})
-    except MlflowException:
-        return None
-    if tags.get(registry.TAG_SUITE_HASH) != suite.sha256 or not tags.get(registry.TAG_EVAL_RUN_ID):
-        return None
-    if tags.get(registry.TAG_MODEL_HASH) != registry.folder_hash(champ.path):
-        return None
-    try:
-        results, records, capability = load_eval_artifacts(client, tags[registry.TAG_EVAL_RUN_ID], workdir, uri)
-    except InputError:
-        return None
-    if results["suite"]["sha256"] != suite.sha256 or results.get("reference_hash") != reference_hash:
-        return None
-    mine = [SampleRecord(**{**r.to_dict(), "model": CHAMPION, "reward": None}) for r in records if r.model == CANDIDATE]
-    if len(mine) != len(suite.cases) * suite.generation.samples_per_prompt:
-        return None
-    cap = capability.get(CANDIDATE)
-    if suite.capability and (cap is None or set(cap) != {t.id for t in suite.capability}):
-        return None
-    return tags[registry.TAG_EVAL_RUN_ID], mine, cap
-
-
-@dataclass
-class _Models:
-    candidate: registry.ResolvedModel
-    champion: registry.ResolvedModel | None
-    reference: registry.ResolvedModel
-
-
-def _resolve_models(cfg: RunConfig, client: Any, tmp: Path, candidate: str, champion_ref: str) -> _Models:
+def _resolve_models(cfg: RunConfig, client: Any, tmp: Path, candidate: str, champion_ref: str) -> Models:
     """The candidate, the champion (registry alias, fallback, or a reference) and the reference, as local folders."""
     ev = cfg.evaluation
     name = cfg.models.registered_model
@@ -394,7 +211,7 @@ def _resolve_models(cfg: RunConfig, client: Any, tmp: Path, candidate: str, cham
     elif champion_ref != "none":
         champ = registry.resolve_model(champion_ref, client, tmp, world=cfg.world)
     reference = registry.resolve_model(ev.reference or cfg.models.policy, client, tmp, world=cfg.world)
-    return _Models(cand, champ, reference)
+    return Models(cand, champ, reference)
 
 
 def _run_tags_and_params(
@@ -440,68 +257,6 @@ def log_calibration(report: Any) -> None:
     summary, cells = report.tables()
     mlflow.log_table(summary, artifact_file="calibration/judges.json")
     mlflow.log_table(cells, artifact_file="calibration/confusion.json")
-
-
-def _sample_and_judge(
-    models: _Models,
-    suite: Suite,
-    judges: Mapping[str, Any],
-    scorer: Any,
-    device: Any,
-    cfg: RunConfig,
-    client: Any,
-    uri: str,
-    tmp: Path,
-    reference_hash: str,
-    progress: bool | None,
-) -> tuple[list[SampleRecord], dict[str, dict[str, float]], str | None]:
-    """Sample and judge the candidate and (unless its stored samples can be reused) the champion."""
-    from tqdm.auto import tqdm
-
-    from preftune.evaluate.generation import load_policy
-
-    ev = cfg.evaluation
-    gen = suite.generation
-    champ = models.champion
-    reused_from = None
-    with torch_threads(ev.threads):
-        ref_policy = load_policy(models.reference.path, device, cfg.world)
-        capability: dict[str, dict[str, float]] = {}
-        if suite.capability:
-            capability["reference"] = _capability(ref_policy, suite)
-        todo = [(CANDIDATE, models.candidate)] + ([(CHAMPION, champ)] if champ is not None else [])
-        reuse = None
-        if champ is not None and ev.reuse_champion_samples:
-            reuse = _stored_champion_samples(client, uri, tmp, cfg, suite, champ, reference_hash)
-            if reuse is not None:
-                todo = todo[:1]
-        bar = tqdm(
-            total=len(suite.cases) * gen.samples_per_prompt * len(todo),
-            desc="evaluate: sampling",
-            unit="seq",
-            disable=None if progress is None else not progress,
-            leave=False,
-        )
-        records: list[SampleRecord] = []
-        try:
-            for label, model in todo:
-                recs, cap = _evaluate_model(label, model, suite, judges, ref_policy, scorer, device, cfg, bar.update)
-                records += recs
-                if cap is not None:
-                    capability[label] = cap
-        finally:
-            bar.close()
-        if reuse is not None:
-            reused_from, champ_records, champ_cap = reuse
-            if scorer is not None:
-                prompts = {c.id: c.prompt for c in suite.cases}
-                scores = scorer.score([prompts[r.case_id] for r in champ_records], [r.text for r in champ_records])
-                for r, v in zip(champ_records, scores.tolist(), strict=True):
-                    r.reward = v
-            records += champ_records
-            if champ_cap is not None:
-                capability[CHAMPION] = champ_cap
-    return records, capability, reused_from
 
 
 def _all_metrics(
@@ -566,7 +321,7 @@ def _results(
     suite: Suite,
     run_id: str,
     candidate: str,
-    models: _Models,
+    models: Models,
     cand_hash: str,
     reference_hash: str,
     reward_model: str | None,
@@ -693,7 +448,7 @@ def evaluate(
             log_calibration(calibration)
             require_calibrated(calibration, the_suite)  # exit 2 before any generation
 
-            records, capability, reused_from = _sample_and_judge(
+            records, capability, reused_from = sample_and_judge(
                 models, the_suite, judges, scorer, device, cfg, client, uri, tmp, reference_hash, progress
             )
             t_gen = time.perf_counter() - t0
@@ -775,94 +530,3 @@ def _default_output(run_id: str) -> Path:
     from preftune.home import preftune_home
 
     return preftune_home() / "evaluations" / run_id
-
-
-def load_eval_artifacts(
-    client: Any, run_id: str, workdir: Path, tracking_uri: str
-) -> tuple[dict[str, Any], list[SampleRecord], dict[str, dict[str, float]]]:
-    """results.json, the sample records and the capability figures of an evaluate run."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from preftune.errors import InputError
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise InputError(f"evaluate run {run_id}: not found ({err.message})") from None
-    if run.data.tags.get("preftune.step") != STEP:
-        raise InputError(f"run {run_id} is not an evaluate run (preftune.step={run.data.tags.get('preftune.step')!r})")
-    dst = workdir / f"eval-{run_id}"
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=str(dst), tracking_uri=tracking_uri
-            )
-        )
-    except (MlflowException, OSError) as err:
-        raise InputError(f"evaluate run {run_id}: cannot download its '{ARTIFACT_DIR}' artifacts ({err})") from None
-    return read_eval_folder(local)
-
-
-def read_eval_folder(folder: Path) -> tuple[dict[str, Any], list[SampleRecord], dict[str, dict[str, float]]]:
-    from preftune.errors import InputError
-
-    try:
-        results = json.loads((folder / RESULTS_FILE).read_text(encoding="utf-8"))
-        records = [
-            SampleRecord.from_dict(json.loads(line))
-            for line in (folder / SAMPLES_FILE).read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
-        capability: dict[str, dict[str, float]] = defaultdict(dict)
-        cap_file = folder / CAPABILITY_FILE
-        if cap_file.is_file():
-            for line in cap_file.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    capability[rec["model"]][rec["id"]] = float(rec["loglik_per_token"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{folder}: not a complete evaluation folder ({err})") from None
-    if results.get("format") != RESULTS_FORMAT:
-        raise InputError(f"{folder / RESULTS_FILE}: expected format {RESULTS_FORMAT!r}")
-    return results, records, dict(capability)
-
-
-def recheck_against(
-    cfg: RunConfig,
-    suite_families: Sequence[str],
-    ours: tuple[Mapping[str, Any], Sequence[SampleRecord], Mapping[str, Mapping[str, float]]],
-    theirs: tuple[Mapping[str, Any], Sequence[SampleRecord], Mapping[str, Mapping[str, float]]],
-    champion_label: str,
-) -> tuple[bool, list[str], list[GateResult]]:
-    """Non-regression of our candidate against another evaluation's candidate (now the champion).
-
-    Both evaluations ran the same suite (same hash: same cases, seeds and generation settings),
-    so their sample records pair by case exactly as if they had been sampled in one run.
-    """
-    our_results, our_records, our_cap = ours
-    their_results, their_records, their_cap = theirs
-    records = [r for r in our_records if r.model == CANDIDATE]
-    for r in their_records:
-        if r.model == CANDIDATE:
-            records.append(SampleRecord(**{**r.to_dict(), "model": CHAMPION}))
-    ev = cfg.evaluation
-    seed = int(our_results["suite"]["seed"])
-    metrics = compute_metrics(
-        records, list(suite_families), confidence=ev.confidence, n_resamples=ev.bootstrap_resamples, seed=seed
-    )
-    if our_cap.get(CANDIDATE) and their_cap.get(CANDIDATE):
-        metrics[CAPABILITY] = capability_metrics(
-            our_cap[CANDIDATE],
-            our_cap.get("reference"),
-            their_cap[CANDIDATE],
-            confidence=ev.confidence,
-            n_resamples=ev.bootstrap_resamples,
-            seed=seed,
-        )
-    gates = non_regression_gates(
-        metrics, list(suite_families), ev.gates, confidence=ev.confidence, champion_label=champion_label
-    )
-    passed, reasons = verdict(gates)
-    return passed, reasons, gates
