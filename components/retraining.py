@@ -2,7 +2,7 @@
 
 Each is a lightweight kfp v2 component on the preftune image (which has kfp and preftune
 installed, so ``install_kfp_package=False``): its body only passes artifact paths to the step's
-function in :mod:`preftune.steps` and writes the returned figures to typed outputs. No ML logic
+adapter in :mod:`preftune.pipeline.adapters` and copies the typed result's attributes to its outputs. No ML logic
 lives here.
 
 Gates are outputs: check-fit, train-reward, evaluate and promote *return* a boolean (their
@@ -35,17 +35,17 @@ def open_run(config: dict, pipeline_run_id: str, kubernetes_hash: str, parent_ru
     started = time.time()
     from preftune.components import runtime
 
-    from preftune import steps
+    from preftune.pipeline.lifecycle import open_pipeline_run
 
     res = runtime.call(
-        steps.open_pipeline_run,
+        open_pipeline_run,
         config=config,
         pipeline_run_id=pipeline_run_id,
         kubernetes_hash=kubernetes_hash,
         started_at=started,
     )
-    runtime.write_param(parent_run_id, res["parent_run_id"])
-    return res["snapshot"]
+    runtime.write_param(parent_run_id, res.parent_run_id)
+    return res.snapshot
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -65,14 +65,14 @@ def collect(
     started = time.time()
     from preftune.components import runtime
 
-    from preftune import steps
+    from preftune.pipeline.adapters import collect
 
-    res = runtime.call(steps.collect, config=config, output=dataset.path, snapshot=snapshot, started_at=started)
-    dataset.metadata["hash"] = res["dataset_hash"]
-    dataset.metadata["counts"] = res["counts"]
-    runtime.write_text(report.path, res["report_md"])
-    runtime.write_metrics(metrics, res["metrics"])
-    return res["dataset_hash"]
+    res = runtime.call(collect, config=config, output=dataset.path, snapshot=snapshot, started_at=started)
+    dataset.metadata["hash"] = res.dataset_hash
+    dataset.metadata["counts"] = res.counts
+    runtime.write_text(report.path, res.report_md)
+    runtime.write_metrics(metrics, res.metrics)
+    return res.dataset_hash
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -96,10 +96,10 @@ def check_fit(
     started = time.time()
     from preftune.components import runtime
 
-    from preftune import steps
+    from preftune.pipeline.adapters import check_fit
 
     res = runtime.call(
-        steps.check_fit,
+        check_fit,
         config=config,
         dataset=dataset.path,
         output=fit_dataset.path,
@@ -107,12 +107,12 @@ def check_fit(
         dataset_hash=dataset_hash,
         started_at=started,
     )
-    fit_dataset.metadata["hash"] = res["dataset_hash"]
-    fit_dataset.metadata["fit_families"] = res["fit_families"]
-    runtime.write_text(report.path, res["report_md"])
-    runtime.write_metrics(metrics, res["metrics"])
-    runtime.write_param(fit_dataset_hash, res["dataset_hash"])
-    return bool(res["fit"])
+    fit_dataset.metadata["hash"] = res.dataset_hash
+    fit_dataset.metadata["fit_families"] = res.fit_families
+    runtime.write_text(report.path, res.report_md)
+    runtime.write_metrics(metrics, res.metrics)
+    runtime.write_param(fit_dataset_hash, res.dataset_hash)
+    return bool(res.fit)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -134,10 +134,10 @@ def train_reward(
     started = time.time()
     from preftune.components import runtime
 
-    from preftune import steps
+    from preftune.pipeline.adapters import train_reward
 
     res = runtime.call(
-        steps.train_reward,
+        train_reward,
         config=config,
         dataset=dataset.path,
         output=reward_model.path,
@@ -145,11 +145,11 @@ def train_reward(
         dataset_hash=dataset_hash,
         started_at=started,
     )
-    reward_model.metadata["accuracy"] = res["accuracy"]
-    reward_model.metadata["gate_passed"] = res["gate_passed"]
-    runtime.write_text(report.path, res["report_md"])
-    runtime.write_metrics(metrics, res["metrics"])
-    return bool(res["gate_passed"])
+    reward_model.metadata["accuracy"] = res.accuracy
+    reward_model.metadata["gate_passed"] = res.gate_passed
+    runtime.write_text(report.path, res.report_md)
+    runtime.write_metrics(metrics, res.metrics)
+    return bool(res.gate_passed)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -171,10 +171,10 @@ def ppo(
     started = time.time()
     from preftune.components import runtime
 
-    from preftune import steps
+    from preftune.pipeline.adapters import ppo
 
     res = runtime.call(
-        steps.ppo,
+        ppo,
         config=config,
         reward_model=reward_model.path,
         output=policy.path,
@@ -182,11 +182,11 @@ def ppo(
         dataset_hash=dataset_hash,
         started_at=started,
     )
-    policy.metadata["updates"] = res["updates"]
-    policy.metadata["kl"] = res["kl"]
-    runtime.write_text(report.path, res["report_md"])
-    runtime.write_metrics(metrics, res["metrics"])
-    return float(res["kl"])
+    policy.metadata["updates"] = res.updates
+    policy.metadata["kl"] = res.kl
+    runtime.write_text(report.path, res.report_md)
+    runtime.write_metrics(metrics, res.metrics)
+    return float(res.kl)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -210,10 +210,11 @@ def evaluate(
     started = time.time()
     from preftune.components import runtime
 
-    from preftune import steps
+    from preftune.pipeline.adapters import evaluate
+    from preftune.pipeline.artifacts import copy_file
 
     res = runtime.call(
-        steps.evaluate,
+        evaluate,
         config=config,
         policy=policy.path,
         reward_model=reward_model.path,
@@ -221,12 +222,12 @@ def evaluate(
         dataset_hash=dataset_hash,
         started_at=started,
     )
-    if not steps.copy_file(f"{evaluation.path}/report.html", report.path):
+    if not copy_file(f"{evaluation.path}/report.html", report.path):
         runtime.write_text(report.path, "<p>no report</p>")
-    runtime.write_text(summary.path, res["report_md"] or "# evaluate\n")
-    runtime.write_metrics(metrics, res["metrics"])
-    runtime.write_param(eval_run_id, res["eval_run_id"])
-    return bool(res["passed"])
+    runtime.write_text(summary.path, res.report_md or "# evaluate\n")
+    runtime.write_metrics(metrics, res.metrics)
+    runtime.write_param(eval_run_id, res.eval_run_id)
+    return bool(res.passed)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -248,10 +249,10 @@ def promote(
     started = time.time()
     from preftune.components import runtime
 
-    from preftune import steps
+    from preftune.pipeline.adapters import promote
 
     res = runtime.call(
-        steps.promote,
+        promote,
         config=config,
         policy=policy.path,
         eval_run_id=eval_run_id,
@@ -259,9 +260,9 @@ def promote(
         dataset_hash=dataset_hash,
         started_at=started,
     )
-    runtime.write_text(report.path, res["report_md"])
-    runtime.write_param(version, res["version"] or "")
-    return bool(res["promoted"])
+    runtime.write_text(report.path, res.report_md)
+    runtime.write_param(version, res.version or "")
+    return bool(res.promoted)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -283,8 +284,8 @@ def pilot_report(
     """
     from preftune.components import runtime
 
-    from preftune import steps
     from preftune.pilot.run import build_report
+    from preftune.pipeline.artifacts import copy_file
 
     res = runtime.call(
         build_report,
@@ -295,8 +296,8 @@ def pilot_report(
         eval_dir=evaluation.path,
         output=pilot.path,
     )
-    steps.copy_file(f"{pilot.path}/pilot.html", report.path)
-    steps.copy_file(f"{pilot.path}/pilot.md", summary.path)
+    copy_file(f"{pilot.path}/pilot.html", report.path)
+    copy_file(f"{pilot.path}/pilot.md", summary.path)
     pilot.metadata["verdict"] = res["verdict"]
     pilot.metadata["go_families"] = res["go_families"]
     runtime.write_metrics(
@@ -310,10 +311,10 @@ def close_run(config: dict, pipeline_run_id: str, status: dsl.PipelineTaskFinalS
     """End the pipeline's MLflow run with the run's outcome (the exit handler: runs after failures too)."""
     from preftune.components import runtime
 
-    from preftune import steps
+    from preftune.pipeline.lifecycle import close_pipeline_run
 
     runtime.call(
-        steps.close_pipeline_run,
+        close_pipeline_run,
         config=config,
         pipeline_run_id=pipeline_run_id,
         state=str(status.state or ""),

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-def call(fn: Callable[..., dict[str, Any]], /, **kwargs: Any) -> dict[str, Any]:
-    """Run a ``preftune.steps`` function; a PreftuneError exits the task with its code and one line."""
+def call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """Run a step (a :mod:`preftune.pipeline` function); a PreftuneError exits the task with its code and one line."""
     from preftune.errors import PreftuneError
 
     try:
@@ -40,7 +40,7 @@ def write_param(path: str, value: str) -> None:
 
 def write_metrics(artifact: Any, metrics: Mapping[str, float]) -> None:
     """Log ``metrics`` on a kfp Metrics artifact (shown by the Kubeflow UI) and write them to its file."""
-    from preftune.steps import metric_key, write_metrics_file
+    from preftune.pipeline.artifacts import metric_key, write_metrics_file
 
     clean = {metric_key(k): float(v) for k, v in metrics.items()}
     for k, v in clean.items():

@@ -133,13 +133,15 @@ def run_local(
 ) -> LocalRun:
     """Run the pipeline for ``cfg`` locally and return its outcome (read from its MLflow run).
 
-    The caller checks the run first (:func:`preftune.steps.preflight` with ``local=True``).
+    The caller checks the run first (:func:`preftune.pipeline.preflight.preflight` with ``local=True``).
     ``notify(task, "started" | "succeeded" | "failed", seconds)`` is called as tasks start and end.
     """
     from kfp import local
     from preftune.pipelines.retraining import build_pipeline, pipeline_parameters
 
-    from preftune import steps, tracking
+    from preftune import tracking
+    from preftune.pipeline.context import environ
+    from preftune.pipeline.lifecycle import read_outcome
 
     base = Path(root) if root is not None else pipelines_home()
     (base / "logs").mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ def run_local(
         **TASK_ENV,
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
     }
-    with open(log_path, "w", encoding="utf-8") as log, steps._environ(**env), warnings.catch_warnings():
+    with open(log_path, "w", encoding="utf-8") as log, environ(**env), warnings.catch_warnings():
         # The subprocess runner warns that the preftune image is not a Python image (it runs this
         # interpreter instead, which has preftune), and that resources have no local effect.
         warnings.filterwarnings("ignore", message=".*base image.*", category=RuntimeWarning)
@@ -176,7 +178,7 @@ def run_local(
         tracker.flush()
         outcome = None
         with contextlib.suppress(Exception):
-            outcome = steps.read_outcome(cfg, pid)
+            outcome = read_outcome(cfg, pid)
     return LocalRun(
         pipeline_run_id=pid,
         outcome=outcome,

@@ -1,8 +1,8 @@
 """The ``preference-pilot`` pipeline: the retraining pipeline's components on a slice, then a go / no-go report.
 
-Same components as ``preference-retraining`` (:mod:`preftune.components.retraining`), run with the
-pilot's config (:func:`preftune.pilot.run.pilot_config`: a slice of the prompts, a short PPO, no
-reward gate), plus one thin ``pilot-report`` task that calls :func:`preftune.pilot.run.build_report`.
+Same graph as ``preference-retraining`` up to evaluate (:func:`preftune.pipelines.graph.add_shared_steps`),
+run with the pilot's config (:func:`preftune.pilot.run.pilot_config`: a slice of the prompts, a
+short PPO, no reward gate), plus one thin ``pilot-report`` task that calls :func:`preftune.pilot.run.build_report`.
 Nothing is promoted. Shape::
 
     exit handler [close-run]
@@ -37,6 +37,7 @@ def build_pilot_pipeline(cfg: "RunConfig | None" = None, *, target: Target = "cl
     """The ``preference-pilot`` pipeline for ``cfg`` (default: the default run config)."""
     from kfp import dsl
     from preftune.components import retraining as c
+    from preftune.pipelines.graph import SharedTasks, add_shared_steps
 
     from preftune.config import RunConfig
     from preftune.pilot.run import pilot_config
@@ -57,70 +58,29 @@ def build_pilot_pipeline(cfg: "RunConfig | None" = None, *, target: Target = "cl
 
     @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
     def preference_pilot(config: dict = step_config, full_config: dict = full_config_default):  # noqa: B006
-        finish = setup(
-            c.close_run(config=config, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "close-run", cache=False
-        )
-        with dsl.ExitHandler(finish, name="pilot"):
-            start = setup(
-                c.open_run(
-                    config=config, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kubernetes_hash=kubernetes_hash
+        def report(t: SharedTasks) -> None:
+            setup(
+                c.pilot_report(
+                    full_config=full_config,
+                    fit_dataset=t.fit.outputs["fit_dataset"],
+                    reward_model=t.reward_model,
+                    policy=t.policy,
+                    evaluation=t.evaluated.outputs["evaluation"],
                 ),
-                "open-run",
+                "pilot-report",
                 cache=False,
             )
-            snapshot = start.outputs["Output"]
-            collected = setup(c.collect(config=config, snapshot=snapshot), "collect", cache=caching)
-            fit = setup(
-                c.check_fit(
-                    config=config,
-                    snapshot=snapshot,
-                    dataset=collected.outputs["dataset"],
-                    dataset_hash=collected.outputs["Output"],
-                ),
-                "check-fit",
-                cache=caching,
-            )
-            fit_hash = fit.outputs["fit_dataset_hash"]
-            with dsl.If(fit.outputs["Output"] == True, name="fit-for-ppo"):  # noqa: E712 - a kfp condition
-                # the pilot's config has no reward gate (min_accuracy 0): the report judges the reward model
-                reward = setup(
-                    c.train_reward(
-                        config=config, snapshot=snapshot, dataset=fit.outputs["fit_dataset"], dataset_hash=fit_hash
-                    ),
-                    "train-reward",
-                    cache=caching,
-                )
-                trained = setup(
-                    c.ppo(
-                        config=config,
-                        snapshot=snapshot,
-                        dataset_hash=fit_hash,
-                        reward_model=reward.outputs["reward_model"],
-                    ),
-                    "ppo",
-                    cache=caching,
-                )
-                evaluated = setup(
-                    c.evaluate(
-                        config=config,
-                        dataset_hash=fit_hash,
-                        policy=trained.outputs["policy"],
-                        reward_model=reward.outputs["reward_model"],
-                    ),
-                    "evaluate",
-                    cache=False,
-                )
-                setup(
-                    c.pilot_report(
-                        full_config=full_config,
-                        fit_dataset=fit.outputs["fit_dataset"],
-                        reward_model=reward.outputs["reward_model"],
-                        policy=trained.outputs["policy"],
-                        evaluation=evaluated.outputs["evaluation"],
-                    ),
-                    "pilot-report",
-                    cache=False,
-                )
+
+        # the pilot's config has no reward gate (min_accuracy 0): the report judges the reward model
+        add_shared_steps(
+            config,
+            setup,
+            kubernetes_hash=kubernetes_hash,
+            caching=caching,
+            exit_group="pilot",
+            reward_gate=False,
+            then=report,
+        )
 
     return preference_pilot
 

@@ -9,7 +9,8 @@ One definition for every target. :func:`build_pipeline` returns the pipeline for
   Kubernetes settings; retries are left out too (a local step that fails for a real reason
   should fail at once, not after minutes of back-off).
 
-Shape (task names in brackets)::
+The shared part (open-run to evaluate) is :func:`preftune.pipelines.graph.add_shared_steps`;
+this pipeline adds promote behind the evaluation gate. Shape (task names in brackets)::
 
     exit handler [close-run]: ends the MLflow run with the outcome, whatever happened
     └─ [open-run] config + inputs checked, data snapshot, MLflow parent run
@@ -125,6 +126,7 @@ def build_pipeline(cfg: "RunConfig | None" = None, *, target: Target = "cluster"
     """The ``preference-retraining`` pipeline for ``cfg`` (default: the default run config)."""
     from kfp import dsl
     from preftune.components import retraining as c
+    from preftune.pipelines.graph import SharedTasks, add_shared_steps
 
     from preftune.config import RunConfig
 
@@ -140,73 +142,31 @@ def build_pipeline(cfg: "RunConfig | None" = None, *, target: Target = "cluster"
             apply_kubernetes(task, name, k)
         return task
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
-    def preference_retraining(config: dict = default_config):  # noqa: B006 - kfp reads the default
-        finish = setup(
-            c.close_run(config=config, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "close-run", cache=False
-        )
-        with dsl.ExitHandler(finish, name="retraining"):
-            start = setup(
-                c.open_run(
-                    config=config, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kubernetes_hash=kubernetes_hash
+    def promote_if_passed(t: SharedTasks) -> None:
+        with dsl.If(t.evaluated.outputs["Output"] == True, name="evaluation-passed"):  # noqa: E712
+            setup(
+                c.promote(
+                    config=t.config,
+                    dataset_hash=t.fit_hash,
+                    eval_run_id=t.evaluated.outputs["eval_run_id"],
+                    policy=t.policy,
+                    reward_model=t.reward_model,
                 ),
-                "open-run",
+                "promote",
                 cache=False,
             )
-            snapshot = start.outputs["Output"]
-            collected = setup(c.collect(config=config, snapshot=snapshot), "collect", cache=caching)
-            fit = setup(
-                c.check_fit(
-                    config=config,
-                    snapshot=snapshot,
-                    dataset=collected.outputs["dataset"],
-                    dataset_hash=collected.outputs["Output"],
-                ),
-                "check-fit",
-                cache=caching,
-            )
-            fit_hash = fit.outputs["fit_dataset_hash"]
-            with dsl.If(fit.outputs["Output"] == True, name="fit-for-ppo"):  # noqa: E712 - a kfp condition
-                reward = setup(
-                    c.train_reward(
-                        config=config, snapshot=snapshot, dataset=fit.outputs["fit_dataset"], dataset_hash=fit_hash
-                    ),
-                    "train-reward",
-                    cache=caching,
-                )
-                with dsl.If(reward.outputs["Output"] == True, name="reward-gate-passed"):  # noqa: E712
-                    trained = setup(
-                        c.ppo(
-                            config=config,
-                            snapshot=snapshot,
-                            dataset_hash=fit_hash,
-                            reward_model=reward.outputs["reward_model"],
-                        ),
-                        "ppo",
-                        cache=caching,
-                    )
-                    evaluated = setup(
-                        c.evaluate(
-                            config=config,
-                            dataset_hash=fit_hash,
-                            policy=trained.outputs["policy"],
-                            reward_model=reward.outputs["reward_model"],
-                        ),
-                        "evaluate",
-                        cache=False,
-                    )
-                    with dsl.If(evaluated.outputs["Output"] == True, name="evaluation-passed"):  # noqa: E712
-                        setup(
-                            c.promote(
-                                config=config,
-                                dataset_hash=fit_hash,
-                                eval_run_id=evaluated.outputs["eval_run_id"],
-                                policy=trained.outputs["policy"],
-                                reward_model=reward.outputs["reward_model"],
-                            ),
-                            "promote",
-                            cache=False,
-                        )
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+    def preference_retraining(config: dict = default_config):  # noqa: B006 - kfp reads the default
+        add_shared_steps(
+            config,
+            setup,
+            kubernetes_hash=kubernetes_hash,
+            caching=caching,
+            exit_group="retraining",
+            reward_gate=True,
+            then=promote_if_passed,
+        )
 
     return preference_retraining
 
@@ -220,8 +180,8 @@ def compile_pipeline(cfg: "RunConfig | None", package_path: str) -> str:
 
 
 def default_parameter(cfg: "RunConfig") -> dict[str, Any]:
-    """The ``config`` parameter for ``cfg``: see :func:`preftune.steps.config_parameter`."""
-    from preftune.steps import config_parameter
+    """The ``config`` parameter for ``cfg``: see :func:`preftune.pipeline.parameters.config_parameter`."""
+    from preftune.pipeline.parameters import config_parameter
 
     return config_parameter(cfg)
 

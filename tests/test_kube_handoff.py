@@ -17,7 +17,7 @@ import pytest
 from test_kube_trainjob import schema_problems
 from test_pipeline_spec import COMMITTED, gpu_config, k8s_executor, load_compiled, tasks_of
 
-from preftune import steps
+from preftune import pipeline
 from preftune.config import RunConfig, parse_config
 from preftune.errors import ConfigError, CredentialsError, ExitCode, PreftuneError
 from preftune.kube import handoff
@@ -107,7 +107,7 @@ def run_nodes(manifest: dict[str, Any]) -> None:
 
     env = env_of(manifest)
     cfg = parse_config(json.loads(env[tj.ENV_RUN_CONFIG]), "node config")
-    with steps._environ(
+    with pipeline.environ(
         **{
             ENV_PIPELINE_RUN_ID: env.get(ENV_PIPELINE_RUN_ID),
             ENV_PARENT_RUN_ID: env.get(ENV_PARENT_RUN_ID),
@@ -125,14 +125,14 @@ def test_the_handed_off_step_trains_in_one_trainjob_and_returns_what_the_in_pod_
     root = f"s3://{s3_bucket}/preftune"
     in_pod = run_config(world, root, s3_server, enabled=False)
     monkeypatch.setenv("PREFTUNE_PIPELINE_RUN_ID", "run-in-pod")
-    expected = steps.ppo(
+    expected = pipeline.ppo(
         in_pod, str(world["reward"]), str(tmp_path / "in-pod"), snapshot="snap-1", dataset_hash="fit-1"
     )
 
     monkeypatch.setenv("PREFTUNE_PIPELINE_RUN_ID", "run-handoff")
     api = FakeTrainer(COMPLETE, nodes=run_nodes)
     out = tmp_path / "task-output" / "policy"
-    got = steps.ppo(
+    got = pipeline.ppo(
         run_config(world, root, s3_server, enabled=True),
         str(world["reward"]),
         str(out),
@@ -163,30 +163,30 @@ def test_the_handed_off_step_trains_in_one_trainjob_and_returns_what_the_in_pod_
         assert (published / rel).read_bytes() == (world["reward"] / rel).read_bytes(), rel
 
     # the task's output is the policy the nodes published; the figures are the in-pod step's
-    assert got["status"] == "ok" and got["policy_dir"] == str(out)
+    assert got.status == "ok" and got.policy_dir == str(out)
     meta = json.loads((out / "ppo_policy.json").read_text())
     assert meta["reward_model"] == env[tj.ENV_REWARD_MODEL]
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in (tmp_path / "in-pod").iterdir())
     for key in ("updates", "resumed_from", "kl_budget", "kl_within_budget", "input_dataset_hash"):
-        assert got[key] == expected[key], key
+        assert getattr(got, key) == getattr(expected, key), key
     for key in ("kl", "reward_gain", "reward_first", "reward_final"):
-        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
-    assert got["updates"] == 2 and got["resumed_from"] is None
-    assert set(got["metrics"]) == set(expected["metrics"])
-    for key, value in expected["metrics"].items():
+        assert getattr(got, key) == pytest.approx(getattr(expected, key), rel=1e-4, abs=1e-6), key
+    assert got.updates == 2 and got.resumed_from is None
+    assert set(got.metrics) == set(expected.metrics)
+    for key, value in expected.metrics.items():
         if key not in TIMING:
-            assert got["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    assert set(got) - set(expected) == {"trainjob", "trainjob_namespace", "policy_uri"}
-    assert got["trainjob"] == manifest["metadata"]["name"] and got["trainjob_namespace"] == "ml-train"
-    assert got["policy_uri"] == env[tj.ENV_OUTPUT]
-    assert f"in TrainJob ml-train/{got['trainjob']}" in got["report_md"]
+            assert got.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert set(got.outputs()) - set(expected.outputs()) == {"trainjob", "trainjob_namespace", "policy_uri"}
+    assert got.trainjob == manifest["metadata"]["name"] and got.trainjob_namespace == "ml-train"
+    assert got.policy_uri == env[tj.ENV_OUTPUT]
+    assert f"in TrainJob ml-train/{got.trainjob}" in got.report_md
 
     # MLflow: the step record points at the run the nodes logged, nested under the same pipeline run
     import mlflow
 
-    run_id = got["mlflow_run_id"]
-    assert run_id and run_id == meta["mlflow_run_id"] and run_id != expected["mlflow_run_id"]
+    run_id = got.mlflow_run_id
+    assert run_id and run_id == meta["mlflow_run_id"] and run_id != expected.mlflow_run_id
     run = mlflow.tracking.MlflowClient().get_run(run_id)
     assert run.data.tags["preftune.step"] == "ppo"
     assert run.data.tags["preftune.pipeline_run_id"] == "run-handoff"
@@ -210,7 +210,7 @@ def test_a_failed_trainjob_fails_the_step_and_publishes_nothing(
     out = tmp_path / "task-output" / "policy"
     cfg = run_config(world, f"s3://{s3_bucket}/preftune", s3_server, enabled=True)
     with pytest.raises(PreftuneError) as err:
-        steps.ppo(cfg, str(world["reward"]), str(out), snapshot="snap-1", dataset_hash="fit-1", trainer_api=api)
+        pipeline.ppo(cfg, str(world["reward"]), str(out), snapshot="snap-1", dataset_hash="fit-1", trainer_api=api)
     name = api.created[0][4]["metadata"]["name"]
     assert len(api.created) == 1
     text = err.value.message
@@ -225,7 +225,7 @@ def test_a_trainjob_that_completes_without_a_policy_is_an_error(world, s3_server
     cfg = run_config(world, f"s3://{s3_bucket}/preftune", s3_server, enabled=True)
     out = tmp_path / "policy"
     with pytest.raises(PreftuneError, match="completed but published no policy at s3://"):
-        steps.ppo(
+        pipeline.ppo(
             cfg, str(world["reward"]), str(out), snapshot="s", dataset_hash="h", trainer_api=FakeTrainer(COMPLETE)
         )
     assert not out.exists()
@@ -237,10 +237,10 @@ def test_storage_root_must_be_shared_before_anything_is_submitted(world, tmp_pat
     for root in (None, str(tmp_path / "artifacts")):
         cfg = run_config(world, root, None, enabled=True)
         with pytest.raises(ConfigError, match="storage.root") as err:
-            steps.ppo(cfg, str(world["reward"]), str(tmp_path / "o"), snapshot="s", dataset_hash="h", trainer_api=api)
+            pipeline.ppo(cfg, str(world["reward"]), str(tmp_path / "o"), snapshot="s", dataset_hash="h", trainer_api=api)
         assert err.value.exit_code == ExitCode.CONFIG
         with pytest.raises(ConfigError, match="storage.root"):
-            steps.preflight(parse_config(cfg), local=False, check_tracking=False, check_storage=False)
+            pipeline.preflight(parse_config(cfg), local=False, check_tracking=False, check_storage=False)
     assert api.created == []
     # a root on the shared model-cache claim is fine: every node mounts it
     cfg = parse_config(
@@ -266,7 +266,7 @@ def test_a_refused_trainjob_names_the_rbac_it_needs(world, s3_server, s3_bucket,
     with pytest.raises(
         CredentialsError, match="create and get on trainjobs.trainer.kubeflow.org in namespace ml-train"
     ):
-        steps.ppo(
+        pipeline.ppo(
             cfg,
             str(world["reward"]),
             str(tmp_path / "o"),

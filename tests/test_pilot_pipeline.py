@@ -12,7 +12,7 @@ from preftune.config import parse_config
 def test_pilot_pipeline_compiles_with_the_retraining_components_and_a_report(tmp_path: Path):
     from preftune.pipelines.pilot import compile_pilot_pipeline
 
-    from preftune.steps import load
+    from preftune.pipeline import load
 
     cfg = parse_config({"pilot": {"fraction": 0.1, "ppo_updates": 5}, "run": {"name": "team-x"}})
     path = tmp_path / "pilot.yaml"

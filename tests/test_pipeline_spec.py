@@ -259,7 +259,7 @@ def test_secrets_are_env_from_secret_refs_and_never_parameters(gpu_compiled):
 
 def test_a_config_with_another_kubernetes_section_is_refused_at_run_time():
     from preftune.errors import ConfigError
-    from preftune.steps import config_parameter, open_pipeline_run
+    from preftune.pipeline import config_parameter, open_pipeline_run
 
     compiled_hash = RunConfig().kubernetes.platform_hash()
     other = gpu_config()
@@ -295,7 +295,7 @@ def test_a_config_with_another_kubernetes_section_is_refused_at_run_time():
 )
 def test_the_config_parameter_carries_a_run_config_exactly(data):
     """Kubeflow parameters (and the local runner) hold no nulls: they travel as null_fields and come back."""
-    from preftune.steps import config_parameter, load
+    from preftune.pipeline import config_parameter, load
 
     cfg = parse_config(data)
     param = config_parameter(cfg)

@@ -1,4 +1,4 @@
-"""``preftune.steps``, the kfp-free facade the components call: snapshots, outcomes, pre-flight checks.
+"""``preftune.pipeline``, the kfp-free layer the components call: snapshots, outcomes, pre-flight checks.
 
 The data snapshot is what keeps a scheduled run from being served an old run's cached outputs:
 it must change whenever a file the cached steps read changes (local or on S3), and only then.
@@ -14,7 +14,7 @@ import pytest
 
 from preftune.config import parse_config
 from preftune.errors import ConfigError, ExitCode, InputError
-from preftune.steps import data_snapshot, decide_outcome, preflight
+from preftune.pipeline import data_snapshot, decide_outcome, preflight
 
 
 def _service_config(judgements: str, policy: str | None = None, **storage):

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from preftune.config import parse_config
-from preftune.steps import config_parameter, load
+from preftune.pipeline import config_parameter, load
 
 API = "/apis/v2beta1"
 

@@ -81,7 +81,7 @@ def print_outcome(console: Any, outcome: dict[str, Any], task_seconds: dict[str,
     """The run's steps and outcome as a table."""
     from rich.table import Table
 
-    from preftune.steps import STEPS
+    from preftune.pipeline.graph import STEPS
 
     table = Table(title=f"preference-retraining {outcome.get('pipeline_run_id')}")
     table.add_column("step")
@@ -107,10 +107,10 @@ def run_local_with_progress(cfg: Any, console: Any, *, verbose: bool = False) ->
     """Preflight, then the local run with one console line per task; returns the LocalRun."""
     from rich.console import Console
 
-    from preftune import steps
+    from preftune.pipeline.preflight import preflight
     from preftune.pipelines.local import run_local
 
-    steps.preflight(cfg, local=True)
+    preflight(cfg, local=True)
     # the local runner's output is redirected to its log while it runs: keep the progress on the real stream
     live = Console(file=console.file, stderr=console.stderr)
 
@@ -172,14 +172,14 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from preftune import steps
+        from preftune.pipeline.preflight import preflight
 
         console = Console(stderr=output_json)
         cfg = _load(config)
         if host:
             from preftune.pipelines.client import submit_run
 
-            steps.preflight(cfg, local=False, check_tracking=False, check_storage=False)
+            preflight(cfg, local=False, check_tracking=False, check_storage=False)
             res = submit_run(cfg, host, experiment=experiment, run_name=run_name, namespace=namespace)
             if output_json:
                 typer.echo(json.dumps(res, indent=2))
@@ -271,10 +271,10 @@ def register(app: typer.Typer) -> None:
             return
         if config is None or cron is None:
             raise ConfigError("schedule: give --config and --cron (or --list / --delete)")
-        from preftune import steps
+        from preftune.pipeline.preflight import preflight
 
         cfg = _load(config)
-        steps.preflight(cfg, local=False, check_tracking=False, check_storage=False)
+        preflight(cfg, local=False, check_tracking=False, check_storage=False)
         res = client.schedule(
             cfg,
             host,

@@ -4,7 +4,7 @@ Why a config section and not pipeline parameters: Kubernetes settings (image, re
 node placement, secrets, volumes) are part of the compiled pipeline's platform spec, fixed when
 the pipeline is compiled (``preftune compile --config``, ``preftune run --host``, ``preftune
 schedule``); the run config travels with the run as its one structured parameter, and the
-pipeline's first task checks that both agree (see ``preftune.steps.open_pipeline_run``).
+pipeline's first task checks that both agree (see ``preftune.pipeline.lifecycle.open_pipeline_run``).
 
 No kfp import here: the library builds plain values; ``preftune.pipelines`` applies them with
 kfp-kubernetes.

@@ -1,7 +1,7 @@
 """The pipeline's ppo step handed to Kubeflow Trainer: publish the input, submit, wait, copy the policy back.
 
 With ``kubernetes.trainer.enabled`` the ppo task of the pipeline does not train in its own pod;
-:func:`preftune.steps.ppo` calls :func:`run_handoff` instead of ``run_ppo``:
+:func:`preftune.pipeline.adapters.ppo.ppo` calls :func:`run_handoff` instead of ``run_ppo``:
 
 1. ``storage.root`` must be reachable from every node: ``s3://``, or a path on the model-cache
    claim (``kubernetes.model_cache``); ConfigError (exit 2) otherwise.

@@ -1,7 +1,8 @@
 """``preftune pilot``: collect -> check-fit -> train-reward -> short PPO -> evaluate, on a slice, then a report.
 
-The pilot runs the *same* step functions as the retraining pipeline (:mod:`preftune.steps`, what
-the Kubeflow components call), in this process, on a config derived from the run config by
+The pilot runs the *same* step adapters as the retraining pipeline (:mod:`preftune.pipeline`, what
+the Kubeflow components call), walking one step table (:data:`PILOT_STEPS`) in this process, on
+the ``RunConfig`` itself, derived from the run config by
 :func:`pilot_config`: a slice of the prompts (``pilot.fraction``), a fixed PPO budget
 (``pilot.ppo_updates`` / ``pilot.ppo_minutes``), no reward gate (the pilot judges the reward model
 itself and reports it), the drift guards set to warn, and the candidate compared with the
@@ -20,13 +21,16 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune import pipeline as pl
 from preftune.config import RunConfig
 from preftune.errors import PreftuneError
 from preftune.pilot import report as rep
+from preftune.pipeline.records import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -154,18 +158,18 @@ def build_report(
     """
     import mlflow
 
-    from preftune import steps, tracking
+    from preftune import tracking
 
-    cfg = steps.load(config)
+    cfg = pl.load(config)
     pcfg = pilot_config(cfg)
     if parent_run_id is None:  # in the pipeline: the pipeline's MLflow run, found by its run id
         parent_run_id = os.environ.get(tracking.ENV_PARENT_RUN_ID) or None
         if parent_run_id is None:
             with contextlib.suppress(Exception):
-                parent_run_id = steps.find_pipeline_run(pcfg, steps.pipeline_id())
+                parent_run_id = pl.find_pipeline_run(pcfg, pl.pipeline_id())
     if step_seconds is None and parent_run_id is not None:
         with contextlib.suppress(Exception):  # the pipeline: each step's summary under the run has its seconds
-            found = steps.gather_steps(pcfg, steps.pipeline_id(), None, parent=parent_run_id)
+            found = pl.gather_steps(pcfg, pl.pipeline_id(), None, parent=parent_run_id)
             step_seconds = {
                 name: float(s["seconds"]) for name, s in found.items() if isinstance(s.get("seconds"), (int, float))
             }
@@ -199,6 +203,82 @@ def build_report(
     return report
 
 
+@dataclass
+class _Pilot:
+    """One pilot while it runs: its config, folders and the results of the steps so far."""
+
+    cfg: RunConfig
+    work: Path
+    snapshot: str
+    reward_model: str | None
+    """An existing reward-model folder to pilot instead of training one (``--reward-model``)."""
+    results: dict[str, StepResult] = field(default_factory=dict)
+
+    def dir(self, name: str) -> str:
+        return str(self.work / name)
+
+    @property
+    def fit(self) -> bool:
+        res = self.results.get("check-fit")
+        return bool(res is not None and res.fit)
+
+    @property
+    def fit_hash(self) -> str:
+        return self.results["check-fit"].dataset_hash
+
+    @property
+    def reward_dir(self) -> str:
+        return self.reward_model or self.dir("reward_model")
+
+
+@dataclass(frozen=True)
+class PilotStep:
+    """One row of the pilot's step table: a step of :data:`preftune.pipeline.graph.SHARED_STEPS`."""
+
+    name: str
+    run: Callable[[_Pilot], StepResult]
+    when: Callable[[_Pilot], bool] = lambda p: True
+    folder: str | None = None
+    """The step's output folder under the pilot's ``steps/`` folder (what the report reads)."""
+
+
+def _fit(p: _Pilot) -> bool:
+    return p.fit
+
+
+PILOT_STEPS: tuple[PilotStep, ...] = (
+    PilotStep("collect", lambda p: pl.collect(p.cfg, p.dir("dataset"), snapshot=p.snapshot), folder="dataset"),
+    PilotStep(
+        "check-fit",
+        lambda p: pl.check_fit(
+            p.cfg, p.dir("dataset"), p.dir("fit"), snapshot=p.snapshot, dataset_hash=p.results["collect"].dataset_hash
+        ),
+        folder="fit",
+    ),
+    PilotStep(
+        "train-reward",
+        lambda p: pl.train_reward(
+            p.cfg, p.dir("fit"), p.dir("reward_model"), snapshot=p.snapshot, dataset_hash=p.fit_hash
+        ),
+        when=lambda p: p.fit and p.reward_model is None,
+        folder="reward_model",
+    ),
+    PilotStep(
+        "ppo",
+        lambda p: pl.ppo(p.cfg, p.reward_dir, p.dir("policy"), snapshot=p.snapshot, dataset_hash=p.fit_hash),
+        when=_fit,
+        folder="policy",
+    ),
+    PilotStep(
+        "evaluate",
+        lambda p: pl.evaluate(p.cfg, p.dir("policy"), p.reward_dir, p.dir("evaluation"), dataset_hash=p.fit_hash),
+        when=_fit,
+        folder="evaluation",
+    ),
+)
+"""The steps the pilot runs in this process, in the pipeline's order (the same adapters as the components)."""
+
+
 def run_pilot(
     cfg: RunConfig,
     output: str,
@@ -212,73 +292,44 @@ def run_pilot(
     (its ``reward_model.json`` supplies the held-out accuracy). ``progress(step)`` is called as each
     step starts.
     """
-    from preftune import steps, tracking
+    from preftune import tracking
 
     t0 = time.time()
     pcfg = pilot_config(cfg, champion_exists=_champion_exists(cfg))
-    conf = steps.config_parameter(pcfg)
     say = progress or (lambda step: None)
     work = Path(output) / "steps"
     work.mkdir(parents=True, exist_ok=True)
     pid = f"pilot-{uuid.uuid4().hex[:12]}"  # one MLflow tree per pilot, even several in one process
-    secs: dict[str, float] = {}
-    with steps._environ(**{tracking.ENV_PIPELINE_RUN_ID: pid}):
-        opened = steps.open_pipeline_run(conf, pid, local=True, started_at=t0)
-        snap = opened["snapshot"]
-        with steps._environ(**{tracking.ENV_PARENT_RUN_ID: opened["parent_run_id"]}):
+    with pl.environ(**{tracking.ENV_PIPELINE_RUN_ID: pid}):
+        opened = pl.open_pipeline_run(pcfg, pid, local=True, started_at=t0)
+        with pl.environ(**{tracking.ENV_PARENT_RUN_ID: opened.parent_run_id}):
             state = "SUCCEEDED"
             try:
-                say("collect")
-                col = steps.collect(conf, str(work / "dataset"), snapshot=snap)
-                secs["collect"] = col["seconds"]
-                say("check-fit")
-                fit = steps.check_fit(
-                    conf, str(work / "dataset"), str(work / "fit"), snapshot=snap, dataset_hash=col["dataset_hash"]
-                )
-                secs["check-fit"] = fit["seconds"]
-                rm_dir = policy_dir = eval_dir = None
-                if fit["fit"]:
-                    rm_dir = reward_model
-                    if rm_dir is None:
-                        say("train-reward")
-                        rw = steps.train_reward(
-                            conf,
-                            str(work / "fit"),
-                            str(work / "reward_model"),
-                            snapshot=snap,
-                            dataset_hash=fit["dataset_hash"],
-                        )
-                        secs["train-reward"] = rw["seconds"]
-                        rm_dir = str(work / "reward_model")
-                    say("ppo")
-                    pp = steps.ppo(conf, rm_dir, str(work / "policy"), snapshot=snap, dataset_hash=fit["dataset_hash"])
-                    secs["ppo"] = pp["seconds"]
-                    policy_dir = str(work / "policy")
-                    say("evaluate")
-                    ev = steps.evaluate(
-                        conf, policy_dir, rm_dir, str(work / "evaluation"), dataset_hash=fit["dataset_hash"]
-                    )
-                    secs["evaluate"] = ev["seconds"]
-                    eval_dir = str(work / "evaluation")
+                pilot = _Pilot(pcfg, work, opened.snapshot, reward_model)
+                for step in PILOT_STEPS:
+                    if step.when(pilot):
+                        say(step.name)
+                        pilot.results[step.name] = step.run(pilot)
+                ran = {s.folder: pilot.dir(s.folder) for s in PILOT_STEPS if s.name in pilot.results and s.folder}
                 say("report")
                 out = build_report(
                     cfg,
-                    str(work / "fit"),
-                    rm_dir,
-                    policy_dir,
-                    eval_dir,
+                    pilot.dir("fit"),
+                    pilot.reward_dir if pilot.fit else None,
+                    ran.get("policy"),
+                    ran.get("evaluation"),
                     output,
-                    step_seconds=secs,
-                    dataset_dir=str(work / "dataset"),
+                    step_seconds={name: r.seconds for name, r in pilot.results.items() if r.seconds is not None},
+                    dataset_dir=pilot.dir("dataset"),
                     seconds=time.time() - t0,
-                    parent_run_id=opened["parent_run_id"],
+                    parent_run_id=opened.parent_run_id,
                 )
             except BaseException:
                 state = "FAILED"
                 raise
             finally:
                 with contextlib.suppress(PreftuneError):
-                    steps.close_pipeline_run(conf, pid, state=state)
+                    pl.close_pipeline_run(pcfg, pid, state=state)
     out["seconds"] = time.time() - t0
     out["pipeline_run_id"] = pid
     return out

@@ -1,0 +1,78 @@
+"""check-fit as a pipeline step: agreement and coverage per family; ``fit`` says whether the run goes on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from preftune.pipeline.parameters import load
+from preftune.pipeline.records import StepResult, finite_metrics, step_run
+
+if TYPE_CHECKING:  # pragma: no cover
+    from preftune.config import RunConfig
+
+
+@dataclass(kw_only=True)
+class CheckFitStepResult(StepResult):
+    """The verdict per family and the dataset of the fit families (``dataset_hash``; empty when not fit)."""
+
+    fit: bool
+    input_dataset_hash: str
+    dataset_hash: str
+    fit_families: list[str] = field(default_factory=list)
+    unfit_families: list[str] = field(default_factory=list)
+    excluded_families: list[str] = field(default_factory=list)
+    stop_reason: str | None = None
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per family: verdict, reason, action, alpha (Krippendorff) and coverage share."""
+
+
+def check_fit(
+    config: Mapping[str, Any] | RunConfig,
+    dataset: str,
+    output: str,
+    *,
+    snapshot: str,
+    dataset_hash: str,
+    started_at: float | None = None,
+) -> CheckFitStepResult:
+    """check-fit: agreement and coverage per family; ``fit`` is False when the run must stop (clean stop)."""
+    from preftune.fit.check import NotFitError, run_check_fit
+
+    cfg = load(config)
+    with step_run("check-fit", cfg, snapshot, started_at) as run:
+        try:
+            report = run_check_fit(dataset, cfg, output, pipeline_run_id=run.pipeline_run_id)
+            fit = True
+        except NotFitError as err:
+            report, fit = err.report, False
+        verdicts = {
+            f: {
+                "verdict": r.verdict,
+                "reason": r.reason,
+                "action": r.action,
+                "alpha": (r.agreement or {}).get("alpha"),
+                "coverage": (r.coverage or {}).get("share"),
+            }
+            for f, r in report.families.items()
+        }
+        metrics = finite_metrics({f"fit.{f}.alpha": v["alpha"] for f, v in verdicts.items() if v["alpha"] is not None})
+        metrics["fit.fit_families"] = float(len(report.fit_families))
+        run.finish(
+            CheckFitStepResult(
+                status="ok" if fit else "stopped",
+                fit=fit,
+                input_dataset_hash=dataset_hash,
+                dataset_hash=report.output_hash if fit else "",
+                fit_families=report.fit_families,
+                unfit_families=report.unfit_families,
+                excluded_families=report.excluded_families,
+                stop_reason=report.stop_reason,
+                verdicts=verdicts,
+                mlflow_run_id=report.mlflow_run_id,
+                metrics=metrics,
+                report_md=report.to_markdown(),
+            )
+        )
+    return run.result
