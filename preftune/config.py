@@ -22,6 +22,7 @@ from preftune.evaluate.config import EvaluationSection, PromotionSection
 from preftune.kube.config import KubernetesSection
 from preftune.pilot.config import PilotSection
 from preftune.ppo.config import PPOSection
+from preftune.observe.config import ObserveSection
 
 
 class RunSection(Section):
@@ -258,6 +259,7 @@ def _line_of(source: str, loc: tuple[Any, ...]) -> int | None:
                 key_nodes = [k for k, _ in node.value if k.value == str(key)]
                 return key_nodes[0].start_mark.line + 1 if key_nodes else line
             node = match[0]
+    observe: ObserveSection = Field(default_factory=ObserveSection)
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
         else:

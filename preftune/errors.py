@@ -19,6 +19,8 @@ class ExitCode:
     REWARD_GATE = 11  # train-reward: held-out accuracy below the gate
     TRAINING_DIVERGED = 12  # ppo: NaN/inf or KL blow-up
     GATE_FAILED = 13  # evaluate/promote: a gate failed, champion unchanged
+    DRIFT = 20  # observe: the champion's behaviour mix moved (drift test), no gate broken
+    REGRESSION = 21  # observe: a forbidden share broke its gate in production
 
 
 class PreftuneError(Exception):

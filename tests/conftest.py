@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 from support.mlflow_server import *  # noqa: E402,F401,F403
 from support.postgres import *  # noqa: E402,F401,F403
+from support.pushgateway import *  # noqa: E402,F401,F403
 from support.s3 import *  # noqa: E402,F401,F403
 
 

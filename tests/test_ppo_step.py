@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -237,40 +235,6 @@ def test_killed_run_resumes_with_the_same_command_and_ends_like_an_uninterrupted
         assert g.keys() == w.keys()
         for k in w:
             assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (k, w["update"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def pushgateway() -> str:
-    """A real Prometheus Pushgateway on loopback (Debian's prometheus-pushgateway)."""
-    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus-pushgateway is not installed (apt-get install -y prometheus-pushgateway)")
-        pytest.skip("prometheus-pushgateway is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(url + "/-/ready", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("the Pushgateway did not become ready")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_gauges_reach_a_real_pushgateway(world: dict[str, Path], tmp_path: Path, pushgateway: str) -> None:

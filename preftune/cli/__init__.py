@@ -25,6 +25,7 @@ from preftune.cli import (
     judge_cmd,
     kube_cmd,
     pilot_cmd,
+    observe_cmd,
     pipeline_cmd,
     ppo_cmd,
     reward_cmd,
@@ -62,6 +63,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(kube_cmd.app, name="kube")
 app.add_typer(judge_cmd.app, name="judge")
 demo_cmd.register(app)
+app.add_typer(observe_cmd.app, name="observe")
 collect_cmd.register(app)
 reward_cmd.register(app)
 ppo_cmd.register(app)

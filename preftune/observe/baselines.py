@@ -1,0 +1,68 @@
+"""What a window is compared with: the champion's own evaluation, and the recent windows.
+
+The champion's evaluation is the evaluate run behind the registry version that holds
+``@champion`` (its ``preftune.eval_run_id`` tag): the behaviour of every sample the candidate --
+now the champion -- wrote on the suite, read from that run's ``evaluation/samples.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import InputError
+
+UNKNOWN = "unknown"
+
+
+def champion_version(cfg: Any) -> tuple[Any, str | None, str | None]:
+    """(client, champion version, previous-champion version) of the registered model."""
+    from preftune import tracking
+    from preftune.evaluate.registry import alias_version, get_registered_model, mlflow_client
+
+    tracking.configure(cfg)
+    client = mlflow_client(tracking.resolve_tracking_uri(cfg.tracking))
+    name = cfg.models.registered_model
+    if get_registered_model(client, name) is None:
+        return client, None, None
+    return (
+        client,
+        alias_version(client, name, cfg.promotion.champion_alias),
+        alias_version(client, name, cfg.promotion.previous_alias),
+    )
+
+
+def champion_eval_counts(client: Any, cfg: Any, version: str, workdir: Path) -> tuple[dict[str, Counter], str | None]:
+    """Behaviour counts per family of the champion's own evaluation, and that evaluate run's id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mv = client.get_model_version(cfg.models.registered_model, version)
+    run_id = (mv.tags or {}).get("preftune.eval_run_id")
+    if not run_id:
+        return {}, None
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="evaluation/samples.jsonl", dst_path=str(workdir)
+        )
+    except (MlflowException, OSError) as err:
+        raise InputError(f"evaluate run {run_id} (behind v{version}): no evaluation/samples.jsonl ({err})") from None
+    counts: dict[str, Counter] = {}
+    for line in Path(local).read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("model") != "candidate":  # the version promoted was that run's candidate
+            continue
+        counts.setdefault(rec["family"], Counter())[rec.get("behaviour") or UNKNOWN] += 1
+    return counts, run_id
+
+
+def recent_counts(history: list[dict[str, Any]], version: str | None, n: int) -> dict[str, Counter]:
+    """Pooled behaviour counts per family of the last ``n`` windows that observed ``version``."""
+    same = [h for h in history if h.get("model_version") == version][-n:]
+    pooled: dict[str, Counter] = {}
+    for h in same:
+        for fam, c in h.get("counts", {}).items():
+            pooled.setdefault(fam, Counter()).update({b: int(v) for b, v in c.items()})
+    return pooled
