@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from preftune.collect.families import FamiliesSection
 from preftune.configbase import Section
 from preftune.errors import ConfigError
 from preftune.evaluate.config import EvaluationSection, PromotionSection
+from preftune.fit.config import AuditSection, QualitySection
 from preftune.kube.config import KubernetesSection
+from preftune.observe.config import ObserveSection
 from preftune.pilot.config import PilotSection
 from preftune.ppo.config import PPOSection
-from preftune.observe.config import ObserveSection
 
 
 class RunSection(Section):
@@ -147,6 +149,11 @@ class DataSection(Section):
     max_chars: int = Field(4000, ge=16, description="Longer prompt or response texts are truncated (and counted).")
     strict: bool = Field(False, description="Fail on any dropped or repaired record instead of reporting it.")
     generation: GenerationSection = Field(default_factory=GenerationSection)
+    families: FamiliesSection = Field(
+        default_factory=lambda: FamiliesSection(),
+        description="How imported records get their behaviour family: a record field, rules on the prompt, "
+        "a classifier folder; unmapped records get 'default' (docs/data.md).",
+    )
 
 
 class FitSection(Section):
@@ -170,6 +177,24 @@ class FitSection(Section):
         description="What to do with families that are not fit: drop their pairs, keep them with a warning, "
         "or stop the run. The run always stops when no family is fit.",
     )
+    accept_unaudited: bool = Field(
+        False,
+        description="Go on with single-rated data whose agreement was not measured (no audit), recording "
+        "unaudited_reason; every downstream run and the registered version are tagged preftune.fit=unaudited.",
+    )
+    unaudited_reason: str | None = Field(
+        None,
+        max_length=500,
+        description="Why the data is accepted without an agreement audit (required with accept_unaudited).",
+    )
+    audit: AuditSection = Field(default_factory=lambda: AuditSection())
+    quality: QualitySection = Field(default_factory=lambda: QualitySection())
+
+    @model_validator(mode="after")
+    def _reason_given(self) -> FitSection:
+        if self.accept_unaudited and not (self.unaudited_reason or "").strip():
+            raise ValueError("fit.accept_unaudited needs fit.unaudited_reason: say why the data is used unaudited")
+        return self
 
 
 class RewardSection(Section):
@@ -234,6 +259,7 @@ class RunConfig(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     kubernetes: KubernetesSection = Field(default_factory=KubernetesSection)
+    observe: ObserveSection = Field(default_factory=ObserveSection)
 
     def config_hash(self) -> str:
         """A short stable hash of the effective config (tagged on every MLflow run)."""
@@ -259,7 +285,6 @@ def _line_of(source: str, loc: tuple[Any, ...]) -> int | None:
                 key_nodes = [k for k, _ in node.value if k.value == str(key)]
                 return key_nodes[0].start_mark.line + 1 if key_nodes else line
             node = match[0]
-    observe: ObserveSection = Field(default_factory=ObserveSection)
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
         else:

@@ -18,6 +18,7 @@ from preftune.fit import (
     CONTESTED,
     FIT,
     NEEDS_DATA,
+    NOT_MEASURED,
     NotFitError,
     check_fit,
     coverage_by_family,
@@ -99,7 +100,8 @@ def _cfg(**fit) -> object:
 def test_verdicts_on_synthetic_judgements(mixed_dataset):
     report = check_fit(mixed_dataset, _cfg())
     verdicts = {f: r.verdict for f, r in report.families.items()}
-    assert verdicts == {"agree": FIT, "camps": CONTESTED, "gap": CAPABILITY_GAP, "thin": NEEDS_DATA}
+    # thin: 12 items, each rated once: single-rated data, agreement not measured
+    assert verdicts == {"agree": FIT, "camps": CONTESTED, "gap": CAPABILITY_GAP, "thin": NOT_MEASURED}
     fams = report.families
     assert fams["agree"].agreement["alpha"] > 0.8 and fams["agree"].agreement["n_items"] == 12
     lo, hi = fams["agree"].agreement["alpha_ci"]
@@ -117,7 +119,9 @@ def test_thresholds_come_from_the_config(mixed_dataset):
     report = check_fit(mixed_dataset, _cfg(min_alpha=-1.0, min_coverage=0.1, min_items=1))
     verdicts = {f: r.verdict for f, r in report.families.items()}
     # the camps now pass alpha, the gap passes coverage; thin has one rater per item: still no agreement
-    assert verdicts == {"agree": FIT, "camps": FIT, "gap": FIT, "thin": NEEDS_DATA}
+    assert verdicts == {"agree": FIT, "camps": FIT, "gap": FIT, "thin": NOT_MEASURED}
+    report = check_fit(mixed_dataset, _cfg(min_items=13))  # thin has 12 items in all: too few to audit either
+    assert report.families["thin"].verdict == NEEDS_DATA
 
 
 def test_coverage_needs_a_majority_and_ignores_unsafe_picks():
@@ -148,7 +152,8 @@ def test_run_check_fit_excludes_unfit_families_and_passes_the_rest_on(mixed_data
     src = json.loads((Path(mixed_dataset) / "dataset.json").read_text())
     assert meta["excluded_families"] == ["camps", "gap", "thin"] and meta["parent_hash"] == src["hash"]
     assert meta["hash"] == report.output_hash != src["hash"]
-    assert meta["fit"] == {"agree": FIT, "camps": CONTESTED, "gap": CAPABILITY_GAP, "thin": NEEDS_DATA}
+    assert meta["fit"] == {"agree": FIT, "camps": CONTESTED, "gap": CAPABILITY_GAP, "thin": NOT_MEASURED}
+    assert meta["fit_status"] == "measured"
     for name in ("train", "eval", "judgements"):
         fams = {json.loads(x)["family"] for x in (out / f"{name}.jsonl").read_text().splitlines()}
         assert fams == {"agree"}
@@ -166,6 +171,7 @@ def test_run_check_fit_excludes_unfit_families_and_passes_the_rest_on(mixed_data
     assert run.info.status == "FINISHED" and run.data.tags["preftune.step"] == "check-fit"
     assert run.data.tags["fit.camps.verdict"] == CONTESTED and run.data.tags["fit.agree.verdict"] == FIT
     assert run.data.metrics["fit.agree.alpha"] > 0.8 and run.data.metrics["fit.gap.coverage"] == pytest.approx(0.2)
+    assert run.data.tags["preftune.fit"] == "measured" and "fit.quality.length.chosen_longer_share" in run.data.metrics
     assert {i.dataset.digest for i in run.inputs.dataset_inputs} == {src["hash"][:32], meta["hash"][:32]}
 
 

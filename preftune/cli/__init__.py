@@ -18,14 +18,15 @@ import typer
 
 from preftune import __version__
 from preftune.cli import (
+    audit_cmd,
     collect_cmd,
     config_cmd,
     demo_cmd,
     evaluate_cmd,
     judge_cmd,
     kube_cmd,
-    pilot_cmd,
     observe_cmd,
+    pilot_cmd,
     pipeline_cmd,
     ppo_cmd,
     reward_cmd,
@@ -60,10 +61,11 @@ def _root(
 
 
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(audit_cmd.app, name="audit")
 app.add_typer(kube_cmd.app, name="kube")
+app.add_typer(observe_cmd.app, name="observe")
 app.add_typer(judge_cmd.app, name="judge")
 demo_cmd.register(app)
-app.add_typer(observe_cmd.app, name="observe")
 collect_cmd.register(app)
 reward_cmd.register(app)
 ppo_cmd.register(app)

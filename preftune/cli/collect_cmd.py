@@ -5,7 +5,7 @@ Contract (scripts and the pipeline rely on it):
 - ``preftune collect --from-file PATH [--format auto|NAME] --output DIR [--strict]``
 - ``preftune collect --config run.yaml --output DIR`` (generation plus judgement per ``data.judgements``)
 - ``preftune collect --config run.yaml --candidates-only --output DIR`` (writes DIR/candidates.jsonl)
-- ``preftune check-fit --dataset DIR [--config run.yaml] [--output DIR]``
+- ``preftune check-fit --dataset DIR [--config run.yaml] [--output DIR] [--audit EXPORT] [--accept-unaudited REASON]``
 
 Exit codes: 0 only when a dataset was published (collect) or the run may go on (check-fit);
 2 config or usage, 3 bad input (``--strict``: the first dropped or repaired record), 4/5 storage
@@ -113,14 +113,34 @@ def register(app: typer.Typer) -> None:
             "-o",
             help="Publish the dataset passed on (unfit families excluded per fit.on_unfit) and the report here.",
         ),
+        audit: str | None = typer.Option(
+            None,
+            "--audit",
+            help="Feedback-service export of this dataset's agreement audit (`preftune audit create`): agreement "
+            "and verdicts come from the re-raters (fit.audit.export).",
+        ),
+        accept_unaudited: str | None = typer.Option(
+            None,
+            "--accept-unaudited",
+            metavar="REASON",
+            help="Go on with single-rated data whose agreement was not measured, recording REASON "
+            "(fit.accept_unaudited); later runs and the registered model are tagged preftune.fit=unaudited.",
+        ),
     ) -> None:
-        """Test of fit per family: rater agreement, coverage, verdict. Exit 10 when no family is fit."""
-        from preftune.config import load_config
+        """Test of fit per family: rater agreement, coverage, data quality, verdict. Exit 10 when no family is fit."""
+        from preftune.config import load_config, parse_config
+        from preftune.errors import ConfigError
         from preftune.fit import NotFitError, run_check_fit
 
         cfg = load_config(config)
+        if accept_unaudited is not None:
+            if not accept_unaudited.strip():
+                raise ConfigError('--accept-unaudited: give the reason, e.g. --accept-unaudited "published labels"')
+            data = cfg.model_dump(mode="json")
+            data["fit"].update(accept_unaudited=True, unaudited_reason=accept_unaudited.strip())
+            cfg = parse_config(data, "--accept-unaudited")
         try:
-            report = run_check_fit(dataset, cfg, output)
+            report = run_check_fit(dataset, cfg, output, audit=audit)
         except NotFitError as err:
             typer.echo(err.report.to_markdown())  # plain markdown: readable in a terminal and in pod logs
             raise

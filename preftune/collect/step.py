@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from preftune.collect.dataset import BuiltDataset, build_dataset, log_dataset_input, publish, resolve_output
+from preftune.collect.families import make_importer
 from preftune.collect.formats import Importer, nothing_kept_message
 from preftune.collect.pairs import WEIGHTING, ExpansionStats, expand_judgements
 from preftune.collect.records import metric_key
@@ -108,6 +109,12 @@ def _refuse_if_nothing_kept(path: str, importer: Importer, output: str, storage:
     raise InputError(nothing_kept_message(path, report, written))
 
 
+def _families_meta(importer: Importer) -> dict[str, Any]:
+    """``families_mapping`` for dataset.json when data.families mapped the imported records."""
+    meta = importer.families_meta() if hasattr(importer, "families_meta") else None
+    return {"families_mapping": meta} if meta and meta.get("records") else {}
+
+
 def _log_and_publish(
     *,
     cfg: RunConfig,
@@ -132,7 +139,7 @@ def _log_and_publish(
         validation_md=report.to_markdown(),
         config_hash=cfg.config_hash(),
         candidates=candidates or (),
-        extra_meta={**extra_meta, "expansion": stats.to_dict(), "weighting": WEIGHTING},
+        extra_meta={**extra_meta, "expansion": stats.to_dict(), "weighting": WEIGHTING, **_families_meta(importer)},
     )
     try:
         uri = resolve_output(output, built.hash)
@@ -188,7 +195,9 @@ def collect_from_file(
     params = {"collect.mode": "file", "collect.input": str(path), "collect.format": fmt, "collect.strict": strict}
     with start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params=params) as run:
         report = ValidationReport(strict=strict, max_chars=cfg.data.max_chars)
-        importer = Importer(report, cfg.data.max_chars, cfg.data.import_options.options())
+        importer = make_importer(
+            report, cfg.data.max_chars, cfg.data.import_options.options(), cfg.data.families, storage
+        )
         used = importer.add_path(str(path), storage, fmt)
         _refuse_if_nothing_kept(str(path), importer, output, storage)
         import mlflow
@@ -225,7 +234,9 @@ def collect_from_config(
         import mlflow
 
         report = ValidationReport(strict=cfg.data.strict, max_chars=cfg.data.max_chars)
-        importer = Importer(report, cfg.data.max_chars, cfg.data.import_options.options())
+        importer = make_importer(
+            report, cfg.data.max_chars, cfg.data.import_options.options(), cfg.data.families, storage
+        )
         generation = None
         candidates: list[dict[str, Any]] = []
         used: str | None = None

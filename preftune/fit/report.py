@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from preftune.fit.verdict import COVERAGE_DEFINITION, FIT, RULE
+from preftune.fit.verdict import COVERAGE_DEFINITION, NOT_MEASURED, PROCEED_VERDICTS, RULE, UNAUDITED
 
 REPORT_FORMAT = "preftune.fit_report"
 
@@ -21,10 +21,13 @@ class FamilyFit:
     train_pairs: int = 0
     eval_pairs: int = 0
     action: str = "kept"  # kept | excluded | warned | stop
+    rated_items: int = 0  # items with at least one judgement (of the audit, for an audited family)
+    audit: dict[str, Any] | None = None  # audited family: the re-raters against the original label
 
     @property
     def fit(self) -> bool:
-        return self.verdict == FIT
+        """Does this family go on to train-reward (fit, or accepted unaudited)?"""
+        return self.verdict in PROCEED_VERDICTS
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +38,8 @@ class FamilyFit:
             "agreement": self.agreement,
             "coverage": self.coverage,
             "pairs": {"train": self.train_pairs, "eval": self.eval_pairs},
+            "rated_items": self.rated_items,
+            "audit": self.audit,
         }
 
 
@@ -50,6 +55,22 @@ class FitReport:
     output_uri: str | None = None
     output_hash: str | None = None
     mlflow_run_id: str | None = None
+    quality: dict[str, Any] | None = None  # preftune.fit.quality figures (QualityFigures.to_dict)
+    quality_stop: bool = False  # a quality check was breached with fit.quality.on_breach = stop
+    audit: dict[str, Any] | None = None  # the audit export read: source, records, ignored
+    unaudited_reason: str | None = None
+
+    @property
+    def fit_status(self) -> str:
+        """``unaudited`` when a family goes on without measured agreement, ``audited`` when an audit
+        measured it, else ``measured`` (repeated ratings in the data)."""
+        if any(r.verdict == UNAUDITED and r.action in ("kept", "warned") for r in self.families.values()):
+            return "unaudited"
+        return "audited" if self.audit else "measured"
+
+    @property
+    def not_measured_families(self) -> list[str]:
+        return [f for f, r in self.families.items() if r.verdict == NOT_MEASURED]
 
     @property
     def fit_families(self) -> list[str]:
@@ -66,14 +87,26 @@ class FitReport:
     @property
     def proceed(self) -> bool:
         """May the run go on to train-reward? Never without a fit family; not at all with on_unfit=stop."""
-        if not self.fit_families:
+        if not self.fit_families or self.quality_stop:
             return False
         return not (self.on_unfit == "stop" and self.unfit_families)
 
     @property
     def stop_reason(self) -> str | None:
+        if not self.fit_families and self.not_measured_families:
+            n = len(self.not_measured_families)
+            what = "1 family" if n == 1 else f"{n} families"
+            return (
+                f"no behaviour family is fit for PPO: agreement not measured (one rating per item) for {what} "
+                f"({', '.join(self.not_measured_families)}); run an audit (`preftune audit create --dataset "
+                f"{self.dataset_uri}`, then `preftune check-fit --audit EXPORT`) or go on with "
+                "`--accept-unaudited REASON`"
+            )
         if not self.fit_families:
             return "no behaviour family is fit for PPO"
+        if self.quality_stop:
+            names = ", ".join((self.quality or {}).get("breaches") or [])
+            return f"a data-quality check failed with fit.quality.on_breach 'stop': {names}"
         if self.on_unfit == "stop" and self.unfit_families:
             n = len(self.unfit_families)
             what = "1 family is" if n == 1 else f"{n} families are"
@@ -114,7 +147,37 @@ class FitReport:
             "stop_reason": self.stop_reason,
             "output": {"uri": self.output_uri, "hash": self.output_hash} if self.output_uri else None,
             "mlflow_run_id": self.mlflow_run_id,
+            "fit_status": self.fit_status,
+            "unaudited_reason": self.unaudited_reason if self.fit_status == "unaudited" else None,
+            "audit": self.audit,
+            "quality": self.quality,
         }
+
+    def _audit_markdown(self) -> list[str]:
+        audited = {f: r for f, r in self.families.items() if r.audit is not None}
+        if not self.audit:
+            return []
+        a = self.audit
+        lines = [
+            "",
+            "## Agreement audit",
+            "",
+            f"From `{a.get('source')}`: {a.get('records')} re-ratings of this dataset's audit "
+            f"({a.get('ignored')} other records ignored). alpha and pairwise above are the re-raters' agreement with "
+            "each other; here, with the original label.",
+            "",
+            "| family | items | alpha with the original label (CI) | re-ratings picking the original's answer (CI) | "
+            "re-rater majorities picking it (CI) |",
+            "|---|---:|---|---|---|",
+        ]
+        for f, r in audited.items():
+            w = r.audit or {}
+            lines.append(
+                f"| {f} | {w.get('items', 0)} | {_num(w.get('alpha'))} ({_ci(w.get('alpha_ci'))}) | "
+                f"{_pct(w.get('match_share'))} ({_ci(w.get('match_share_ci'))}) | "
+                f"{_pct(w.get('majority_match_share'))} ({_ci(w.get('majority_match_share_ci'))}) |"
+            )
+        return lines
 
     def to_markdown(self) -> str:
         t = self.thresholds
@@ -154,14 +217,41 @@ class FitReport:
         lines += ["", "## Why", ""]
         for f, r in self.families.items():
             lines.append(f"- **{f}** ({r.verdict}): {r.reason}.")
+        lines += self._audit_markdown()
+        if self.fit_status == "unaudited":
+            lines += [
+                "",
+                "**Unaudited**: agreement was not measured for "
+                + ", ".join(f for f, r in self.families.items() if r.verdict == UNAUDITED)
+                + f"; accepted because: {self.unaudited_reason}. Every later run and the registered model are "
+                "tagged `preftune.fit=unaudited`.",
+            ]
         if self.warnings:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        if self.quality:
+            from preftune.fit.quality import quality_markdown
+
+            lines += ["", *quality_markdown(self.quality)]
         lines += [
             "",
             "## What happens next",
             "",
         ]
-        if not self.proceed:
+        if not self.proceed and self.not_measured_families and not self.fit_families:
+            lines += [
+                "The run stops here (exit code 10): the data has one rating per item, so whether people reliably pick "
+                "the better answer is not known. Two ways on:",
+                "",
+                f"1. Audit: `preftune audit create --dataset {self.dataset_uri} --output AUDIT --import` samples "
+                "pairs per family as feedback-service tasks (original choice hidden, order randomised) for K raters; "
+                "`preftune audit status --audit AUDIT` follows them; then `preftune check-fit --dataset "
+                f"{self.dataset_uri} --audit EXPORT` with the service's export (`preftune serve export`) judges each "
+                "family on the re-raters' agreement.",
+                '2. Override: `preftune check-fit --accept-unaudited "REASON"` (or `fit.accept_unaudited: true` '
+                "with `fit.unaudited_reason`) goes on; every later run and the registered model are tagged "
+                "`preftune.fit=unaudited`.",
+            ]
+        elif not self.proceed:
             lines.append("The run stops here (exit code 10). Fix the data or the rubric, then collect again.")
         elif self.excluded_families:
             lines.append(
@@ -202,6 +292,10 @@ class FitReport:
             f"- Rule: {RULE}.",
         ]
         return "\n".join(lines) + "\n"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
 
 
 def _num(v: Any) -> str:

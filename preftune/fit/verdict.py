@@ -22,8 +22,13 @@ reported beside them, they do not decide):
 
 1. **capability gap**: coverage is measured on at least ``fit.min_items`` prompts and is below
    ``fit.min_coverage``;
-2. **needs data**: fewer than ``fit.min_items`` items were judged by two or more raters
-   (agreement cannot be measured);
+2. **not measured** (one rating per item): fewer than ``fit.min_items`` items were judged by two
+   or more raters, but at least ``fit.min_items`` items were judged just once -- single-rated data
+   (public preference sets, most logs). The way on is an agreement audit (``preftune audit``,
+   :mod:`preftune.fit.audit`; check-fit then judges the family on the re-raters' agreement) or
+   the override ``fit.accept_unaudited`` with a reason, which turns the verdict into
+   **unaudited**: kept, and tagged ``preftune.fit=unaudited`` downstream;
+   **needs data**: fewer than ``fit.min_items`` items at all (agreement cannot be measured);
 3. **contested**: alpha below ``fit.min_alpha`` (an undefined alpha -- every judgement made
    the same pick -- counts as agreement when pairwise agreement is 1, else as needs data);
 4. **fit** otherwise.
@@ -45,7 +50,11 @@ FIT = "fit"
 CONTESTED = "contested"
 CAPABILITY_GAP = "capability gap"
 NEEDS_DATA = "needs data"
-VERDICTS = (FIT, CONTESTED, CAPABILITY_GAP, NEEDS_DATA)
+NOT_MEASURED = "not measured"
+UNAUDITED = "unaudited"
+VERDICTS = (FIT, CONTESTED, CAPABILITY_GAP, NEEDS_DATA, NOT_MEASURED, UNAUDITED)
+PROCEED_VERDICTS = (FIT, UNAUDITED)
+"""Verdicts whose family goes on to train-reward."""
 
 COVERAGE_DEFINITION = (
     "share of a family's judged prompts where at least half of the judgements picked a best candidate "
@@ -53,8 +62,9 @@ COVERAGE_DEFINITION = (
 )
 RULE = (
     "verdicts use the point estimates (CIs are reported, not used), in order: capability gap (coverage < "
-    "fit.min_coverage on >= fit.min_items prompts), needs data (< fit.min_items items judged by >= 2 raters), "
-    "contested (alpha < fit.min_alpha), else fit"
+    "fit.min_coverage on >= fit.min_items prompts), not measured (< fit.min_items items judged by >= 2 raters but "
+    ">= fit.min_items judged just once; unaudited when fit.accept_unaudited), needs data (< fit.min_items items "
+    "judged by >= 2 raters), contested (alpha < fit.min_alpha), else fit"
 )
 
 
@@ -109,8 +119,20 @@ def _fmt_ci(ci: Any) -> str:
     return f"{lo:.2f}-{hi:.2f}"
 
 
-def decide(agreement: FamilyAgreement | None, coverage: Coverage | None, fit: FitSection) -> tuple[str, str]:
-    """The verdict of one family and the reason in plain words."""
+def decide(
+    agreement: FamilyAgreement | None,
+    coverage: Coverage | None,
+    fit: FitSection,
+    *,
+    rated_items: int | None = None,
+    audit_hint: str = "",
+) -> tuple[str, str]:
+    """The verdict of one family and the reason in plain words.
+
+    ``rated_items``: the family's items with at least one judgement (to tell single-rated data,
+    ``not measured``, from too little data, ``needs data``); ``None`` when unknown.
+    ``audit_hint``: how to run the audit, appended to a ``not measured`` reason.
+    """
     if coverage is not None and coverage.share is not None and coverage.n_prompts >= fit.min_items:
         if coverage.share < fit.min_coverage:
             return CAPABILITY_GAP, (
@@ -119,6 +141,18 @@ def decide(agreement: FamilyAgreement | None, coverage: Coverage | None, fit: Fi
                 "model does not produce"
             )
     n_items = agreement.n_items if agreement is not None else 0
+    if n_items < fit.min_items and rated_items is not None and rated_items - n_items >= fit.min_items:
+        counted = f"{rated_items} items, {n_items} rated by two or more raters (need {fit.min_items})"
+        if fit.accept_unaudited:
+            return UNAUDITED, (
+                f"agreement not measured (one rating per item: {counted}); accepted without an audit "
+                f"(fit.accept_unaudited): {fit.unaudited_reason}"
+            )
+        return NOT_MEASURED, (
+            f"agreement not measured (one rating per item: {counted}): measure it with an audit "
+            f"(`preftune audit create{audit_hint}`, then `check-fit --audit EXPORT`) or go on without one "
+            "(`--accept-unaudited REASON`)"
+        )
     if n_items < fit.min_items:
         return NEEDS_DATA, (
             f"{n_items} item(s) judged by two or more raters (need {fit.min_items}): agreement cannot be measured; "

@@ -188,6 +188,90 @@ class RaterPanel:
         return out
 
 
+class AuditRaters:
+    """Simulated re-raters of an agreement audit (``preftune audit``), so the audit path runs in tests.
+
+    An audit task is one imported pair shown as two candidates, with the original choice hidden
+    from the task (the simulation is told ``original``, the index of the original choice, as the
+    stand-in for what a careful person would see). Items of the demo world's families are judged
+    by the rubric panel (:class:`RaterPanel`, noise ``1 - accuracy``). Items of any other family
+    (real data the world knows nothing about) are judged by raters who pick the original's answer
+    with probability ``accuracy`` (``family_accuracy`` per family overrides it) and the other one
+    otherwise: agreement then follows from the accuracy (two raters agree with probability
+    ``a**2 + (1-a)**2``), so a test chooses a fit family (0.9) and a contested one (0.6). Every draw
+    comes from an RNG derived from (seed, item, rater).
+    """
+
+    def __init__(
+        self,
+        n_raters: int = 3,
+        accuracy: float = 0.9,
+        family_accuracy: dict[str, float] | None = None,
+        seed: int = 0,
+    ):
+        if n_raters < 2:
+            raise InputError(f"AuditRaters: an audit needs at least 2 raters, got {n_raters}")
+        for name, acc in {"accuracy": accuracy, **(family_accuracy or {})}.items():
+            if not 0.0 <= acc <= 1.0:
+                raise InputError(f"AuditRaters: accuracy of {name!r} must be within [0, 1], got {acc}")
+        self.n_raters = n_raters
+        self.accuracy = accuracy
+        self.family_accuracy = dict(family_accuracy or {})
+        self.seed = seed
+        self.rater_ids = tuple(f"audit-r{i + 1}" for i in range(n_raters))
+
+    def judge(self, task: dict, original: int | None) -> list[Judgement]:
+        """Every rater's judgement of one audit task (a ``preftune.candidates`` record)."""
+        family = str(task["family"])
+        texts = [str(c["text"]) for c in task["candidates"]]
+        ids = [str(c["id"]) for c in task["candidates"]]
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        acc = self.family_accuracy.get(family, self.accuracy)
+        if family in FAMILIES:
+            panel = RaterPanel(n_raters=self.n_raters, noise=1.0 - acc, seed=self.seed)
+            out = panel.judge(
+                str(task["prompt_id"]),
+                family,
+                texts,
+                item_id=str(task["item_id"]),
+                prompt=str(task["prompt"]),
+                tags=list(task.get("tags") or []),
+                candidate_ids=ids,
+                created_at=stamp,
+            )
+            for rec, rater in zip(out, self.rater_ids, strict=True):
+                rec["rater_id"] = rater
+            return out
+        if original is None or not 0 <= original < len(texts):
+            raise InputError(f"audit task {task['item_id']}: the original choice is not one of its candidates")
+        out = []
+        for rater in self.rater_ids:
+            rng = _rng("audit", self.seed, task["item_id"], rater)
+            others = [i for i in range(len(texts)) if i != original]
+            best = original if rng.random() < acc else rng.choice(others)
+            ranking = [best] + [i for i in range(len(texts)) if i != best]
+            out.append(
+                Judgement(
+                    format=JUDGEMENT_FORMAT,
+                    version=JUDGEMENT_VERSION,
+                    item_id=str(task["item_id"]),
+                    prompt_id=str(task["prompt_id"]),
+                    family=family,
+                    tags=list(task.get("tags") or []),
+                    prompt=str(task["prompt"]),
+                    candidates=[Candidate(id=i, text=t) for i, t in zip(ids, texts, strict=True)],
+                    rater_id=rater,
+                    best=best,
+                    ranking=ranking,
+                    all_unacceptable=False,
+                    unsafe=[],
+                    source="simulated",
+                    created_at=stamp,
+                )
+            )
+        return out
+
+
 __all__ = [
     "CONTESTED_FAMILIES",
     "JUDGEMENT_FORMAT",
@@ -195,6 +279,7 @@ __all__ = [
     "MINORITY_ORDERS",
     "RUBRIC",
     "UNKNOWN",
+    "AuditRaters",
     "Candidate",
     "Judgement",
     "RaterPanel",
