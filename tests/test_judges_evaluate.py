@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -96,6 +97,9 @@ def test_mixed_judges_with_calibration_evaluate_a_policy(
     assert "evaluation/calibration.json" in {
         a.path for a in MlflowClient(tracking_uri=toy_store).list_artifacts(res.run_id, "evaluation")
     }
+    report = (Path(res.output) / "report.md").read_text()
+    assert "## Judge calibration" in report and "| risky | llm-local | 6 |" in report
+    assert "member (not gated)" in report and "candidate (corrected)" in report
     # the endpoint's answers were cached: evaluating again sends no request for what it already judged
     before = state.requests
     evaluate(cfg, str(toy_world["good"]), champion="none", progress=False)

@@ -164,6 +164,59 @@ def _metric_rows(metrics: Mapping[str, Mapping[str, Estimate]]) -> list[list[str
     return rows
 
 
+CALIBRATION_HEADER = ["family", "judge", "n", "accuracy", "Cohen's kappa [CI]", "floor", "verdict"]
+CORRECTED_HEADER = [
+    "family",
+    "metric",
+    "candidate (raw)",
+    "candidate (corrected)",
+    "champion (raw)",
+    "champion (corrected)",
+]
+
+
+def _calibration_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """One row per family and judge measured against the suite's human labels."""
+    rows = []
+    for e in (results.get("calibration") or {}).get("judges", []):
+        lo, hi = e.get("kappa_ci") or (None, None)
+        kappa = "undefined" if e.get("kappa") is None else f"{e['kappa']:.3f}"
+        if lo is not None and hi is not None:
+            kappa += f" [{lo:.3f}, {hi:.3f}]"
+        verdict = ("PASS" if e["passed"] else "FAIL") if e["gating"] else "member (not gated)"
+        rows.append(
+            [e["family"], e["judge"], str(e["n"]), f"{e['accuracy']:.3f}", kappa, f"{e['min_kappa']:g}", verdict]
+        )
+    return rows
+
+
+def _corrected_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
+    """Raw and confusion-corrected shares side by side, for the families that have corrected ones."""
+    rows = []
+    for family, fam in metrics.items():
+        for metric, entry in fam.items():
+            if "corrected" not in entry:
+                continue
+            rows.append(
+                [
+                    family,
+                    METRIC_LABELS.get(metric, metric),
+                    fmt_est(entry.get(CANDIDATE)),
+                    fmt_est(entry.get("corrected")),
+                    fmt_est(entry.get(CHAMPION)) if CHAMPION in entry else "-",
+                    fmt_est(entry.get("champion.corrected")) if "champion.corrected" in entry else "-",
+                ]
+            )
+    return rows
+
+
+CALIBRATION_NOTE = (
+    "Each family's judge was scored against the suite's human-labelled responses before gating. "
+    "Corrected shares undo the judge's measured confusion; their intervals also resample the labelled "
+    "responses. Gates use the raw shares."
+)
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     esc = [[str(c).replace("|", "\\|").replace("\n", " ") for c in r] for r in rows]
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
@@ -209,6 +262,12 @@ def render_markdown(
             [[g.name, g.kind, _f(g.judged), _f(g.limit), _verdict_icon(g), g.reason] for g in gates],
         )
     )
+    if results.get("calibration"):
+        lines += ["", "## Judge calibration", "", CALIBRATION_NOTE, ""]
+        lines.append(_md_table(CALIBRATION_HEADER, _calibration_rows(results)))
+        corrected = _corrected_rows(metrics)
+        if corrected:
+            lines += ["", _md_table(CORRECTED_HEADER, corrected)]
     lines += ["", "## Metrics per family", "", "Values: point [CI low, CI high].", ""]
     for family, fam_metrics in metrics.items():
         title = {POOLED: "all families (pooled)", CAPABILITY: "capability retention"}.get(family, family)
@@ -320,6 +379,13 @@ def render_html(
     rows = [[g.name, g.kind, _f(g.judged), _f(g.limit), _verdict_icon(g), g.reason] for g in gates]
     classes = [["", "", "", "", _verdict_icon(g), ""] for g in gates]
     parts.append(_html_table(["gate", "kind", "judged", "limit", "verdict", "reason"], rows, classes))
+    if results.get("calibration"):
+        parts.append(f"<h2>Judge calibration</h2><p>{html.escape(CALIBRATION_NOTE)}</p>")
+        cal_rows = _calibration_rows(results)
+        parts.append(_html_table(CALIBRATION_HEADER, cal_rows, [["", "", "", "", "", "", r[-1]] for r in cal_rows]))
+        corrected = _corrected_rows(metrics)
+        if corrected:
+            parts.append(_html_table(CORRECTED_HEADER, corrected))
     parts.append("<h2>Plots</h2>")
     parts.append(_img(plots.get("families"), "per-family metrics"))
     parts.append(_img(plots.get("deltas"), "candidate minus champion"))
