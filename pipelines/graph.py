@@ -22,8 +22,9 @@ also keeps every task in the pipeline's own DAG, so the compiled spec names the 
 (No ``from __future__ import annotations``: kfp reads real annotations in the pipelines.)
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from preftune.pipeline.graph import CACHEABLE_STEPS
 
@@ -76,7 +77,9 @@ def add_shared_steps(
     def cache(step: str) -> bool:
         return caching and step in CACHEABLE_STEPS
 
-    finish = setup(c.close_run(config=config, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "close-run", cache=False)
+    finish = setup(
+        c.close_run(config=config, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "close-run", cache=False
+    )
     with dsl.ExitHandler(finish, name=exit_group):
         start = setup(
             c.open_run(config=config, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kubernetes_hash=kubernetes_hash),

@@ -237,7 +237,9 @@ def test_storage_root_must_be_shared_before_anything_is_submitted(world, tmp_pat
     for root in (None, str(tmp_path / "artifacts")):
         cfg = run_config(world, root, None, enabled=True)
         with pytest.raises(ConfigError, match="storage.root") as err:
-            pipeline.ppo(cfg, str(world["reward"]), str(tmp_path / "o"), snapshot="s", dataset_hash="h", trainer_api=api)
+            pipeline.ppo(
+                cfg, str(world["reward"]), str(tmp_path / "o"), snapshot="s", dataset_hash="h", trainer_api=api
+            )
         assert err.value.exit_code == ExitCode.CONFIG
         with pytest.raises(ConfigError, match="storage.root"):
             pipeline.preflight(parse_config(cfg), local=False, check_tracking=False, check_storage=False)

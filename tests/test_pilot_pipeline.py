@@ -63,3 +63,10 @@ def test_pilot_command_compiles_the_pipeline(tmp_path: Path, capsys):
         main(["pilot", "--compile", str(out)])
     assert exc.value.code == 0 and "compiled preference-pilot" in capsys.readouterr().out
     assert load_compiled(out).pipeline_spec.pipeline_info.name == "preference-pilot"
+
+
+def test_the_pilot_walks_the_shared_steps_in_the_pipelines_order():
+    from preftune.pilot.run import PILOT_STEPS
+    from preftune.pipeline.graph import SHARED_STEPS, STEPS
+
+    assert tuple(s.name for s in PILOT_STEPS) == SHARED_STEPS == STEPS[:-1]

@@ -131,3 +131,42 @@ def test_the_local_runner_reports_task_progress_from_its_log(tmp_path):
     assert events == [("collect", "started"), ("collect", "succeeded"), ("ppo", "started"), ("ppo", "failed")]
     assert t.cached == ["check-fit"] and set(t.seconds) == {"collect", "ppo"}
     assert "Executing task" in Path(tmp_path / "log").read_text()
+
+
+def test_a_step_result_is_typed_and_its_summary_keeps_the_outputs_layout():
+    from preftune.pipeline import PPOStepResult, RewardStepResult
+
+    res = PPOStepResult.from_run(
+        first={"ppo/reward_mean": 0.25, "ppo/kl": 0.0},
+        final={"ppo/reward_mean": 1.0, "ppo/kl": 0.5, "ppo/bad": float("nan")},
+        kl=0.5,
+        kl_budget=4.0,
+        kl_within_budget=True,
+        updates=3,
+        resumed_from=None,
+        policy_dir="/p",
+        input_dataset_hash="h",
+    )
+    assert (res.reward_first, res.reward_final, res.reward_gain) == (0.25, 1.0, 0.75)
+    assert res.metrics == {"ppo.reward_mean": 1.0, "ppo.kl": 0.5}  # finite figures only, Kubeflow-friendly names
+    assert "0.250 -> 1.000" in res.to_markdown(1) and "within" in res.to_markdown(1)
+    summary = res.summary()
+    assert set(summary) == {
+        "step", "status", "seconds", "pipeline_run_id", "snapshot", "mlflow_run_id", "error", "exit_code",
+        "outputs", "metrics",
+    }  # fmt: skip
+    # the TrainJob fields appear only when the training ran in a TrainJob
+    assert set(summary["outputs"]) == {
+        "updates", "resumed_from", "kl", "kl_budget", "kl_within_budget", "reward_gain", "reward_first",
+        "reward_final", "policy_dir", "input_dataset_hash",
+    }  # fmt: skip
+    stopped = RewardStepResult(
+        status="stopped", gate_passed=False, accuracy=0.5, min_accuracy=0.6, input_dataset_hash="h", message="low"
+    )
+    assert stopped.outputs() == {
+        "gate_passed": False,
+        "accuracy": 0.5,
+        "min_accuracy": 0.6,
+        "input_dataset_hash": "h",
+        "message": "low",
+    }

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from preftune.errors import ExitCode, PreftuneError
 from preftune.pipeline.context import environ, find_pipeline_run, find_runs, mlflow_client, pipeline_id
@@ -93,6 +93,9 @@ class StepResult:
         }
 
 
+R = TypeVar("R", bound=StepResult)
+
+
 @dataclass
 class StepRun:
     """A step while it runs: where it runs (pipeline run, parent MLflow run) and, once done, its result."""
@@ -105,7 +108,7 @@ class StepRun:
     parent_run_id: str | None
     result: StepResult | None = None
 
-    def finish(self, result: StepResult) -> StepResult:
+    def finish(self, result: R) -> R:
         """Hand over the step's result (returned as it is; :func:`step_run` completes and records it)."""
         self.result = result
         return result

@@ -59,7 +59,7 @@ def check_fit(
         }
         metrics = finite_metrics({f"fit.{f}.alpha": v["alpha"] for f, v in verdicts.items() if v["alpha"] is not None})
         metrics["fit.fit_families"] = float(len(report.fit_families))
-        run.finish(
+        result = run.finish(
             CheckFitStepResult(
                 status="ok" if fit else "stopped",
                 fit=fit,
@@ -75,4 +75,4 @@ def check_fit(
                 report_md=report.to_markdown(),
             )
         )
-    return run.result
+    return result

@@ -53,7 +53,7 @@ def collect(
     cfg = load(config)
     with step_run("collect", cfg, snapshot, started_at) as run:
         res = collect_from_config(cfg, output, pipeline_run_id=run.pipeline_run_id, progress=False)
-        run.finish(
+        result = run.finish(
             CollectStepResult(
                 dataset_hash=res.hash,
                 dataset_uri=res.uri,
@@ -66,4 +66,4 @@ def collect(
                 report_md=_report(res, output),
             )
         )
-    return run.result
+    return result

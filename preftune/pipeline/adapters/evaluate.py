@@ -50,7 +50,7 @@ def evaluate(
         )
         metrics["eval.gates.passed"] = 1.0 if res.passed else 0.0
         report = Path(output) / "report.md"
-        run.finish(
+        result = run.finish(
             EvaluateStepResult(
                 status="ok" if res.passed else "stopped",
                 passed=res.passed,
@@ -67,4 +67,4 @@ def evaluate(
                 report_md=report.read_text(encoding="utf-8") if report.is_file() else "",
             )
         )
-    return run.result
+    return result

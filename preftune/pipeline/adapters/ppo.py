@@ -64,7 +64,9 @@ class PPOStepResult(StepResult):
         )
 
     def to_markdown(self, trainer_nodes: int) -> str:
-        where = f" in TrainJob {self.trainjob_namespace}/{self.trainjob} ({trainer_nodes} nodes)" if self.trainjob else ""
+        where = (
+            f" in TrainJob {self.trainjob_namespace}/{self.trainjob} ({trainer_nodes} nodes)" if self.trainjob else ""
+        )
         nan = float("nan")
         first = nan if self.reward_first is None else self.reward_first
         final = nan if self.reward_final is None else self.reward_final

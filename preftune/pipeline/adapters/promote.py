@@ -61,7 +61,7 @@ def promote(
             report = "# promote\n\nRejected, nothing registered, champion unchanged:\n\n" + "".join(
                 f"- {r}\n" for r in res.reasons
             )
-        run.finish(
+        result = run.finish(
             PromoteStepResult(
                 status="ok" if res.promoted else "stopped",
                 promoted=res.promoted,
@@ -77,4 +77,4 @@ def promote(
                 report_md=report,
             )
         )
-    return run.result
+    return result

@@ -57,7 +57,7 @@ def train_reward(
                 raise
             report = f"# train-reward: gate failed\n\n{err.message}\n"
             write_gate_file(output, report)
-            run.finish(
+            result = run.finish(
                 RewardStepResult(
                     status="stopped",
                     gate_passed=False,
@@ -80,7 +80,7 @@ def train_reward(
                 "| --- | ---: |",
                 *[f"| {f} | {a:.3f} |" for f, a in res.per_family.items()],
             ]
-            run.finish(
+            result = run.finish(
                 RewardStepResult(
                     gate_passed=True,
                     accuracy=res.eval_accuracy,
@@ -93,4 +93,4 @@ def train_reward(
                     report_md="\n".join(lines) + "\n",
                 )
             )
-    return run.result
+    return result
