@@ -160,3 +160,11 @@ def test_endpoint_key_from_environment_and_concurrency_limit(judge_lms, tmp_path
             "risky", prompts, responses
         )
         assert 1 <= _stats(url)["max_in_flight"] <= 2
+
+
+def test_an_unreachable_endpoint_fails_when_the_judge_is_loaded(tmp_path):
+    from support.serve import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(UnreachableError, match=r"judge 'remote': cannot reach .*/v1/models"):
+        _endpoint(url, tmp_path, max_retries=1, timeout_s=2)

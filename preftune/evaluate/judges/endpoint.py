@@ -135,6 +135,27 @@ class EndpointLlmJudge:
             self.cache = None
         self.requests = 0  # requests sent (not answered from the cache), for logs and tests
         self._lock = threading.Lock()
+        if self.ep.probe:
+            self._probe()
+
+    def _probe(self) -> None:
+        """Reach the server before anything is generated (``GET {base_url}/models``; any answer but 401/403 will do)."""
+        import httpx
+
+        url = self.ep.base_url.rstrip("/") + "/models"
+        last = ""
+        for attempt in range(self.ep.max_retries + 1):
+            if attempt:
+                time.sleep(self.ep.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+            try:
+                resp = self.client.get(url)
+            except (httpx.TimeoutException, httpx.TransportError) as err:
+                last = f"{type(err).__name__}: {err}"
+                continue
+            if resp.status_code in (401, 403):
+                raise CredentialsError(f"judge {self.name!r}: {url} answered {resp.status_code} (check the API key)")
+            return
+        raise UnreachableError(f"judge {self.name!r}: cannot reach {url} ({last})")
 
     # -- one request -------------------------------------------------------------------
 

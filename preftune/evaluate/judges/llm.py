@@ -67,6 +67,7 @@ class EndpointSpec(StrictSpec):
     top_logprobs: int = Field(5, ge=1, le=20)
     cache: bool = Field(True, description="Cache answers on disk, keyed by judge, model, rubric, prompt and response.")
     cache_dir: str | None = Field(None, description="Cache folder; empty: <preftune home>/cache/judges.")
+    probe: bool = Field(True, description="Reach the server (GET {base_url}/models) when the judge is loaded.")
 
 
 class LlmJudgeSpec(StrictSpec):
