@@ -140,6 +140,11 @@ class DataSection(Section):
         "format's fields).",
     )
     import_options: ImportOptionsSection = Field(default_factory=lambda: ImportOptionsSection())
+    extra_prompts: list[str] = Field(
+        default_factory=list,
+        description="Further prompt files (same format as 'prompts') used whole, after prompt_fraction: e.g. the "
+        "hard cases observe wrote (observe/hard_cases.jsonl of its last window).",
+    )
     prompt_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of the prompt set to use (a pilot uses a small slice)."
     )

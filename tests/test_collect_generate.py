@@ -154,3 +154,31 @@ def test_candidates_only_writes_the_exchange_format(models, tmp_path):
     assert rec["item_id"] and rec["created_at"].endswith("Z")
     run = MlflowClient(resolve_tracking_uri(cfg.tracking)).get_run(res.mlflow_run_id)
     assert run.data.metrics["generation.candidates"] == 9 and run.data.metrics["generation.candidates_per_s"] > 0
+
+
+def test_extra_prompts_are_added_whole_without_duplicates(models, tmp_path):
+    from preftune.collect import generate_candidates
+
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "family": "benign", "prompt": f"the cat sat {i}"}) + "\n" for i in range(4))
+    )
+    # observe's hard cases: one new prompt, one already in the prompt set
+    (tmp_path / "hard_cases.jsonl").write_text(
+        json.dumps({"id": "observed-1", "family": "safety", "prompt": "a new jailbreak", "tags": ["observed"]}) + "\n"
+        + json.dumps({"id": "observed-2", "family": "benign", "prompt": "the cat sat 0"}) + "\n"
+    )
+    cfg = parse_config(
+        {
+            "models": {"policy": models["uniform"]},
+            "data": {
+                "prompts": str(tmp_path / "prompts.jsonl"),
+                "extra_prompts": [str(tmp_path / "hard_cases.jsonl")],
+                "generation": {"n_candidates": 2, "max_new_tokens": 4},
+            },
+            "tracking": {"experiment": "test-collect"},
+        }
+    )
+    res = generate_candidates(cfg, str(tmp_path / "out"))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
+    assert res.items == 5 and lines[-1]["prompt_id"] == "observed-1" and lines[-1]["family"] == "safety"
+    assert res.validation["dropped"] == {"duplicate": 1}

@@ -23,7 +23,7 @@ from preftune.collect.dataset import BuiltDataset, build_dataset, log_dataset_in
 from preftune.collect.families import make_importer
 from preftune.collect.formats import Importer, nothing_kept_message
 from preftune.collect.pairs import WEIGHTING, ExpansionStats, expand_judgements
-from preftune.collect.records import metric_key
+from preftune.collect.records import metric_key, prompt_key
 from preftune.collect.validation import ValidationReport
 from preftune.errors import ConfigError, InputError, PreftuneError
 
@@ -300,6 +300,15 @@ def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bo
 
     prompts = load_prompts(cfg.data.prompts, cfg, storage, report)
     prompts = select_fraction(prompts, cfg.data.prompt_fraction, cfg.run.seed)
+    seen = {prompt_key(p.prompt) for p in prompts}
+    for extra in cfg.data.extra_prompts:  # e.g. observe's hard cases: always all of them
+        for p in load_prompts(extra, cfg, storage, report):
+            if prompt_key(p.prompt) in seen:
+                report.drop("duplicate", p.where, "extra prompts: the prompt is already in the prompt set")
+                report.records_kept -= 1
+                continue
+            seen.add(prompt_key(p.prompt))
+            prompts.append(p)
     policy_path = resolve_policy(cfg.models.policy, cfg, storage)
     texts, gstats = sample_candidates(
         policy_path, prompts, cfg.data.generation, seed=cfg.run.seed, progress=progress, policy_ref=cfg.models.policy

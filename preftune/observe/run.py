@@ -107,6 +107,37 @@ def _judge(suite: Any, judges: Any, families: list[str], prompts: list[str], tex
     return out, errors
 
 
+def judge_records(suite: Any, judges: Any, records: list[sources.Observed], obs: Any, default_version: str | None):
+    """Families, behaviours and counts of a window's records (also what the drift benchmark runs).
+
+    Returns (judged rows, counts per family, counts per family and model version, judge failures,
+    share of new prompt types).
+    """
+    nearest = novelty.nearest_families(
+        [r.prompt for r in records], [c.prompt for c in suite.cases], [c.family for c in suite.cases],
+        obs.new_prompt_similarity, obs.encoder,
+    )
+    families = [
+        r.family if r.family in suite.families else (n.family or UNASSIGNED) for r, n in zip(records, nearest, strict=True)
+    ]
+    behaviours, judge_errors = _judge(suite, judges, families, [r.prompt for r in records], [r.response for r in records])
+    versions = [r.model_version or default_version or "unknown" for r in records]
+    judged = [
+        {
+            "id": r.id, "at": r.at, "model_version": v, "family": f, "behaviour": b, "new_prompt_type": n.new,
+            "similarity": round(n.similarity, 4), "prompt": r.prompt, "response": r.response,
+        }
+        for r, v, f, b, n in zip(records, versions, families, behaviours, nearest, strict=True)
+    ]
+    counts: dict[str, Counter] = {}
+    by_version: dict[str, dict[str, Counter]] = {}
+    for rec in judged:
+        counts.setdefault(rec["family"], Counter())[rec["behaviour"]] += 1
+        by_version.setdefault(rec["family"], {}).setdefault(rec["model_version"], Counter())[rec["behaviour"]] += 1
+    new_share = (sum(n.new for n in nearest) / len(nearest)) if nearest else 0.0
+    return judged, counts, by_version, judge_errors, new_share
+
+
 def observe_window(
     cfg: Any,
     *,
@@ -116,7 +147,6 @@ def observe_window(
     policy: str | None = None,
     on_regression: str | None = None,
     now_ms: int | None = None,
-    progress: bool | None = None,
 ) -> ObserveResult:
     """Observe one window; see the module docstring. Raises only for what a user must fix."""
     from preftune.evaluate.judges import load_judges
@@ -138,30 +168,9 @@ def observe_window(
     records = _sample(records, obs.max_records, cfg.run.seed, window_id)
 
     suite = load_suite(cfg.evaluation.suite, storage=storage)
-    nearest = novelty.nearest_families(
-        [r.prompt for r in records], [c.prompt for c in suite.cases], [c.family for c in suite.cases],
-        obs.new_prompt_similarity, obs.encoder,
-    )
-    families = [
-        r.family if r.family in suite.families else (n.family or UNASSIGNED) for r, n in zip(records, nearest, strict=True)
-    ]
     judges = load_judges(suite, storage=storage)
-    behaviours, judge_errors = _judge(suite, judges, families, [r.prompt for r in records], [r.response for r in records])
-
     client, champion, previous = baselines.champion_version(cfg)
-    versions = [r.model_version or champion or "unknown" for r in records]
-    judged = [
-        {
-            "id": r.id, "at": r.at, "model_version": v, "family": f, "behaviour": b, "new_prompt_type": n.new,
-            "similarity": round(n.similarity, 4), "prompt": r.prompt, "response": r.response,
-        }
-        for r, v, f, b, n in zip(records, versions, families, behaviours, nearest, strict=True)
-    ]
-    counts: dict[str, Counter] = {}
-    by_version: dict[str, dict[str, Counter]] = {}
-    for rec in judged:
-        counts.setdefault(rec["family"], Counter())[rec["behaviour"]] += 1
-        by_version.setdefault(rec["family"], {}).setdefault(rec["model_version"], Counter())[rec["behaviour"]] += 1
+    judged, counts, by_version, judge_errors, new_share = judge_records(suite, judges, records, obs, champion)
     declared = {
         f: set(fam.behaviours or ()) | fam.preferred | fam.acceptable | fam.forbidden | fam.needless_refusal
         for f, fam in suite.families.items()
@@ -216,7 +225,7 @@ def observe_window(
         shares=shares,
         drift=drift,
         gates=gates,
-        new_prompt_share=(sum(n.new for n in nearest) / len(nearest)) if nearest else 0.0,
+        new_prompt_share=new_share,
         judge_errors=judge_errors,
     )
     result.hard_cases = actions.hard_cases(result, suite, obs.hard_cases_max)
