@@ -389,6 +389,13 @@ def correct_distribution(observed: np.ndarray, rates: np.ndarray) -> np.ndarray:
     """
     from scipy.optimize import nnls
 
+    try:  # well posed and inside the simplex: the exact inverse is the least-squares optimum (residual 0)
+        p = np.linalg.solve(rates.T, observed)
+        if np.all(np.isfinite(p)) and p.min() >= -1e-12:
+            p = np.clip(p, 0.0, None)
+            return p / p.sum()
+    except np.linalg.LinAlgError:
+        pass
     w = 100.0
     a = np.vstack([rates.T, w * np.ones((1, rates.shape[0]))])
     b = np.concatenate([observed, [w]])
@@ -427,59 +434,60 @@ def corrected_shares(
     row = {c: i for i, c in enumerate(cases)}
     for r in recs:
         counts[row[r.case_id], col[r.behaviour]] += 1
-    role_masks: dict[str, np.ndarray] = {}  # metric -> (cases, labels) 0/1: behaviour plays the role for the case
-    for metric, role in ROLE_OF_METRIC.items():
-        m = np.zeros((len(cases), len(labels)))
-        for c in cases:
-            names = {"unknown"} if role == "unknown" else case_roles.get(c, {}).get(role, frozenset())
-            for b in names:
-                if b in col:
-                    m[row[c], col[b]] = 1.0
-        role_masks[metric] = m
-    applies = {
-        metric: (np.ones(len(cases), bool) if role == "unknown" else role_masks[metric].sum(axis=1) > 0)
-        for metric, role in ROLE_OF_METRIC.items()
-    }
-    # cases with identical role rows share one corrected mix
-    keys = [tuple(role_masks[m][i].tobytes() for m in ROLE_OF_METRIC) for i in range(len(cases))]
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, k in enumerate(keys):
-        groups[k].append(i)
-    group_of = np.zeros(len(cases), dtype=int)
-    for g, members in enumerate(groups.values()):
-        group_of[members] = g
+
+    # cases with the same roles share one corrected mix: group them, and keep each group's role masks
+    def role_row(c: str, role: str) -> tuple[int, ...]:
+        names = {"unknown"} if role == "unknown" else case_roles.get(c, {}).get(role, frozenset())
+        return tuple(int(b in names) for b in labels)
+
+    keys = [tuple(role_row(c, role) for role in ROLE_OF_METRIC.values()) for c in cases]
+    group_keys = sorted(set(keys))
+    group_of = np.array([group_keys.index(k) for k in keys])
+    masks = {m: np.array([k[i] for k in group_keys], dtype=float) for i, m in enumerate(ROLE_OF_METRIC)}
+    applies = {m: (masks[m].sum(axis=1) > 0) | (ROLE_OF_METRIC[m] == "unknown") for m in ROLE_OF_METRIC}
+    members = [np.flatnonzero(group_of == g) for g in range(len(group_keys))]
     h_idx = np.array([col[x] for x in human])
     j_idx = np.array([col[x] for x in judged])
+    n_lab = len(labels)
 
-    def shares(case_idx: np.ndarray, cal_idx: np.ndarray) -> dict[str, float]:
-        rates = confusion_rates([labels[i] for i in h_idx[cal_idx]], [labels[i] for i in j_idx[cal_idx]], labels)
-        mixes = {}
-        for g in np.unique(group_of[case_idx]):
-            sel = case_idx[group_of[case_idx] == g]
-            q = counts[sel].sum(axis=0)
-            mixes[g] = correct_distribution(q / q.sum(), rates)
+    def shares(case_weights: np.ndarray, cal_idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Per resample (rows of case multiplicities, rows of calibration indexes): every corrected share."""
+        r = case_weights.shape[0]
+        flat = (h_idx[cal_idx] * n_lab + j_idx[cal_idx]) + (np.arange(r) * n_lab * n_lab)[:, None]
+        conf = np.bincount(flat.ravel(), minlength=r * n_lab * n_lab).reshape(r, n_lab, n_lab).astype(float)
+        rows = conf.sum(axis=2, keepdims=True)
+        rates = np.where(rows > 0, conf / np.maximum(rows, 1), np.eye(n_lab)[None])
+        weight = np.stack([case_weights[:, m].sum(axis=1) for m in members], axis=1)  # (r, groups)
+        mixes = np.zeros((r, len(members), n_lab))
+        for g, m in enumerate(members):
+            pooled = case_weights[:, m] @ counts[m]  # (r, labels): the group's judged samples
+            for i in range(r):
+                total = pooled[i].sum()
+                if total > 0:
+                    mixes[i, g] = correct_distribution(pooled[i] / total, rates[i])
         out = {}
         for metric in ROLE_OF_METRIC:
-            sel = case_idx[applies[metric][case_idx]]
-            if sel.size:
-                out[metric] = float(np.mean([role_masks[metric][c] @ mixes[group_of[c]] for c in sel]))
+            w = weight * applies[metric][None, :]
+            den = w.sum(axis=1)
+            if not den.any():
+                continue
+            mass = (mixes * masks[metric][None]).sum(axis=2)
+            out[metric] = np.divide((w * mass).sum(axis=1), den, out=np.full(r, np.nan), where=den > 0)
         return out
 
-    all_cases = np.arange(len(cases))
-    all_cal = np.arange(len(h_idx))
-    point = shares(all_cases, all_cal)
+    point = {m: float(v[0]) for m, v in shares(np.ones((1, len(cases))), np.arange(len(h_idx))[None]).items()}
     rng = _rng(seed, f"{family}.{model}.corrected")
-    draws: dict[str, list[float]] = defaultdict(list)
-    for _ in range(n_resamples):
-        ci = rng.integers(0, len(cases), len(cases))
-        li = rng.integers(0, len(h_idx), len(h_idx))
-        for metric, v in shares(ci, li).items():
-            draws[metric].append(v)
+    picks = rng.integers(0, len(cases), size=(n_resamples, len(cases)))
+    case_weights = np.zeros((n_resamples, len(cases)))
+    np.add.at(case_weights, (np.arange(n_resamples)[:, None], picks), 1.0)
+    draws = shares(case_weights, rng.integers(0, len(h_idx), size=(n_resamples, len(h_idx))))
+    applies_cases = {m: applies[m][group_of] for m in ROLE_OF_METRIC}
     alpha = (1 - confidence) / 2
     out: dict[str, Estimate] = {}
     for metric, value in point.items():
-        n = int(applies[metric].sum())
+        n = int(applies_cases[metric].sum())
         d = np.asarray(draws.get(metric, []))
+        d = d[np.isfinite(d)]
         if n < 2 or d.size < 2:
             out[metric] = Estimate(value, float("nan"), float("nan"), n)
             continue
