@@ -40,6 +40,11 @@ TAG_CONFIG_HASH = "preftune.config_hash"
 TAG_VERSION = "preftune.version"
 TAG_RUN_NAME = "preftune.run_name"
 TAG_ERROR = "preftune.error"
+TAG_FIT = "preftune.fit"
+TAG_FIT_REASON = "preftune.fit.reason"
+INHERITED_TAGS = (TAG_FIT, TAG_FIT_REASON)
+"""Tags a step run copies from the pipeline's run: check-fit sets them there (``preftune.fit``:
+``measured`` / ``audited`` / ``unaudited``), so every later step's run carries the fit status."""
 
 _PROCESS_PIPELINE_RUN_ID = uuid.uuid4().hex[:12]
 
@@ -121,6 +126,12 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
             raise UnreachableError(f"MLflow tracking store {uri} is unreachable: {first}") from None
 
 
+# The MLflow UI opens an experiment by its kind: a model-training experiment opens on its runs and
+# models, not on the GenAI "Overview" of traces.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def configure(cfg: RunConfig) -> str:
     """Point mlflow at the configured store and experiment; returns the experiment id."""
     import mlflow
@@ -130,12 +141,16 @@ def configure(cfg: RunConfig) -> str:
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            mlflow.MlflowClient(uri).set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         mlflow.set_experiment(experiment_id=exp.experiment_id)
         return exp.experiment_id
     local_store = not uri.startswith(("http://", "https://", "databricks"))
     try:
         exp_id = mlflow.create_experiment(
-            cfg.tracking.experiment, artifact_location=default_artifact_root() if local_store else None
+            cfg.tracking.experiment,
+            artifact_location=default_artifact_root() if local_store else None,
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     except mlflow.exceptions.MlflowException:  # created concurrently by another step
         exp_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
@@ -166,6 +181,24 @@ def step_tags(step: str, cfg: RunConfig, pipeline_id: str | None = None) -> dict
     }
 
 
+def inherited_tags(*run_ids: str | None) -> dict[str, str]:
+    """The :data:`INHERITED_TAGS` of the first of ``run_ids`` that has any (empty when none has)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for run_id in run_ids:
+        if not run_id:
+            continue
+        try:
+            found = mlflow.MlflowClient().get_run(run_id).data.tags
+        except MlflowException:
+            continue
+        picked = {k: v for k, v in found.items() if k in INHERITED_TAGS}
+        if picked:
+            return picked
+    return {}
+
+
 @contextlib.contextmanager
 def start_step_run(
     step: str,
@@ -189,6 +222,7 @@ def start_step_run(
     configure(cfg)
     parent = parent_run_id or os.environ.get(ENV_PARENT_RUN_ID) or None
     all_tags = step_tags(step, cfg, pipeline_run_id)
+    all_tags.update(inherited_tags(parent))
     all_tags.update(tags or {})
     run = mlflow.start_run(
         run_name=f"{cfg.run.name}/{step}", tags=all_tags, parent_run_id=parent, nested=parent is not None

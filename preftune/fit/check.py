@@ -43,14 +43,13 @@ from preftune.collect.records import Judgement, Pair, metric_key, utc_now
 from preftune.errors import ExitCode, PreftuneError
 from preftune.fit.report import FamilyFit, FitReport
 from preftune.fit.verdict import CONTESTED, FIT, coverage_by_family, decide
+from preftune.tracking import TAG_FIT, TAG_FIT_REASON
 
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.config import RunConfig
 
 STEP = "check-fit"
 MAX_TAGS = 20
-TAG_FIT = "preftune.fit"
-TAG_FIT_REASON = "preftune.fit.reason"
 
 
 class NotFitError(PreftuneError):
