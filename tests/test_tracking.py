@@ -49,6 +49,18 @@ def test_sqlite_default_store_under_home(tmp_path, monkeypatch):
     # artifacts live under the preftune home, not in the current directory
     assert child_run.info.artifact_uri.startswith((tmp_path / "home" / "mlartifacts").as_uri())
     assert "hello.txt" in [f.path.split("/")[-1] for f in client.list_artifacts(child_run.info.run_id, "notes")]
+    # a model-training experiment: the MLflow UI opens it on its runs, not on the GenAI trace overview
+    exp = client.get_experiment_by_name("t-sqlite")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_existing_experiment_gets_its_kind(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'old.db'}"
+    exp_id = mlflow.MlflowClient(uri).create_experiment("t-old", artifact_location=str(tmp_path / "art"))
+    tracking.configure(parse_config({"tracking": {"uri": uri, "experiment": "t-old"}}))
+    assert mlflow.MlflowClient(uri).get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_env_uri_is_used_when_config_is_empty(monkeypatch, tmp_path):
