@@ -168,3 +168,21 @@ def test_an_unreachable_endpoint_fails_when_the_judge_is_loaded(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(UnreachableError, match=r"judge 'remote': cannot reach .*/v1/models"):
         _endpoint(url, tmp_path, max_retries=1, timeout_s=2)
+
+
+def test_local_backend_uses_the_tokenizer_chat_template_when_it_has_one(judge_lms, tmp_path):  # noqa: F811
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "chat-judge"
+    shutil.copytree(judge_lms["trained"], folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}"
+    tok.save_pretrained(folder)
+    chat = _local(folder)
+    assert chat.use_chat and not _local(folder, chat_template="none").use_chat
+    # this template renders the same words as the plain prompt, so the word-level judge must agree
+    for family in ("risky", "benign"):
+        prompts, responses, _ = _items(family)
+        assert chat.judge(family, prompts, responses) == _local(judge_lms["trained"]).judge(family, prompts, responses)
