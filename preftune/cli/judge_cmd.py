@@ -27,9 +27,9 @@ def check(
     show_confusion: bool = typer.Option(False, "--confusion", help="Print each judge's confusion matrix."),
 ) -> None:
     """Score every judge on the suite's labelled responses; exit 2 if a family's judge is below its kappa floor."""
+    from preftune.common.device import select_device
     from preftune.config import load_config
     from preftune.evaluate.calibration import render_table, require_calibrated
-    from preftune.evaluate.generation import select_device
     from preftune.evaluate.judges import load_judges
     from preftune.evaluate.step import run_calibration, torch_threads
     from preftune.evaluate.suite import load_suite
@@ -39,7 +39,8 @@ def check(
     the_suite = load_suite(suite, reward_model=ev.reward_model, world=cfg.world)
     if the_suite.calibration is None:
         raise ConfigError(f"{the_suite.source}: the suite has no calibration section (human-labelled responses)")
-    judges = load_judges(the_suite, reward_model=ev.reward_model, device=select_device(ev.device))
+    device = select_device(ev.device, setting="evaluation.device")
+    judges = load_judges(the_suite, reward_model=ev.reward_model, device=device)
     with torch_threads(ev.threads):
         report = run_calibration(the_suite, judges, cfg)
     typer.echo(f"judge calibration of {the_suite.id} (sha256 {the_suite.sha256[:16]}):")

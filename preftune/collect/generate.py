@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from preftune.collect.formats import _created_at, _family, _opt_str, _prompt_text, _tags, read_raw_records
 from preftune.collect.records import CANDIDATES_FORMAT, FORMAT_VERSION, prompt_key, short_hash, utc_now
 from preftune.collect.validation import RecordError, ValidationReport
+from preftune.common.device import select_device
 from preftune.errors import ConfigError, InputError
 from preftune.text import render_prompt
 
@@ -134,15 +135,6 @@ class GenerationStats:
         return asdict(self)
 
 
-def pick_device(prefer: str | None = None) -> Any:
-    """CUDA when present (or ``prefer``), else CPU."""
-    import torch
-
-    if prefer:
-        return torch.device(prefer)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def resolve_policy(ref: str, cfg: RunConfig, storage: Any) -> str:
     """A local folder for a model reference: ``demo:*`` via the world, ``s3://`` via the storage cache."""
     if ref.startswith("demo:"):
@@ -179,7 +171,7 @@ def sample_candidates(
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = pick_device(device)
+    dev = select_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         dtype = torch.float32

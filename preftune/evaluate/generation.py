@@ -40,15 +40,6 @@ class LoadedPolicy:
     is_adapter: bool
 
 
-def select_device(preference: str | None = None) -> torch.device:
-    if preference:
-        dev = torch.device(preference)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"device {preference!r} requested but no CUDA GPU is visible")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _resolve_base(ref: str, world: Any = None) -> str:
     if ref.startswith("demo:"):
         from preftune.world import resolve_model_ref

@@ -8,15 +8,15 @@ samples are reused from the evaluation that promoted it when they answer the sam
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from preftune.common.device import torch_threads
 from preftune.config import RunConfig
 from preftune.evaluate import registry
 from preftune.evaluate.metrics import CANDIDATE, CHAMPION, SampleRecord
@@ -100,19 +100,6 @@ def _judge_and_record(
             )
         )
     return out
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Pin torch's CPU threads (reproducible float reductions; no oversubscription), then restore."""
-    import torch
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _capability(policy: Any, suite: Suite) -> dict[str, float]:

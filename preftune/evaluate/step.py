@@ -412,8 +412,8 @@ def evaluate(
     any generation, after logging its figures to the run.
     """
     from preftune import tracking
+    from preftune.common.device import select_device
     from preftune.evaluate.calibration import CALIBRATION_FILE, require_calibrated
-    from preftune.evaluate.generation import select_device
     from preftune.evaluate.judges import load_judges
 
     ev = cfg.evaluation
@@ -430,7 +430,7 @@ def evaluate(
         tmp = Path(tmp_name)
         models = _resolve_models(cfg, client, tmp, candidate, champion or ev.champion)
         champ = models.champion
-        device = select_device(ev.device)
+        device = select_device(ev.device, setting="evaluation.device")
         judges = load_judges(the_suite, reward_model=reward_model, device=device)
         scorer = None
         if reward_model and champ is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from preftune.common.device import select_device
 from preftune.errors import InputError
 from preftune.reward.data import encode_texts, length_bucketed_batches, pad_right
 from preftune.reward.metadata import RewardModelMeta, read_metadata
@@ -27,17 +27,6 @@ from preftune.text import render_pair
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-
-
-def select_device(preference: str | None = None) -> torch.device:
-    """``cuda`` when a GPU is visible, else ``cpu``; ``$PREFTUNE_DEVICE`` or ``preference`` overrides."""
-    choice = preference or os.environ.get("PREFTUNE_DEVICE")
-    if choice:
-        dev = torch.device(choice)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"device {choice!r} requested but no CUDA GPU is visible")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -195,13 +195,13 @@ def train_reward(
     from transformers import set_seed
 
     from preftune import tracking
+    from preftune.common.device import select_device
     from preftune.reward.mlflow_model import log_reward_model
     from preftune.reward.model import (
         add_lora,
         load_sequence_classifier,
         load_tokenizer,
         save_reward_model,
-        select_device,
     )
     from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, TrainSettings
     from preftune.storage import Storage
