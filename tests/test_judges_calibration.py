@@ -179,3 +179,15 @@ def test_calibration_from_a_jsonl_file_and_the_hash(tmp_path):
     (tmp_path / "labels.jsonl").write_text(lines[0] + "\n{not json\n")
     with pytest.raises(ConfigError, match=r"labels.jsonl:2: calibration record"):
         load_suite(str(path))
+
+
+def test_an_s3_suite_reads_its_calibration_file_next_to_it(s3_server, s3_bucket, s3_client):
+    from preftune.storage import Storage
+
+    lines = [json.dumps({"family": f, "prompt": "p", "response": r, "label": b}) for f, r, b in LABELLED]
+    data = copy.deepcopy(SUITE)
+    data["calibration"] = {"items_from": ["labels.jsonl"], "min_items": 6}
+    s3_client.put_object(Bucket=s3_bucket, Key="suites/toy.yaml", Body=yaml.safe_dump(data).encode())
+    s3_client.put_object(Bucket=s3_bucket, Key="suites/labels.jsonl", Body=("\n".join(lines) + "\n").encode())
+    suite = load_suite(f"s3://{s3_bucket}/suites/toy.yaml", storage=Storage(s3_endpoint_url=s3_server))
+    assert len(suite.calibration.items) == len(LABELLED)

@@ -486,7 +486,7 @@ def parse_suite(
             problems.add(("families", fname), f"family {fname!r} is empty: it has no cases (add cases or remove it)")
     _check_suite_thresholds(spec, problems)
     cap_texts = _resolve_capability(spec, problems)
-    calibration = _resolve_calibration(spec, judges, families, base_dir, problems)
+    calibration = _resolve_calibration(spec, judges, families, base_dir, problems, storage)
     problems.raise_if_any()
 
     suite = Suite(
@@ -697,7 +697,12 @@ def _resolve_capability(spec: SuiteFile, problems: _Problems) -> list[Capability
 
 
 def _resolve_calibration(
-    spec: SuiteFile, judges: dict[str, Any], families: dict[str, Family], base_dir: Path | None, problems: _Problems
+    spec: SuiteFile,
+    judges: dict[str, Any],
+    families: dict[str, Family],
+    base_dir: Path | None,
+    problems: _Problems,
+    storage: Any = None,
 ) -> Calibration | None:
     """Human-labelled responses per family: labels the family can show (or unknown), enough of them."""
     cal = spec.calibration
@@ -707,7 +712,7 @@ def _resolve_calibration(
         (it.model_dump(), ("calibration", "items", i), None) for i, it in enumerate(cal.items)
     ]
     for idx, ref in enumerate(cal.items_from):
-        raw += _read_calibration_file(ref, base_dir, problems, ("calibration", "items_from", idx))
+        raw += _read_calibration_file(ref, base_dir, problems, ("calibration", "items_from", idx), storage)
     items: list[CalibrationItem] = []
     ids: dict[str, str] = {}
     for n, (rec, loc, where) in enumerate(raw):
@@ -755,12 +760,27 @@ def _resolve_calibration(
 
 
 def _read_calibration_file(
-    ref: str, base: Path | None, problems: _Problems, loc: Sequence[Any]
+    ref: str, base: Path | None, problems: _Problems, loc: Sequence[Any], storage: Any = None
 ) -> list[tuple[dict, Sequence[Any], str | None]]:
-    """Labelled responses from a JSONL file of ``{"family", "prompt", "response", "label"}`` (+ optional id)."""
-    path = Path(ref).expanduser()
-    if not path.is_absolute() and base is not None:
-        path = base / path
+    """Labelled responses from a JSONL file of ``{"family", "prompt", "response", "label"}`` (+ optional id).
+
+    Relative paths are relative to the suite, also when the suite itself is an ``s3://`` URI.
+    """
+    src = problems.source_name
+    if not ref.startswith("s3://") and src.startswith("s3://") and not Path(ref).is_absolute():
+        ref = src.rsplit("/", 1)[0] + "/" + ref
+    if ref.startswith("s3://"):
+        from preftune.storage import Storage
+
+        try:
+            path = (storage or Storage()).local_path(ref)
+        except PreftuneError as err:
+            problems.add(loc, f"calibration file {ref}: {err.message}")
+            return []
+    else:
+        path = Path(ref).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = base / path
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
