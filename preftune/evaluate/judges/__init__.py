@@ -67,7 +67,7 @@ def judges_in_use(suite: Any) -> list[str]:
     """Every judge the suite's families use, ensemble members first (the order they are built in)."""
     top = {f.judge for f in suite.families.values()}
     members = {m for name in top for m in judge_type(suite.judges[name]).members(suite.judges[name])}
-    return sorted(members - top) + sorted(top & members) + sorted(top - members)
+    return sorted(members) + sorted(top - members)
 
 
 def load_judges(
@@ -75,9 +75,7 @@ def load_judges(
 ) -> dict[str, Judge]:
     """Instantiate every judge the suite's families use (ensemble members too), checking labels against the suite."""
     judges: dict[str, Judge] = {}
-    order = judges_in_use(suite)
-    order.sort(key=lambda n: bool(judge_type(suite.judges[n]).members(suite.judges[n])))  # members before ensembles
-    for name in order:
+    for name in judges_in_use(suite):
         spec = suite.judges[name]
         allowed = {
             f.name: (set(f.behaviours) if f.behaviours is not None else None)
