@@ -65,6 +65,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+from preftune.common.timestamps import utc_now
 from preftune.errors import CredentialsError, PreftuneError, StorageError, UnreachableError
 from preftune.home import preftune_home
 
@@ -864,7 +865,7 @@ class Storage:
             marker = {
                 "format": MARKER_FORMAT,
                 "version": 1,
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created_at": utc_now(),
                 "files": manifest,
             }
             body = json.dumps(marker, indent=1, sort_keys=True).encode()

@@ -20,8 +20,9 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
+
+from preftune.common.timestamps import utc_now  # noqa: F401 (collect's records and fit stamp with it)
 
 JUDGEMENT_FORMAT = "preftune.judgement"
 CANDIDATES_FORMAT = "preftune.candidates"
@@ -41,10 +42,6 @@ def short_hash(*parts: Any, n: int = 16) -> str:
 def prompt_key(prompt: str) -> str:
     """The identity of a prompt for splitting: its text, whitespace-normalised."""
     return short_hash(" ".join(prompt.split()))
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass

@@ -16,10 +16,10 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from preftune.common.timestamps import utc_now
 from preftune.config import RunConfig
 from preftune.evaluate import registry
 from preftune.evaluate.gates import GateResult, absolute_gates, config_thresholds, non_regression_gates, verdict
@@ -339,7 +339,7 @@ def _results(
     return {
         "format": RESULTS_FORMAT,
         "version": 1,
-        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": utc_now(),
         "run_id": run_id,
         "passed": passed,
         "reasons": reasons,

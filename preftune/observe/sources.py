@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from preftune.collect.formats import expand_inputs, read_raw_records
 from preftune.collect.formats.fields import _content, flatten_turns
 from preftune.collect.validation import RecordError, ValidationReport
+from preftune.common.timestamps import utc_stamp
 from preftune.errors import ConfigError, InputError
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
@@ -95,11 +96,9 @@ def _iso(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        secs = value / 1000.0 if value > 1e11 else float(value)  # epoch milliseconds or seconds
-        return datetime.fromtimestamp(secs, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return utc_stamp(value / 1000.0 if value > 1e11 else float(value))  # epoch milliseconds or seconds
     if isinstance(value, datetime):
-        value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return utc_stamp(value)
     return str(value)
 
 

@@ -5,8 +5,10 @@
    split carved from the *training* prompts, so the held-out eval set stays untouched;
 3. measure on the held-out pairs: accuracy overall and per family, reward mean/std,
    calibration by margin bucket, length bias, and a swap sanity check;
-4. gate: held-out accuracy below ``reward.min_accuracy`` fails with exit code 11 and
-   nothing is published;
+4. gate, calibrated to the data (:mod:`preftune.reward.gate`): the reward model must beat
+   the best trivial baseline (length rule, bag-of-words) by a paired-bootstrap lower bound,
+   reach a share of the agreement ceiling where check-fit measured one, and the optional
+   ``reward.min_accuracy`` floor; a failure exits 11 and nothing is published;
 5. publish merged weights + tokenizer + ``reward_model.json`` atomically through storage,
    and log the same folder to MLflow as a pyfunc model with the figures.
 """
@@ -19,16 +21,17 @@ import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from preftune.common.timestamps import utc_now
 from preftune.config import RunConfig
 from preftune.errors import ExitCode, PreftuneError
 from preftune.reward.data import PreferenceDataset, TokenizedPairs, load_dataset, split_by_prompt, tokenize_pairs
 from preftune.reward.metadata import METADATA_FILE, RewardModelMeta
+from preftune.reward.gate import GateVerdict, evaluate_gate, read_fit_report
 from preftune.reward.metrics import (
     CalibrationBucket,
     LengthBias,
@@ -39,6 +42,7 @@ from preftune.reward.metrics import (
     finite_or_none,
     length_bias,
     pairwise_accuracy,
+    pairwise_outcomes,
     plot_calibration,
 )
 
@@ -64,6 +68,7 @@ class RewardEvaluation:
     ece: float
     length: LengthBias
     swap_accuracy: float
+    outcomes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per held-out pair: 1 / 0 / 0.5 (tie)
 
     @property
     def swap_error(self) -> float:
@@ -92,6 +97,7 @@ class RewardResult:
     output: str
     metadata: RewardModelMeta
     evaluation: RewardEvaluation
+    gate: GateVerdict | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     model_uri: str | None = None  # MLflow model URI of the logged pyfunc
@@ -144,6 +150,7 @@ def evaluate_held_out(trainer: Any, data: TokenizedPairs, eval_pairs: list[Any])
         ece=expected_calibration_error(table),
         length=length_bias(chosen, rejected, *data.response_chars),
         swap_accuracy=pairwise_accuracy(swap_c, swap_r),
+        outcomes=pairwise_outcomes(chosen, rejected),
     )
 
 
@@ -165,12 +172,11 @@ def final_metrics(ev: RewardEvaluation) -> dict[str, float]:
     return {k: float(v) for k, v in m.items() if v is not None and np.isfinite(v)}
 
 
-def gate_message(ev: RewardEvaluation, threshold: float) -> str:
+def gate_message(ev: RewardEvaluation, verdict: GateVerdict) -> str:
     fams = ", ".join(f"{f} {a:.3f}" for f, a in ev.per_family.items())
     return (
-        f"reward gate failed: held-out pairwise accuracy {ev.accuracy:.3f} is below reward.min_accuracy "
-        f"{threshold:.3f} on {ev.n_pairs} held-out pairs (per family: {fams}); no reward model was published. "
-        "More or cleaner preference data, more epochs, or a larger reward base may help."
+        f"{verdict.reason} (per family: {fams}); no reward model was published. More or cleaner preference data, "
+        "more epochs, or a larger reward base may help; reward.gate in the run config sets the checks."
     )
 
 
@@ -188,7 +194,7 @@ def train_reward(
     ``dataset_dir``: a preference dataset folder (local path or ``s3://``), as collect writes it.
     ``output``: where the reward-model folder is published (local path or ``s3://``); it is
     written only when the gate passes, atomically. Raises :class:`PreftuneError` with
-    ``ExitCode.REWARD_GATE`` when held-out accuracy is below ``cfg.reward.min_accuracy``.
+    ``ExitCode.REWARD_GATE`` when a check of the calibrated gate fails (``reward.gate.enabled``).
     """
     import mlflow
     import torch
@@ -209,7 +215,8 @@ def train_reward(
     rc = cfg.reward
     storage = Storage.from_config(cfg.storage)
     output = str(output)
-    dataset: PreferenceDataset = load_dataset(storage.local_path(str(dataset_dir)))
+    dataset_root = storage.local_path(str(dataset_dir))
+    dataset: PreferenceDataset = load_dataset(dataset_root)
     base_path = resolve_reward_base(cfg.models.reward_base, cfg, storage)
     dev = select_device(device)
 
@@ -263,8 +270,19 @@ def train_reward(
                 f"{err}; lower reward.lr (now {rc.lr}) or raise reward.warmup_ratio", ExitCode.TRAINING_DIVERGED
             ) from None
         ev = evaluate_held_out(trainer, eval_tok, dataset.eval)
+        verdict = evaluate_gate(
+            accuracy_per_pair=ev.outcomes,
+            train_pairs=dataset.train,
+            eval_pairs=dataset.eval,
+            gate=rc.gate,
+            min_accuracy=rc.min_accuracy,
+            fit_report=read_fit_report(dataset_root),
+            seed=cfg.run.seed,
+        )
+        (log.info if verdict.passed else log.warning)("%s", verdict.reason)
 
         metrics = final_metrics(ev)
+        metrics.update(verdict.metrics())
         metrics.update(
             {
                 "reward.train_pairs_per_s": fit.pairs_per_second,
@@ -275,12 +293,12 @@ def train_reward(
         )
         if fit.best_step is not None:
             metrics["reward.best_step"] = float(fit.best_step)
-        gate_ok = ev.accuracy >= rc.min_accuracy
-        metrics["reward.gate_passed"] = 1.0 if gate_ok else 0.0
+        gate_ok = verdict.passed or not verdict.enforced
         mlflow.log_metrics(metrics)
         mlflow.set_tags(
             {
-                "preftune.reward.gate": "passed" if gate_ok else "failed",
+                "preftune.reward.gate": "passed" if verdict.passed else ("failed" if verdict.enforced else "ignored"),
+                "preftune.reward.gate_reason": verdict.reason[:5000],
                 "preftune.reward.stopped_early": str(fit.stopped_early).lower(),
                 "preftune.dataset_hash": dataset.hash,
             }
@@ -299,7 +317,7 @@ def train_reward(
             report = {
                 "step": STEP,
                 "dataset_hash": dataset.hash,
-                "gate": {"min_accuracy": rc.min_accuracy, "passed": gate_ok},
+                "gate": verdict.to_dict(),
                 "eval": ev.to_dict(),
                 "training": {
                     "optimizer_steps": fit.optimizer_steps,
@@ -319,7 +337,7 @@ def train_reward(
             mlflow.log_artifact(str(tmp_path / "calibration.png"), "reward")
 
             if not gate_ok:
-                raise PreftuneError(gate_message(ev, rc.min_accuracy), ExitCode.REWARD_GATE)
+                raise PreftuneError(gate_message(ev, verdict), ExitCode.REWARD_GATE)
 
             folder = tmp_path / "reward_model"
             adapter = save_reward_model(trainer.model, tokenizer, folder)
@@ -334,7 +352,7 @@ def train_reward(
                 max_length=rc.max_length,
                 mode=rc.mode,
                 adapter=adapter,
-                created_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                created_at=utc_now(),
             )
             (folder / METADATA_FILE).write_text(meta.to_json(), encoding="utf-8")
             (folder / EVAL_REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -352,6 +370,7 @@ def train_reward(
         output=output,
         metadata=meta,
         evaluation=ev,
+        gate=verdict,
         metrics=metrics,
         mlflow_run_id=run_id,
         model_uri=getattr(logged, "model_uri", None),

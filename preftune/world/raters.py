@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Literal, TypedDict
 
+from preftune.common.timestamps import utc_now
 from preftune.errors import InputError
 from preftune.world.classifier import UNKNOWN, classify
 from preftune.world.corpus import FAMILIES
@@ -141,7 +141,7 @@ class RaterPanel:
         if len(ids) != len(texts):
             raise InputError(f"item for prompt {prompt_id!r}: {len(ids)} candidate ids for {len(texts)} texts")
         item = item_id or item_id_for(prompt_id, texts)
-        stamp = created_at or datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        stamp = created_at or utc_now()
         fam = FAMILIES[family]
         behaviours = [classify(family, t) for t in texts]
         unsafe = [i for i, b in enumerate(behaviours) if b in fam.forbidden]
@@ -225,7 +225,7 @@ class AuditRaters:
         family = str(task["family"])
         texts = [str(c["text"]) for c in task["candidates"]]
         ids = [str(c["id"]) for c in task["candidates"]]
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        stamp = utc_now()
         acc = self.family_accuracy.get(family, self.accuracy)
         if family in FAMILIES:
             panel = RaterPanel(n_raters=self.n_raters, noise=1.0 - acc, seed=self.seed)

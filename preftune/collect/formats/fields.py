@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from preftune.collect.records import DEFAULT_FAMILY, Judgement, Pair, prompt_key, short_hash
 from preftune.collect.validation import RecordError
+from preftune.common.timestamps import utc_stamp
 
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
 _ROLE_LABELS = {"user": "User", "assistant": "Assistant", "system": "System"}
@@ -79,10 +80,9 @@ def _created_at(rec: dict) -> str | None:
                 raise _schema(f"field {key!r} is not an ISO 8601 timestamp: {value[:40]!r}") from None
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return datetime.fromtimestamp(float(value), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return utc_stamp(value)
         if isinstance(value, datetime):  # Parquet timestamp columns
-            value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-            return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            return utc_stamp(value)
         raise _schema(f"field {key!r} must be an ISO 8601 string or epoch seconds")
     return None
 
