@@ -202,6 +202,14 @@ def test_accept_unaudited_goes_on_and_tags_the_runs(single_rated, tmp_path, monk
         tags = client.get_run(run_id).data.tags
         assert tags["preftune.fit"] == "unaudited" and tags["preftune.fit.reason"].startswith("published HH")
     assert "**Unaudited**" in (tmp_path / "out" / "fit_report.md").read_text()
+    # evaluate's report line reads the same tags from its run
+    from preftune.evaluate.report import fit_status
+
+    assert fit_status({"run_id": later_id}) == (
+        "unaudited: rater agreement on the training data was not measured; accepted because: "
+        "published HH labels, audited upstream"
+    )
+    assert fit_status({"fit": {"preftune.fit": "audited"}}) == "audited" and fit_status({"fit": {}}) is None
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ class PromoteResult:
     rechecked_against: str | None = None
     registered_model: str = ""
     notes: list[str] = field(default_factory=list)
+    model_id: str | None = None  # the LoggedModel registered (ppo's own for a ppo candidate)
 
     def raise_for_status(self) -> None:
         """Raise the gate failure (exit code 13) when the candidate was rejected."""
@@ -128,8 +129,8 @@ def promote(
     import mlflow
 
     from preftune import tracking
-    from preftune.evaluate.mlflow_model import log_policy_model
     from preftune.evaluate.step import load_eval_artifacts, recheck_against
+    from preftune.policy_model import TAG_MODEL_HASH, find_logged_model, log_policy_model
 
     uri = tracking.resolve_tracking_uri(cfg.tracking)
     tracking.configure(cfg)  # unreachable registry: fail here, before anything is registered
@@ -178,9 +179,15 @@ def promote(
 
                     layout = policy_layout(cand.path, cfg.world)
                     base = layout.base if layout.adapter is not None else None
-                info = log_policy_model(
-                    cand.path, cfg.promotion.model_name, base=base, tags={"preftune.model_hash": cand_hash}
-                )
+                # The LoggedModel ppo logged for this very folder (found by content hash) is registered
+                # as it is: one model per candidate in the UI. A candidate not from ppo is logged here.
+                experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+                info = find_logged_model(cand_hash, experiment_id)
+                if info is None:
+                    info = log_policy_model(
+                        cand.path, cfg.promotion.model_name, base=base, tags={TAG_MODEL_HASH: cand_hash}
+                    )
+                outcome.model_id = info.model_id
                 evaluated_against = None
                 champ = results.get("champion") or {}
                 if champ.get("registered_model") == name and champ.get("version"):
@@ -237,6 +244,9 @@ def promote(
                             registry.TAG_FIRST_PROMOTION: "true" if current is None else "false",
                             registry.TAG_PROMOTED_BY: user,
                             **_gate_tags(results),
+                            # check-fit's fit status (preftune.fit=unaudited and its reason, ...): this run
+                            # copied it from the pipeline's run; a standalone promote reads the evaluate run's
+                            **tracking.inherited_tags(run.info.run_id, str(eval_run_id)),
                         }
                         if outcome.rechecked_against:
                             version_tags[registry.TAG_RECHECKED] = outcome.rechecked_against

@@ -228,10 +228,29 @@ def _verdict_icon(g: GateResult) -> str:
     return "n/a" if g.passed is None else ("PASS" if g.passed else "FAIL")
 
 
+def fit_status(results: Mapping[str, Any]) -> str | None:
+    """What check-fit said about the training data (its ``preftune.fit`` tag, which the evaluate run copies
+    from the pipeline's run): ``unaudited`` with the recorded reason, ``audited``, ``measured``; None when unknown."""
+    tags = results.get("fit")
+    if tags is None and results.get("run_id"):
+        try:
+            from preftune.tracking import inherited_tags
+
+            tags = inherited_tags(str(results["run_id"]))
+        except Exception:  # noqa: BLE001 - a report line, never a failed report
+            tags = {}
+    status = (tags or {}).get("preftune.fit")
+    if status == "unaudited":
+        reason = (tags or {}).get("preftune.fit.reason") or "no reason recorded"
+        return f"unaudited: rater agreement on the training data was not measured; accepted because: {reason}"
+    return status
+
+
 def render_markdown(
     results: Mapping[str, Any], gates: Sequence[GateResult], metrics: Mapping[str, Any], examples: Mapping[str, Any]
 ) -> str:
     cand, champ = results["candidate"], results.get("champion")
+    fit = fit_status(results)
     lines = [
         f"# Behaviour evaluation: {'PASSED' if results['passed'] else 'FAILED'}",
         "",
@@ -244,6 +263,7 @@ def render_markdown(
         f"- confidence: {results['confidence'] * 100:g}% bootstrap intervals over cases; gates judged on the "
         f"{'confidence bound' if results['decision'] == 'bound' else 'point estimate'}",
         f"- MLflow run: `{results.get('run_id', '')}`",
+        *([f"- training data fit (check-fit): **{fit}**"] if fit else []),
         "",
     ]
     if results.get("first_promotion"):
@@ -350,6 +370,7 @@ def render_html(
 ) -> str:
     cand, champ = results["candidate"], results.get("champion")
     ok = results["passed"]
+    fit = fit_status(results)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>preftune evaluation: {'PASSED' if ok else 'FAILED'}</title><style>{CSS}</style></head><body>",
@@ -363,6 +384,7 @@ def render_html(
         f"<code>{results['suite']['sha256'][:16]}</code>)</li>",
         f"<li>reference: <code>{html.escape(str(results['reference']))}</code></li>",
         f"<li>MLflow run: <code>{html.escape(str(results.get('run_id', '')))}</code></li>",
+        f"<li>training data fit (check-fit): <b>{html.escape(fit)}</b></li>" if fit else "",
         "</ul>",
     ]
     if results.get("first_promotion"):
