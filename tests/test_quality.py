@@ -55,7 +55,7 @@ def test_chosen_always_longer_gives_length_bias_1_and_a_perfect_length_rule():
     train, eval_ = _split(pairs)
     f = quality_figures(train, eval_, QualitySection())
     assert f.length["chosen_longer_share"] == 1.0 and f.length["tie_share"] == 0.0
-    assert f.length["rule_accuracy"] == 1.0 == f.baselines["length_rule_accuracy"]
+    assert f.length["rule_accuracy"] == 1.0 == f.baselines["length_rule_accuracy"] and f.length["rule"] == "longer wins"
     assert [c.name for c in f.breaches] == ["length_rule_accuracy"] and not f.stop
     assert f.margin is None and f.identical["pairs"] == 0
     m = f.metrics()
@@ -68,7 +68,8 @@ def test_chosen_always_shorter_flips_the_rule_and_equal_lengths_score_one_half()
     shorter = [_pair(i, f"q{i}", "ok", "ok " + _words(rng, 4)) for i in range(50)]
     train, eval_ = _split(shorter)
     f = quality_figures(train, eval_, QualitySection())
-    assert f.length["chosen_longer_share"] == 0.0 and f.length["rule_accuracy"] == 1.0  # "the shorter wins"
+    assert f.length["chosen_longer_share"] == 0.0 and f.length["rule_accuracy"] == 1.0
+    assert f.length["rule"] == "shorter wins"
     same = [_pair(i, f"q{i}", "aaaa" + str(i % 10), "bbbb" + str(i % 10)) for i in range(50)]
     f = quality_figures(*_split(same), QualitySection())
     assert f.length["tie_share"] == 1.0 and f.length["rule_accuracy"] == 0.5

@@ -3,8 +3,9 @@
 Agreement needs repeated ratings; these figures need only the pairs, so every dataset gets them:
 
 - **length bias**: the share of pairs whose chosen answer is longer (characters; ties apart) and
-  the held-out accuracy of a length-only rule (:func:`preftune.reward.baselines.length_rule_accuracy`,
-  the same baseline the reward gate compares with). A reward model that only learns "longer wins"
+  the held-out accuracy of a length-only rule whose direction (longer or shorter wins) is fitted on
+  the training pairs (:func:`preftune.reward.baselines.length_rule_accuracy`, the same baseline the
+  reward gate compares with). A reward model that only learns "longer wins"
   scores that much without learning the behaviour.
 - **bag-of-words baseline**: the held-out accuracy of a linear model on word counts
   (:func:`preftune.reward.baselines.bag_of_words_accuracy`), the other trivial baseline.
@@ -341,10 +342,14 @@ def label_noise(pairs: Sequence[Record], *, folds: int, confidence: float, seed:
 
 def _baselines(train: Sequence[Record], eval_: Sequence[Record], seed: int) -> tuple[dict[str, Any], list[str]]:
     """The reward gate's trivial baselines (:mod:`preftune.reward.baselines`) on this split."""
-    from preftune.reward.baselines import bag_of_words_accuracy, length_rule_accuracy
+    from preftune.reward.baselines import bag_of_words_accuracy, length_rule_accuracy, length_rule_direction
 
     notes = []
-    out: dict[str, Any] = {"length_rule_accuracy": None, "bag_of_words_accuracy": None}
+    out: dict[str, Any] = {
+        "length_rule_accuracy": None,
+        "length_rule": "longer wins" if not train or length_rule_direction(list(train)) > 0 else "shorter wins",
+        "bag_of_words_accuracy": None,
+    }
     if eval_:
         # the rule's direction (longer or shorter wins) is fitted on the training pairs, as the gate's
         out["length_rule_accuracy"] = float(length_rule_accuracy(list(eval_), list(train) or None))
@@ -381,6 +386,7 @@ def quality_figures(
     length = _length_figures(pairs)
     baselines, notes = _baselines(train, eval_, seed)
     length["rule_accuracy"] = baselines["length_rule_accuracy"]
+    length["rule"] = baselines["length_rule"]
     figures = QualityFigures(
         n_pairs=len(pairs),
         n_train=len(train),
@@ -465,8 +471,8 @@ def quality_markdown(d: Mapping[str, Any]) -> list[str]:
         "|---|---:|---|",
         f"| chosen answer longer | {_f(length.get('chosen_longer_share'), '.1%')} | share of pairs (characters; "
         f"shorter {_f(length.get('chosen_shorter_share'), '.1%')}, ties {_f(length.get('tie_share'), '.1%')}) |",
-        f"| length-rule accuracy | {_f(base.get('length_rule_accuracy'))} | held-out accuracy of 'the longer "
-        "answer wins' (a trivial baseline) |",
+        f"| length-rule accuracy | {_f(base.get('length_rule_accuracy'))} | held-out accuracy of "
+        f"'{base.get('length_rule')}' (the direction fitted on the train pairs; a trivial baseline) |",
         f"| bag-of-words accuracy | {_f(base.get('bag_of_words_accuracy'))} | held-out accuracy of a linear model "
         "on word counts trained on the train pairs (a trivial baseline) |",
         f"| leaked held-out prompts | {leak.get('exact', 0)} exact + {leak.get('near', 0)} near of "
