@@ -710,7 +710,7 @@ def mode_sweep(args: argparse.Namespace) -> dict[str, Any]:
     at the frontier's tiny setup; optionally the best-of-n curve. Reward gain at matched held-out KL, samples/s,
     memory, and the held-out KL per coefficient (smoothness)."""
     coefs = [float(c) for c in args.kl_coefs.split(",")]
-    variants = [_parse_variant(v) for v in (args.variant or ["default"])]
+    variants = [] if args.variant == ["none"] else [_parse_variant(v) for v in (args.variant or ["default"])]
     out: dict[str, Any] = {"threads": args.threads, "updates": args.updates, "kl_coefs": coefs, "rows": []}
     out["loadavg_before"] = Path("/proc/loadavg").read_text().split()[:3]
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
@@ -833,7 +833,7 @@ def main() -> None:
         default=None,
         metavar="NAME[:KEY=VALUE,...]",
         help="sweep: a preftune variant (ppo fields, e.g. 'grpo:advantage_estimator=grpo,samples_per_prompt=4'); "
-        "repeatable; default: preftune's defaults",
+        "repeatable; default: preftune's defaults; 'none': TRL's rows only (with --trl)",
     )
     p.add_argument("--trl", action="store_true", help="sweep: TRL's full and LoRA rows at every coefficient too")
     p.add_argument("--best-of-n", action="store_true", help="sweep: the best-of-n curve of the initial policy")

@@ -129,3 +129,38 @@ def test_measure_on_the_toy_policy_and_compare(toy_dir: Path) -> None:
     assert bon.compare(pts, at, 0.4)["beats"] is False
     assert bon.compare(pts, 5.0, 0.9)["beats"] is False  # more KL, less reward than best-of-4
     assert bon.compare(pts, 5.0, 1.5)["beats"] is None  # more reward but more KL than measured: undecided
+
+
+def test_the_pilot_measures_best_of_n_with_its_models(toy_dir: Path, tmp_path: Path) -> None:
+    """preftune.pilot.run.measure_best_of_n on toy models: the curve, the trained policy's figures, no error."""
+    import json
+    import shutil
+
+    from preftune.config import parse_config
+    from preftune.pilot.run import measure_best_of_n
+    from preftune.ppo import artifacts, toy
+
+    reward = toy.build_reward_model(tmp_path / "reward", per_family={"toy": 0.9})
+    trained = tmp_path / "trained"
+    shutil.copytree(toy_dir, trained)  # a "trained" policy identical to the start: KL 0
+    meta = {"format": artifacts.FORMAT, "version": artifacts.VERSION, "merged": ".", "adapter": None}
+    (trained / artifacts.METADATA_FILE).write_text(json.dumps(meta))
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["hi", "tell me a joke", "write a haiku", "help me", "how do I bake bread"]
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "family": "toy", "prompt": t}) + "\n" for i, t in enumerate(texts))
+    )
+    cfg = parse_config(
+        {
+            "models": {"policy": str(toy_dir)},
+            "ppo": {"prompts": str(prompts), "max_new_tokens": 6},
+            "pilot": {"best_of_n": [1, 2, 4], "best_of_n_prompts": 3, "best_of_n_policy_samples": 2},
+        }
+    )
+    out = measure_best_of_n(cfg, str(trained), str(reward))
+    assert "error" not in out, out
+    assert out["prompts"] == 3 and out["draws_per_prompt"] == 4
+    assert [p["n"] for p in out["curve"]] == [1, 2, 4]
+    assert out["policy"]["kl"] == pytest.approx(0.0, abs=1e-4) and out["policy"]["samples_per_prompt"] == 2
+    broken = measure_best_of_n(cfg, str(tmp_path / "missing"), str(reward))
+    assert "missing" in broken["error"]  # reported in the figures, the report is still written
