@@ -151,6 +151,12 @@ def test_run_ppo_publishes_the_policy_and_logs_to_mlflow(world: dict[str, Path],
 
     answers = pyfunc.predict(pd.DataFrame({"prompt": ["hi", "tell me a joke"]}), params={"max_new_tokens": 4})
     assert list(answers.columns) == ["response"] and len(answers) == 2
+    # one LoggedModel for the candidate, carrying the published folder's content hash (promote finds it by it)
+    from preftune.policy_model import find_logged_model, folder_hash
+
+    found = find_logged_model(folder_hash(out))
+    assert found is not None and found.model_id == run.data.tags["preftune.logged_model_id"]
+    assert found.source_run_id == res.mlflow_run_id
 
 
 def test_prompt_families_follow_the_reward_model_and_the_exclusions(world: dict[str, Path]) -> None:

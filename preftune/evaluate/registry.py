@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import ConfigError, InputError, PreftuneError, UnreachableError
+from preftune.policy_model import folder_hash  # noqa: F401 (re-exported: the registry's content hash)
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +104,6 @@ def utcnow() -> datetime:
 
 def iso(ts: datetime) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def folder_hash(path: str | Path) -> str:
-    """SHA-256 over the relative paths and bytes of every file of a model folder (16 hex digits)."""
-    root = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    for p in files:
-        rel = p.relative_to(root).as_posix()
-        h.update(rel.encode() + b"\0")
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def _error_code(err: Exception) -> str | None:
@@ -210,7 +195,7 @@ def resolve_model(
             )
         except MlflowException as err:
             raise InputError(f"{ref}: cannot fetch from the registry: {err.message}") from None
-        from preftune.evaluate.mlflow_model import policy_folder_of
+        from preftune.policy_model import policy_folder_of
 
         try:
             folder = policy_folder_of(local)

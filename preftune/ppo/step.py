@@ -491,8 +491,13 @@ def _publish(
         mlflow.log_artifact(str(folder / "metrics.json"))
         mlflow.log_metrics({"ppo/final_kl_within_budget": float(within)})
         mlflow.set_tag("preftune.kl_within_budget", str(within).lower())
-        if s.log_model:
-            from preftune.ppo.mlflow_model import log_policy_model
+        if s.log_model:  # the candidate's one LoggedModel: evaluate scores it, promote registers it
+            from preftune.policy_model import TAG_MODEL_HASH, folder_hash, log_policy_model
 
-            log_policy_model(folder, max_new_tokens=s.max_new_tokens, temperature=s.temperature)
+            adapter_only = written["adapter"] and not written["merged"]  # the base is needed to load it
+            base = Path(policy_path) if adapter_only and cfg.promotion.package_adapter_base else None
+            info = log_policy_model(
+                folder, cfg.promotion.model_name, base=base, tags={TAG_MODEL_HASH: folder_hash(folder)}
+            )
+            mlflow.set_tag("preftune.logged_model_id", info.model_id)
         storage.put_dir(folder, output)
