@@ -25,6 +25,7 @@ from preftune.kube.config import KubernetesSection
 from preftune.observe.config import ObserveSection
 from preftune.pilot.config import PilotSection
 from preftune.ppo.config import PPOSection
+from preftune.reward.config import RewardSection
 
 
 class RunSection(Section):
@@ -200,31 +201,6 @@ class FitSection(Section):
         if self.accept_unaudited and not (self.unaudited_reason or "").strip():
             raise ValueError("fit.accept_unaudited needs fit.unaudited_reason: say why the data is used unaudited")
         return self
-
-
-class RewardSection(Section):
-    """The pairwise (Bradley-Terry) reward model."""
-
-    mode: Literal["lora", "full"] = Field("full", description="Train LoRA adapters (peft) or all weights.")
-    lora_r: int = Field(8, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
-    epochs: int = Field(3, ge=1, description="Passes over the training pairs.")
-    batch_size: int = Field(32, ge=1, description="Pairs per optimisation step (before accumulation).")
-    grad_accum: int = Field(1, ge=1, description="Batches accumulated per optimiser step.")
-    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear lr warm-up.")
-    max_length: int = Field(160, ge=8, description="Longest prompt+response, in reward-model tokens.")
-    margin: float = Field(0.0, ge=0.0, description="Bradley-Terry margin: chosen must beat rejected by this much.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Chance the label is wrong (conservative BT).")
-    early_stopping_patience: int = Field(
-        2, ge=0, description="Evaluations without eval-loss improvement before stopping (0: never)."
-    )
-    eval_every: int = Field(50, ge=1, description="Optimiser steps between held-out evaluations.")
-    min_accuracy: float = Field(
-        0.7, ge=0.0, le=1.0, description="Gate: held-out pairwise accuracy below this fails the step."
-    )
 
 
 class TrackingSection(Section):

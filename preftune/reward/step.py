@@ -30,8 +30,8 @@ from preftune.common.timestamps import utc_now
 from preftune.config import RunConfig
 from preftune.errors import ExitCode, PreftuneError
 from preftune.reward.data import PreferenceDataset, TokenizedPairs, load_dataset, split_by_prompt, tokenize_pairs
-from preftune.reward.metadata import METADATA_FILE, RewardModelMeta
 from preftune.reward.gate import GateVerdict, evaluate_gate, read_fit_report
+from preftune.reward.metadata import METADATA_FILE, RewardModelMeta
 from preftune.reward.metrics import (
     CalibrationBucket,
     LengthBias,

@@ -4,11 +4,21 @@ A plain PyTorch loop rather than ``transformers.Trainer``: the step needs exactl
 forward per pair batch (chosen and rejected concatenated, then split), weighted pairs,
 early stopping with best-weight restore and figures in MLflow, and nothing else; a small loop
 is faster (see ``benchmarks/reward_bench.py``) and easier to reason about than a general one.
+
+Memory stays flat over an epoch at real sizes (``docs/benchmarks.md``: a 22 M-parameter MiniLM
+on HH-RLHF with ``max_length`` 256): a batch of long pairs is cut into micro-batches under a
+token budget (``reward.max_tokens_per_forward``; the gradient is the same), attention dropout is
+off so PyTorch's fused attention kernels apply (no ``heads x length x length`` probability
+tensors kept for the backward pass), and on glibc large freed blocks go back to the OS instead of
+fragmenting the heap (:func:`release_freed_memory`). Gradient checkpointing and bf16 autocast
+are options.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import logging
 import math
 import sys
 import time
@@ -26,6 +36,8 @@ from preftune.reward.metrics import pairwise_accuracy
 from preftune.reward.model import rewards_of
 
 MetricsCallback = Callable[[dict[str, float], int], None]
+
+log = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 1.0
 LOG_EVERY = 10  # optimiser steps between training-metric records
@@ -47,6 +59,8 @@ class TrainSettings:
     early_stopping_patience: int = 2
     eval_every: int = 50
     seed: int = 0
+    max_tokens_per_forward: int = 8192
+    precision: str = "auto"  # auto | fp32 | bf16
 
     @classmethod
     def from_config(cls, reward: Any, seed: int) -> TrainSettings:
@@ -62,6 +76,8 @@ class TrainSettings:
             early_stopping_patience=reward.early_stopping_patience,
             eval_every=reward.eval_every,
             seed=seed,
+            max_tokens_per_forward=reward.max_tokens_per_forward,
+            precision=reward.precision,
         )
 
 
@@ -93,6 +109,69 @@ class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD_BYTES = 1 << 20
+_malloc_tuned = False
+
+
+def release_freed_memory() -> None:
+    """On glibc: serve allocations over 1 MiB with mmap (returned to the OS when freed) and trim the heap.
+
+    Why: glibc raises its mmap threshold dynamically (up to 32 MiB) after the first large free,
+    so the activation tensors of a training step (a few MiB each, a different shape every
+    length-grouped batch) land in the heap and fragment it; resident memory then grows batch
+    after batch although PyTorch frees everything. A fixed threshold stops that. No-op elsewhere.
+    """
+    global _malloc_tuned
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return
+    if not _malloc_tuned:
+        _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+    libc.malloc_trim(0)
+
+
+def micro_batches(idx: np.ndarray, width: int, max_tokens: int) -> list[np.ndarray]:
+    """Split pair indices so one forward (2 rows per pair, padded to ``width``) stays under ``max_tokens``."""
+    per = max(1, max_tokens // max(2 * width, 1))
+    return [idx[i : i + per] for i in range(0, len(idx), per)]
+
+
+def disable_dropout(model: Any) -> int:
+    """Set every dropout probability to 0 (modules and attention configs); returns how many modules changed.
+
+    Reward models are usually trained without dropout (it adds noise to a pairwise difference of
+    two forwards that should see the same network) and without attention dropout PyTorch's fused
+    attention kernels apply on CPU and GPU, which keep no attention-probability tensors.
+    """
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout) and mod.p > 0:
+            mod.p = 0.0
+            n += 1
+        for attr in ("dropout_prob", "attention_dropout"):
+            if isinstance(getattr(mod, attr, None), float) and getattr(mod, attr) > 0:
+                setattr(mod, attr, 0.0)
+                n += 1
+    cfg = getattr(model, "config", None)
+    for key in ("attention_probs_dropout_prob", "hidden_dropout_prob", "attention_dropout", "dropout", "resid_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+    return n
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``reward.precision`` on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():  # auto
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class PairwiseRewardTrainer:
     """Trains a one-output sequence classifier with the (weighted, conservative) BT loss."""
 
@@ -112,11 +191,7 @@ class PairwiseRewardTrainer:
         self.device = device
         self.on_metrics = on_metrics
         self.progress = progress
-        self._autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda" and torch.cuda.is_bf16_supported()
-            else contextlib.nullcontext()
-        )
+        self._autocast = autocast_for(device, settings.precision)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -132,6 +207,12 @@ class PairwiseRewardTrainer:
             rewards = rewards_of(self.model, ids, mask)
         return rewards[: len(idx)], rewards[len(idx) :]
 
+    def _width(self, data: TokenizedPairs, idx: np.ndarray) -> int:
+        return max(max(len(data.chosen[i]), len(data.rejected[i])) for i in idx)
+
+    def _split(self, data: TokenizedPairs, idx: np.ndarray) -> list[np.ndarray]:
+        return micro_batches(idx, self._width(data, idx), self.s.max_tokens_per_forward)
+
     @torch.inference_mode()
     def predict(self, data: TokenizedPairs, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rewards of every pair's chosen and rejected text, in the data's order."""
@@ -140,10 +221,11 @@ class PairwiseRewardTrainer:
         chosen = np.zeros(len(data), dtype=np.float32)
         rejected = np.zeros(len(data), dtype=np.float32)
         try:
-            for idx in length_bucketed_batches(data.lengths(), batch_size or 2 * self.s.batch_size, rng=None):
-                r_c, r_r = self.pair_rewards(data, idx)
-                chosen[idx] = r_c.float().cpu().numpy()
-                rejected[idx] = r_r.float().cpu().numpy()
+            for batch in length_bucketed_batches(data.lengths(), batch_size or 2 * self.s.batch_size, rng=None):
+                for idx in self._split(data, batch):
+                    r_c, r_r = self.pair_rewards(data, idx)
+                    chosen[idx] = r_c.float().cpu().numpy()
+                    rejected[idx] = r_r.float().cpu().numpy()
         finally:
             self.model.train(was_training)
         return chosen, rejected
@@ -220,6 +302,7 @@ class PairwiseRewardTrainer:
             """Evaluate on ``val``; True when training should stop."""
             nonlocal best_loss, best_step, best_snap, bad_evals
             res = self.evaluate(val)  # type: ignore[arg-type]
+            release_freed_memory()
             rec = {"reward.val.loss": res.loss, "reward.val.accuracy": res.accuracy, "reward.val.margin": res.margin}
             self._emit(rec, step)
             history.append({"step": float(step), **rec})
@@ -229,9 +312,10 @@ class PairwiseRewardTrainer:
             bad_evals += 1
             return s.early_stopping_patience > 0 and bad_evals >= s.early_stopping_patience
 
+        release_freed_memory()
         self.model.train()
         t0 = time.perf_counter()
-        bar = tqdm(
+        bar = tqdm(  # optimiser steps, with elapsed < remaining (the ETA) and the rate
             total=total_steps,
             desc="train-reward",
             unit="step",
@@ -245,7 +329,7 @@ class PairwiseRewardTrainer:
                 for g in range(0, len(batches), s.grad_accum):
                     group = batches[g : g + s.grad_accum]
                     total_w = float(sum(weights[idx].sum() for idx in group))
-                    for idx in group:
+                    for idx in (m for b in group for m in self._split(train, b)):
                         r_c, r_r = self.pair_rewards(train, idx)
                         w = weights[idx].to(self.device)
                         loss_sum = bradley_terry_loss(
@@ -270,14 +354,27 @@ class PairwiseRewardTrainer:
                     step += 1
                     bar.update(1)
                     if step % LOG_EVERY == 0 or step == total_steps:
+                        elapsed = time.perf_counter() - t0
+                        eta = elapsed / step * (total_steps - step)
                         rec = {
                             "reward.train.loss": window["loss"] / max(window["weight"], 1e-12),
                             "reward.train.accuracy": window["correct"] / max(window["n"], 1),
                             "reward.train.margin": window["margin"] / max(window["n"], 1),
                             "reward.train.lr": scheduler.get_last_lr()[0],
+                            "reward.train.pairs_per_s": pairs_seen / max(elapsed, 1e-9),
+                            "reward.train.eta_s": eta,
                         }
                         self._emit(rec, step)
                         history.append({"step": float(step), **rec})
+                        if not (self.progress and sys.stderr.isatty()):
+                            log.info(
+                                "train-reward: step %d/%d, %.1f pairs/s, loss %.3f, ETA %s (without evaluations)",
+                                step,
+                                total_steps,
+                                rec["reward.train.pairs_per_s"],
+                                rec["reward.train.loss"],
+                                time.strftime("%H:%M:%S", time.gmtime(eta)),
+                            )
                         bar.set_postfix(
                             loss=f"{rec['reward.train.loss']:.3f}", acc=f"{rec['reward.train.accuracy']:.2f}"
                         )
@@ -287,6 +384,7 @@ class PairwiseRewardTrainer:
                         if run_eval():
                             stopped_early = True
                             break
+                release_freed_memory()
                 if stopped_early:
                     break
             if val is not None and len(val) and not stopped_early:
