@@ -265,3 +265,31 @@ def test_cli_audit_create_status_simulate_and_check_fit(single_rated, feedback_d
         "audit", "simulate", "-d", single_rated, "-a", str(audit), "-o", str(export), "--family-accuracy", "x"
     )
     assert code == 2 and "FAMILY=ACCURACY" in err
+
+
+def test_audit_over_the_service_http_api(single_rated, tmp_path, monkeypatch):
+    """create (POST /api/admin/tasks/import) and status (GET /api/admin/export) through the admin API."""
+    from fastapi.testclient import TestClient
+    from support.serve import ADMIN_TOKEN, make_settings
+
+    from preftune.errors import CredentialsError
+    from preftune.fit import audit as audit_mod
+    from preftune.serve.app import create_app
+
+    app = create_app(make_settings(f"sqlite:///{tmp_path / 'http.db'}", ratings_per_task=2))
+    with TestClient(app) as client:
+
+        def fake_http(url, token):  # the service in-process instead of a socket; same requests
+            if not token:
+                raise CredentialsError("no token")
+            client.headers["authorization"] = f"Bearer {token}"
+            return client
+
+        monkeypatch.setattr(audit_mod, "_http", fake_http)
+        loaded = load_dataset(single_rated, Storage())
+        plan = plan_audit(loaded, per_family=5, raters=3, seed=0)
+        result = audit_mod.import_tasks_over_http(plan.tasks_jsonl(), "http://svc", ADMIN_TOKEN)
+        assert result == {"received": 13, "imported": 13, "unchanged": 0, "ratings_per_task": 2}
+        assert audit_mod.export_over_http("http://svc", ADMIN_TOKEN) == []
+        with pytest.raises(CredentialsError):
+            audit_mod.import_tasks_over_http(plan.tasks_jsonl(), "http://svc", "wrong-token")
