@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from preftune.collect.records import Judgement, Pair, prompt_key, short_hash, utc_now
+from preftune.common.metadata import DATASET_FORMAT, DATASET_VERSION, read_dataset_json
 from preftune.errors import InputError
 
-DATASET_FORMAT = "preftune.dataset"
-DATASET_VERSION = 1
 VOLATILE_KEYS = ("created_at",)
 DATASET_FILES = ("dataset.json", "train.jsonl", "eval.jsonl", "judgements.jsonl", "validation.json", "validation.md")
 
@@ -334,19 +333,7 @@ def _read_jsonl(path: Path, required: bool = True) -> list[dict[str, Any]]:
 def load_dataset(uri: str, storage: Any) -> LoadedDataset:
     """Read a published dataset (local folder or s3:// URI, via the storage layer)."""
     root = Path(storage.local_path(uri)) if not Path(uri).is_dir() else Path(uri)
-    meta_path = root / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(
-            f"{uri}: not a preftune dataset (no dataset.json); create one with `preftune collect`"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{meta_path}: cannot read: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != DATASET_FORMAT:
-        raise InputError(f"{meta_path}: expected format {DATASET_FORMAT!r}")
-    if meta.get("version") != DATASET_VERSION:
-        raise InputError(f"{meta_path}: unsupported dataset version {meta.get('version')!r} (this preftune reads 1)")
+    meta = read_dataset_json(root, uri)
     validation = None
     if (root / "validation.json").exists():
         try:

@@ -40,3 +40,19 @@ def read_metadata_json(
     if version is not None and data.get("version") != version:
         raise InputError(f"{path}: unsupported {fmt} version {data.get('version')!r} (this preftune reads {version})")
     return data
+
+
+DATASET_FILE = "dataset.json"
+DATASET_FORMAT = "preftune.dataset"
+DATASET_VERSION = 1
+
+
+def read_dataset_json(root: str | Path, name: str | None = None) -> dict[str, Any]:
+    """``dataset.json`` of a local preference-dataset folder (``name``: how to call the dataset in errors)."""
+    root = Path(root)
+    return read_metadata_json(
+        root / DATASET_FILE,
+        fmt=DATASET_FORMAT,
+        version=DATASET_VERSION,
+        missing=f"{name or root}: not a preftune dataset (no {DATASET_FILE}); create one with `preftune collect`",
+    )

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from preftune.common.metadata import read_metadata_json
 from preftune.errors import InputError
 from preftune.text import render_prompt
 
@@ -72,10 +73,7 @@ def policy_layout(path: str | Path, world: Any = None) -> PolicyLayout:
         and not (folder / "config.json").is_file()
         and not (folder / "adapter_config.json").is_file()
     ):
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise InputError(f"{meta_file}: cannot read ({err})") from None
+        meta = read_metadata_json(meta_file, fmt="preftune.ppo_policy", missing=f"{meta_file}: missing")
         if meta.get("merged"):
             return PolicyLayout(folder / str(meta["merged"]), None, None)
         if meta.get("adapter"):

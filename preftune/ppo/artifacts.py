@@ -23,10 +23,10 @@ With ``ppo.save_merged: false`` (lora mode) the top level is a peft adapter fold
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from preftune.common.metadata import read_metadata_json
 from preftune.errors import InputError
 
 METADATA_FILE = "ppo_policy.json"
@@ -36,17 +36,13 @@ VERSION = 1
 
 def read_metadata(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / METADATA_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(
-            f"{path}: not a preftune PPO policy (no {METADATA_FILE}; train one with `preftune ppo`)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read PPO policy metadata: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise InputError(f"{path}: expected format {FORMAT!r} version {VERSION}")
-    return data
+    return read_metadata_json(
+        path,
+        fmt=FORMAT,
+        version=VERSION,
+        missing=f"{path}: not a preftune PPO policy (no {METADATA_FILE}; train one with `preftune ppo`)",
+        what="PPO policy metadata",
+    )
 
 
 def load_policy(folder: str | Path, *, device: Any = None) -> tuple[Any, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from preftune.common.metadata import read_dataset_json
 from preftune.errors import InputError
 from preftune.text import render_pair
 
@@ -107,17 +108,7 @@ def load_dataset(root: str | Path) -> PreferenceDataset:
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder not found (create one with `preftune collect`)")
-    meta_path = root / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(
-            f"{meta_path}: missing; {root} is not a preftune dataset (create one with `preftune collect`)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{meta_path}: cannot read: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != "preftune.dataset":
-        raise InputError(f"{meta_path}: expected format 'preftune.dataset'")
+    meta = read_dataset_json(root)
     train = read_pairs(root / "train.jsonl")
     eval_ = read_pairs(root / "eval.jsonl")
     if not train:

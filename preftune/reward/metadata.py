@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from preftune.common.metadata import read_metadata_json
 from preftune.errors import InputError
 
 METADATA_FILE = "reward_model.json"
@@ -54,22 +55,13 @@ class RewardModelMeta(BaseModel):
 def read_metadata(folder: str | Path) -> RewardModelMeta:
     """Read and validate ``reward_model.json`` from a local reward-model folder."""
     path = Path(folder) / METADATA_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(
-            f"{path}: not a preftune reward model (no {METADATA_FILE}; train one with `preftune train-reward`)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read reward-model metadata: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise InputError(
-            f"{path}: expected format {FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}"
-        )
-    if data.get("version") != VERSION:
-        raise InputError(
-            f"{path}: unsupported {FORMAT} version {data.get('version')!r} (this preftune reads {VERSION})"
-        )
+    data = read_metadata_json(
+        path,
+        fmt=FORMAT,
+        version=VERSION,
+        missing=f"{path}: not a preftune reward model (no {METADATA_FILE}; train one with `preftune train-reward`)",
+        what="reward-model metadata",
+    )
     try:
         return RewardModelMeta.model_validate(data)
     except ValidationError as err:

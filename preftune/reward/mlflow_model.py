@@ -17,6 +17,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from preftune.common.requirements import pip_requirements
+
 ARTIFACT_KEY = "reward_model"
 
 
@@ -47,20 +49,6 @@ def signature() -> Any:
         outputs=Schema([ColSpec("double", "reward")]),
         params=ParamSchema([ParamSpec("normalize", "boolean", False)]),
     )
-
-
-def pip_requirements() -> list[str]:
-    """Pinned to what trained the model; listed explicitly so MLflow need not load the model to infer them."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for name in ("preftune", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy"):
-        try:
-            v = version(name)
-        except PackageNotFoundError:
-            continue
-        out.append(f"{name}=={v.split('+')[0]}")
-    return out
 
 
 def log_reward_model(folder: Path, name: str = "reward_model") -> Any:
