@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from preftune import __version__
+from preftune.common.environment import environ
 from preftune.errors import UnreachableError
 from preftune.home import preftune_home
 
@@ -253,15 +254,8 @@ def start_step_run(
 def start_pipeline_run(cfg: RunConfig, *, pipeline_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """The parent run of one pipeline run; steps started inside it (or given its id) nest under it."""
     pid = pipeline_id or pipeline_run_id()
-    with start_step_run("pipeline", cfg, pipeline_run_id=pid) as run:
-        old = {k: os.environ.get(k) for k in (ENV_PARENT_RUN_ID, ENV_PIPELINE_RUN_ID)}
-        os.environ[ENV_PARENT_RUN_ID] = run.info.run_id
-        os.environ[ENV_PIPELINE_RUN_ID] = pid
-        try:
-            yield run
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with (
+        start_step_run("pipeline", cfg, pipeline_run_id=pid) as run,
+        environ(**{ENV_PARENT_RUN_ID: run.info.run_id, ENV_PIPELINE_RUN_ID: pid}),
+    ):
+        yield run

@@ -8,10 +8,10 @@ time. Steps find the parent MLflow run by that id's tag.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from preftune.common.environment import environ  # noqa: F401 (steps set their run ids with it)
 
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.config import RunConfig
@@ -53,23 +53,3 @@ def find_pipeline_run(cfg: RunConfig, pipeline_run_id: str) -> str | None:
     """The MLflow run id of the pipeline run's parent run, if it was opened."""
     runs = find_runs(cfg, "pipeline", pipeline_run_id=pipeline_run_id)
     return runs[0].info.run_id if runs else None
-
-
-@contextlib.contextmanager
-def environ(**values: str | None) -> Iterator[None]:
-    """Set environment variables for the duration of a step (None unsets; restored afterwards: tests
-    and the pilot call steps in-process)."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
