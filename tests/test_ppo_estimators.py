@@ -222,3 +222,222 @@ def test_reward_model_with_another_tokenizer_does_not_fit(toy_policy, tmp_path) 
     actor = _actor(toy_policy, "full", "separate")
     assert reward_model_fits_critic(actor, rm, tok, tok) is None
     assert "tokenizer" in (reward_model_fits_critic(actor, rm, tok, other) or "")
+
+
+@pytest.mark.parametrize(
+    "mode,critic", [("lora", "shared"), ("lora", "separate"), ("full", "shared"), ("full", "separate")]
+)
+def test_critic_parameters_and_values_leave_the_policy_alone(toy_policy, mode: str, critic: str) -> None:
+    actor = _actor(toy_policy, mode, critic)
+    own = dict(actor.critic_named_parameters())
+    assert "value_head.summary.weight" in own
+    if critic == "shared":
+        assert set(own) == {"value_head.summary.weight", "value_head.summary.bias"}
+    else:
+        assert len(own) > 2 and all("critic" in n or n.startswith("value_head.") for n in own)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    actor.critic_values(ids, torch.ones_like(ids), 2).sum().backward()
+    for n, p in actor.trainable_named_parameters():
+        has_grad = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        if n not in own:
+            assert not has_grad, n  # the policy gets no gradient from the critic's loss
+    assert own["value_head.summary.bias"].grad is not None
+    assert _actor(toy_policy, mode, "none").critic_named_parameters() == []
+
+
+# -- the estimators inside the trainer, on the toy world ----------------------------------------
+
+TOY_PROMPTS = [
+    "hi",
+    "how do I bake bread",
+    "tell me a joke",
+    "what is the capital of France",
+    "help me",
+    "write a haiku",
+]
+
+
+def _trainer(policy_dir, estimator: str, *, critic: str = "shared", mode: str = "lora", **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.ppo.policy import ActorCritic
+    from preftune.ppo.trainer import PPOTrainer, PromptItem
+
+    k = 4 if estimator in ("rloo", "grpo") else 1
+    base = dict(
+        updates=10,
+        batch_size=16,
+        mini_batch_size=8,
+        max_new_tokens=8,
+        lr=1e-2,
+        progress=False,
+        missing_eos_penalty=None,
+        warmup_updates=0,
+        advantage_estimator=estimator,
+        samples_per_prompt=k,
+        mode=mode,
+        critic=critic,
+    )
+    base.update(kw)
+    s = PPOSection(**base)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    layout = s.critic if estimators.get(estimator).needs_critic else "none"
+    actor = ActorCritic(model, mode=mode, critic=layout, temperature=1.0, lora_r=8, lora_alpha=16)
+
+    def shorter(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return torch.tensor([-len(tok(r)["input_ids"]) / 8.0 for r in responses])
+
+    items = [PromptItem(p, "toy", f"p{i}") for i, p in enumerate(TOY_PROMPTS)]
+    return PPOTrainer(s, actor, tok, shorter, items, seed=0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo", "reinforce_pp"])
+def test_each_estimator_raises_the_reward_on_the_toy_world_within_the_kl_guard(toy_policy, estimator: str) -> None:
+    trainer = _trainer(toy_policy, estimator, kl_hard_limit=20.0)
+    res = trainer.train()
+    rewards = [h["ppo/reward_mean"] for h in res.history]
+    assert len(rewards) == 10
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+    kls = [h["ppo/kl"] for h in res.history]
+    assert 0.0 < kls[-1] and max(kls) <= 20.0  # it moved, and never past the guard (which would have stopped it)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
+def test_each_estimator_is_stopped_by_the_kl_guard(toy_policy, estimator: str) -> None:
+    from preftune.errors import ExitCode, PreftuneError
+
+    trainer = _trainer(toy_policy, estimator, updates=6, lr=5e-2, kl_hard_limit=0.05)
+    with pytest.raises(PreftuneError, match="kl_hard_limit") as err:
+        trainer.train()
+    assert err.value.exit_code == ExitCode.TRAINING_DIVERGED
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
+def test_a_critic_free_run_allocates_and_trains_no_value_head(toy_policy, estimator: str) -> None:
+    trainer = _trainer(toy_policy, estimator, updates=1)
+    named = dict(trainer.actor.named_parameters())
+    assert not any("value_head" in n for n in named)
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert len(in_optimizer) == len(trainer.actor.trainable_named_parameters())
+    n_opt = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
+    assert n_opt == trainer.actor.n_trainable()
+    gae = _trainer(toy_policy, "gae", updates=1)
+    head = sum(p.numel() for n, p in gae.actor.trainable_named_parameters() if n.startswith("value_head."))
+    assert n_opt == sum(p.numel() for g in gae.optimizer.param_groups for p in g["params"]) - head
+    res = trainer.train()
+    assert res.history[-1]["ppo/value_loss"] == 0.0
+    state = trainer.state_dict()
+    assert not any("value_head" in n for n in state["trainable"])
+
+
+def test_a_critic_free_estimator_refuses_an_actor_with_a_value_head(toy_policy) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.errors import PreftuneError
+    from preftune.ppo.policy import ActorCritic
+    from preftune.ppo.trainer import PPOTrainer, PromptItem
+
+    model = AutoModelForCausalLM.from_pretrained(toy_policy)
+    tok = AutoTokenizer.from_pretrained(toy_policy)
+    actor = ActorCritic(model, mode="lora", critic="shared", temperature=1.0)
+    s = PPOSection(advantage_estimator="rloo", samples_per_prompt=2, batch_size=4, mini_batch_size=2, progress=False)
+    with pytest.raises(PreftuneError, match="critic-free"):
+        PPOTrainer(
+            s, actor, tok, lambda p, r: torch.zeros(len(r)), [PromptItem("hi")], seed=0, device=torch.device("cpu")
+        )
+
+
+def test_group_rollouts_hold_k_copies_of_each_prompt(toy_policy) -> None:
+    trainer = _trainer(toy_policy, "grpo", updates=1)
+    items = trainer._next_items()
+    assert len(items) == 16
+    for g in range(4):
+        assert len({it.prompt_id for it in items[4 * g : 4 * g + 4]}) == 1
+    assert len({it.prompt_id for it in items[::4]}) == 4
+
+
+def test_grpo_resume_reproduces_the_uninterrupted_run(toy_policy) -> None:
+    import copy
+
+    straight = _trainer(toy_policy, "grpo", updates=4).train().history
+    first = _trainer(toy_policy, "grpo", updates=4)
+    first.s = first.s.model_copy(update={"updates": 2})
+    first.train()
+    resumed = _trainer(toy_policy, "grpo", updates=4)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    got = resumed.train().history
+    for w, g in zip(straight, got, strict=True):
+        for key in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/kl_coef"):
+            assert g[key] == pytest.approx(w[key], abs=1e-6), (key, w["update"])
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_critic_warmup_trains_the_critic_with_the_policy_frozen(toy_policy, critic: str) -> None:
+    trainer = _trainer(toy_policy, "gae", critic=critic, updates=1, critic_warmup_updates=3, lr=1e-2)
+    own = {n for n, _ in trainer.actor.critic_named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.actor.trainable_named_parameters()}
+    losses = trainer.warmup_critic()
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    for n, p in trainer.actor.trainable_named_parameters():
+        if n in own:
+            continue
+        assert torch.equal(p.detach(), before[n]), n  # the policy did not move
+    assert not torch.equal(trainer.actor.value_head.summary.bias.detach(), before["value_head.summary.bias"])
+    assert trainer.update_idx == 0  # warm-up updates do not count in ppo.updates
+
+
+def test_critic_warmup_runs_once_before_the_first_update_and_is_logged(toy_policy) -> None:
+    trainer = _trainer(toy_policy, "gae", updates=2, critic_warmup_updates=2)
+    res = trainer.train()
+    assert len(res.history) == 2 and len(trainer.warmup_losses) == 2
+    assert res.history[0]["ppo/critic_warmup_loss_last"] == trainer.warmup_losses[-1]
+    assert "ppo/critic_warmup_loss_last" not in res.history[1]
+
+
+def test_ppo_step_with_a_critic_free_estimator_publishes_no_value_head(tmp_path) -> None:
+    import json
+
+    import mlflow
+
+    from preftune.config import parse_config
+    from preftune.ppo import toy
+    from preftune.ppo.artifacts import read_metadata
+    from preftune.ppo.step import run_ppo
+
+    policy = toy.build_policy(tmp_path / "policy", eos_boost=3.0, initializer_range=0.3)
+    reward = toy.build_reward_model(tmp_path / "reward", per_family={"toy": 0.9})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "family": "toy", "prompt": p}) + "\n" for i, p in enumerate(TOY_PROMPTS))
+    )
+    ppo = {
+        "prompts": str(prompts),
+        "updates": 2,
+        "batch_size": 8,
+        "mini_batch_size": 4,
+        "max_new_tokens": 6,
+        "threads": 1,
+        "progress": False,
+        "log_model": False,
+        "advantage_estimator": "grpo",
+        "samples_per_prompt": 4,
+    }
+    cfg = parse_config(
+        {
+            "run": {"seed": 0, "name": "est-test"},
+            "models": {"policy": str(policy)},
+            "ppo": ppo,
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        }
+    )
+    out = tmp_path / "out"
+    res = run_ppo(cfg, str(reward), str(out))
+    assert res.updates == 2
+    meta = read_metadata(out)
+    assert meta["critic"] == "none" and meta["advantage_estimator"] == "grpo"
+    assert not (out / "value_head.pt").exists()
+    run = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(res.mlflow_run_id)
+    assert run.data.params["ppo.resolved.critic_start"] == "none"
+    assert run.data.params["ppo.advantage_estimator"] == "grpo"

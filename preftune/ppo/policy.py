@@ -181,6 +181,31 @@ class ActorCritic(nn.Module):
             for n, p in params.items():
                 p.copy_(state[n].to(p.device, p.dtype))
 
+    def critic_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The critic's own trained parameters: the value head, plus the critic adapter or copy when separate."""
+        if self.value_head is None:
+            return []
+        out = []
+        for n, p in self.trainable_named_parameters():
+            own = n.startswith("value_head.") or (
+                self.critic_layout == "separate"
+                and (n.startswith("critic_model.") or f".{CRITIC_ADAPTER}." in n or n.endswith(f".{CRITIC_ADAPTER}"))
+            )
+            if own:
+                out.append((n, p))
+        return out
+
+    def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
+        """Values with gradients for the critic only (critic warm-up): a shared critic's trunk is the policy's,
+        so it runs without gradient and only the value head learns."""
+        if self.value_head is None:
+            raise RuntimeError("this actor has no critic")
+        if self.critic_layout == "separate":
+            return self.critic_forward(input_ids, attention_mask, n_response)
+        with torch.no_grad():  # trick: critic warm-up leaves the policy (its trunk) frozen
+            out = self._run(self.model, input_ids, attention_mask, n_response, with_logits=False)
+        return self.value_head(out.hidden.detach())
+
     def n_trainable(self) -> int:
         return sum(p.numel() for _, p in self.trainable_named_parameters())
 

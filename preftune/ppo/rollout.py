@@ -156,10 +156,31 @@ def estimate_advantages(
     ``values`` is None when the actor has no critic; ``items`` says which responses answer the same
     prompt (for estimators that compare responses to one prompt).
     """
-    if values is None:
-        raise PreftuneError("GAE needs a critic (values); this actor has no value head", ExitCode.CONFIG)
-    advantages, returns = core.compute_gae(rewards, values, mask, s.gamma, s.lam)  # trick: GAE
-    if s.whiten_advantages:
+    from preftune.ppo import estimators
+
+    spec = estimators.get(s.advantage_estimator)
+    if spec.needs_critic and values is None:
+        raise PreftuneError(
+            f"ppo.advantage_estimator {spec.name!r} needs a critic (values); this actor has no value head",
+            ExitCode.CONFIG,
+        )
+    k = s.samples_per_prompt
+    groups = [items[i : i + k] for i in range(0, len(items), k)]
+    if any(len(g) != k or len({it.prompt for it in g}) != 1 for g in groups):
+        raise PreftuneError(
+            f"the rollout does not hold whole groups of {k} responses to the same prompt "
+            "(ppo.samples_per_prompt); the prompt stream must repeat each prompt k times, adjacently"
+        )
+    inputs = estimators.AdvantageInputs(
+        rewards=rewards,
+        mask=mask,
+        values=values if spec.needs_critic else None,
+        group_ids=estimators.group_ids_for(len(groups), k, device=rewards.device),
+        gamma=s.gamma,
+        lam=s.lam,
+    )
+    advantages, returns = spec.fn(inputs)  # ppo.advantage_estimator: gae, rloo, grpo, reinforce_pp
+    if s.whiten_advantages and spec.name == "gae":
         advantages = core.masked_whiten(advantages, mask)  # trick: whiten advantages
     return advantages, returns
 

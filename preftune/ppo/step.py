@@ -279,6 +279,11 @@ def _run(
         from preftune.ppo import zero
 
         ds_config = zero.load(str(storage.local_path(s.deepspeed_config)), s, ctx.world_size)
+        if s.critic_warmup_updates:
+            raise ConfigError(
+                "ppo.critic_warmup_updates is not supported with ppo.deepspeed_config (the warm-up steps the critic "
+                "outside the DeepSpeed engine); set it to 0, or use critic_init"
+            )
 
     # -- inputs ------------------------------------------------------------------------------
     reward_local = str(storage.local_path(reward_model_dir))
@@ -297,10 +302,14 @@ def _run(
         torch.set_num_threads(auto_threads(n_params, s.params_per_thread, torch.get_num_threads()))
 
     # -- actor-critic and trainer -------------------------------------------------------------
+    from preftune.ppo import estimators
+    from preftune.ppo.policy import start_critic
+
+    critic_free = not estimators.get(s.advantage_estimator).needs_critic
     actor = ActorCritic(
         base,
         mode=s.mode,
-        critic=s.critic,
+        critic="none" if critic_free else s.critic,  # a critic-free estimator: no value head at all
         temperature=s.temperature,
         lora_r=s.lora_r,
         lora_alpha=s.lora_alpha,
@@ -308,6 +317,9 @@ def _run(
         lora_target_modules=list(s.lora_target_modules),
         ref_device=torch.device("cpu") if (s.ref_offload and device.type == "cuda") else device,
     ).to(device)
+    # the critic starts as the reward model where the architectures allow it (ppo.critic_init), else at zero
+    stats = reward_stats if s.reward_normalize else None
+    critic_start = start_critic(actor, s.critic_init, scorer.model, tok, scorer.tokenizer, stats)
     if s.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
     ckpt_root = checkpoint_root(output, cfg)
@@ -360,6 +372,7 @@ def _run(
         "ppo.resolved.n_prompts": len(prompts),
         "ppo.resolved.prompt_families": json.dumps(family_counts, sort_keys=True),
         "ppo.resolved.trainable_parameters": actor.n_trainable(),
+        "ppo.resolved.critic_start": critic_start,
         "ppo.resolved.device": str(device),
         "ppo.resolved.processes": ctx.world_size,
         "ppo.resolved.threads": torch.get_num_threads(),
@@ -467,7 +480,8 @@ def _publish(
             "base": policy_ref,
             "base_path": policy_path,
             "mode": s.mode,
-            "critic": s.critic,
+            "critic": "none" if actor.value_head is None else s.critic,
+            "advantage_estimator": s.advantage_estimator,
             "merged": written["merged"],
             "adapter": written["adapter"],
             "reward_model": reward_model_dir,

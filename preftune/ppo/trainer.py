@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from preftune.errors import ExitCode, PreftuneError
-from preftune.ppo import core, state
+from preftune.ppo import core, estimators, state
 from preftune.ppo.checkpoint import CheckpointInfo, CheckpointStore
 from preftune.ppo.config import PPOSection
 from preftune.ppo.distributed import DistContext
@@ -132,6 +132,23 @@ class PPOTrainer:
                 f"ppo.batch_size ({settings.batch_size}) must be divisible by the number of processes ({world_size})",
                 ExitCode.CONFIG,
             )
+        self.estimator = estimators.get(s.advantage_estimator)
+        if self.estimator.needs_critic != (actor.value_head is not None):
+            raise PreftuneError(
+                f"ppo.advantage_estimator {s.advantage_estimator!r} "
+                + (
+                    "needs a critic, but the actor has no value head"
+                    if self.estimator.needs_critic
+                    else "is critic-free, but the actor has a value head (build it with critic='none')"
+                ),
+                ExitCode.CONFIG,
+            )
+        if (s.batch_size // s.samples_per_prompt) % world_size:
+            raise PreftuneError(
+                f"ppo.batch_size / ppo.samples_per_prompt ({s.batch_size // s.samples_per_prompt} prompts) must be "
+                f"divisible by the number of processes ({world_size}): each process rolls out whole groups",
+                ExitCode.CONFIG,
+            )
         self.local_mini = max(1, settings.mini_batch_size // world_size)
         self.micro = max(1, self.local_mini // settings.grad_accum_steps)
 
@@ -166,6 +183,7 @@ class PPOTrainer:
         )  # trick: lr warm-up then decay, per update
         self._ddp_params = [p for _, p in self.actor.trainable_named_parameters()]
         self.engine: Any = None  # DeepSpeed engine when ppo.deepspeed_config is set (attach_engine)
+        self.warmup_losses: list[float] = []  # critic warm-up value losses (ppo.critic_warmup_updates)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         s = self.s
@@ -195,13 +213,72 @@ class PPOTrainer:
     # -- rollout ---------------------------------------------------------------------------
 
     def _next_items(self) -> list[PromptItem]:
-        """This process's share of the next rollout batch, from the (checkpointed) prompt stream."""
-        idx = self.sampler.take(self.s.batch_size)[self.rank :: self.world_size]
-        return [self.prompts[i] for i in idx]
+        """This process's share of the next rollout batch, from the (checkpointed) prompt stream.
+
+        With ``samples_per_prompt`` k the stream hands out batch_size / k prompts and each is repeated
+        k times, adjacently (a group never straddles two processes).
+        """
+        k = self.s.samples_per_prompt
+        idx = self.sampler.take(self.s.batch_size // k)[self.rank :: self.world_size]
+        return [self.prompts[i] for i in idx for _ in range(k)]  # trick: k samples per prompt (group estimators)
 
     def rollout(self, items: Sequence[PromptItem], update: int) -> Rollout:
         """Sample, score and compute advantages for one batch of prompts (no gradient)."""
         return self.rollouts.make(items, update, self.kl_ctl.value)
+
+    # -- critic warm-up ----------------------------------------------------------------------
+
+    def warmup_critic(self) -> list[float]:
+        """``critic_warmup_updates`` critic-only updates on fresh rollouts, the policy frozen; returns the losses.
+
+        Only the critic's own parameters (the value head; the critic adapter or copy of a separate
+        critic) are in the warm-up's optimiser and get gradients, and its target is the Monte-Carlo
+        return, so the first PPO update takes its advantages against a critic that already predicts
+        the reward. The rollouts consume prompts and random streams like updates (a checkpoint after
+        update 1 resumes exactly) but do not count in ``ppo.updates``.
+        """
+        s = self.s
+        if self.engine is not None:
+            raise PreftuneError("ppo.critic_warmup_updates is not supported with ppo.deepspeed_config", ExitCode.CONFIG)
+        params = [p for _, p in self.actor.critic_named_parameters()]
+        opt = torch.optim.AdamW(params, lr=s.lr * s.value_head_lr_ratio, eps=s.adam_eps)
+        losses: list[float] = []
+        for _ in range(s.critic_warmup_updates):
+            ro = self.rollout(self._next_items(), 0)
+            rewards, _ = core.per_token_rewards(ro.scores, ro.kl, ro.mask, self.kl_ctl.value)
+            if s.whiten_rewards:
+                rewards = core.masked_whiten(rewards, ro.mask, shift_mean=False)
+            target = estimators.reward_to_go(rewards, ro.mask, s.gamma)  # trick: Monte-Carlo returns as the target
+            self.actor.train()
+            total, n = 0.0, 0
+            for _epoch in range(s.ppo_epochs):
+                perm = torch.randperm(ro.batch_size, generator=self.streams.shuffle)
+                for start in range(0, ro.batch_size, self.local_mini):
+                    mb = perm[start : start + self.local_mini].to(self.device)
+                    opt.zero_grad(set_to_none=True)
+                    for micro in mb.split(self.micro):
+                        loss = self._critic_loss(ro, target, micro)
+                        self.guards.check(0, None if all_finite(loss) else f"critic warm-up loss became {float(loss)}")
+                        (loss / s.grad_accum_steps).backward()
+                        total += float(loss.detach()) / math.ceil(len(mb) / self.micro)
+                    self.dist.average_gradients(params)
+                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                    opt.step()
+                    n += 1
+            losses.append(self.dist.mean(total / max(1, n)))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.warmup_losses = losses
+        return losses
+
+    def _critic_loss(self, ro: Rollout, target: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        mask = ro.mask[idx]
+        r_len = int(mask.sum(dim=1).max())
+        mask = mask[:, :r_len]
+        seq = torch.cat([ro.prompt_ids[idx], ro.response_ids[idx, :r_len]], dim=1)
+        attn = torch.cat([ro.prompt_mask[idx], mask.long()], dim=1)
+        with self._autocast():
+            values = self.actor.critic_values(seq, attn, r_len).float()  # the policy's trunk gets no gradient
+        return 0.5 * core.masked_mean((values - target[idx, :r_len]) ** 2, mask)  # trick: plain MSE in the warm-up
 
     # -- update ----------------------------------------------------------------------------
 
@@ -365,6 +442,8 @@ class PPOTrainer:
         s = self.s
         start_update = self.update_idx
         t_start = time.perf_counter()
+        if start_update == 0 and s.critic_warmup_updates and self.actor.value_head is not None:
+            self.warmup_critic()  # before update 1 only: a resumed run has the warmed-up critic in its checkpoint
         bar = self._progress_bar(start_update)
         try:
             while self.update_idx < s.updates:
@@ -394,6 +473,9 @@ class PPOTrainer:
                     families=self.families,
                     judge_fn=self.judge_fn,
                 )
+                if self.update_idx == 1 and self.warmup_losses:
+                    metrics["ppo/critic_warmup_loss_first"] = self.warmup_losses[0]
+                    metrics["ppo/critic_warmup_loss_last"] = self.warmup_losses[-1]
                 self.history.append({"update": float(self.update_idx), **metrics})
                 self.guards.drift(self.update_idx, self.history)
                 out_of_time = s.max_minutes is not None and time.perf_counter() - t_start >= 60.0 * s.max_minutes
