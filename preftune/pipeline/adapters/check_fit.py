@@ -1,4 +1,8 @@
-"""check-fit as a pipeline step: agreement and coverage per family; ``fit`` says whether the run goes on."""
+"""check-fit as a pipeline step: agreement and coverage per family; ``fit`` says whether the run goes on.
+
+``fit_status`` is also tagged (``preftune.fit``) on the pipeline's run by check-fit itself, so every later
+step's run carries it (:func:`preftune.tracking.start_step_run`).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ class CheckFitStepResult(StepResult):
     stop_reason: str | None = None
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per family: verdict, reason, action, alpha (Krippendorff) and coverage share."""
+    fit_status: str = "measured"
+    """``measured`` (repeated ratings), ``audited`` (an agreement audit) or ``unaudited`` (fit.accept_unaudited)."""
+    unaudited_reason: str | None = None
+    quality_breaches: list[str] = field(default_factory=list)
+    """Data-quality checks over their fit.quality limit (warned, or the reason of a stop)."""
 
 
 def check_fit(
@@ -70,6 +79,9 @@ def check_fit(
                 excluded_families=report.excluded_families,
                 stop_reason=report.stop_reason,
                 verdicts=verdicts,
+                fit_status=report.fit_status,
+                unaudited_reason=report.unaudited_reason if report.fit_status == "unaudited" else None,
+                quality_breaches=list((report.quality or {}).get("breaches") or []),
                 mlflow_run_id=report.mlflow_run_id,
                 metrics=metrics,
                 report_md=report.to_markdown(),
