@@ -92,6 +92,29 @@ class PPOSection(Section):
         1.0, gt=0.0, le=5.0, description="Sampling temperature (applied to the training log-probs as well)."
     )
 
+    # -- rollout engine (preftune.ppo.engine) -------------------------------------------------
+    rollout_early_exit: bool = Field(
+        False,
+        description="Drop a row from the decode batch once it has emitted EOS: fewer forward rows, the same "
+        "sampled tokens and random stream; log-probs and values agree to float rounding (~1e-6), not bit for bit.",
+    )
+    rollout_share_prefill: bool = Field(
+        True,
+        description="With samples_per_prompt k > 1: one prefill per prompt, its KV cache copied k times (the same "
+        "tokens as k prefills when forward_batch_size is a multiple of k; log-probs to float rounding, ~1e-6).",
+    )
+    rollout_merge_lora: bool = Field(
+        False,
+        description="mode lora: fold the adapter into the base weights for the rollout (no per-token adapter cost); "
+        "the update runs the adapter as usual. Sampled tokens and old log-probs then agree with the unmerged "
+        "policy to float rounding (~1e-6), not bit for bit.",
+    )
+    rollout_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Precision of the rollout's forwards: bf16 autocast (CPU with avx512_bf16/AMX, or GPU) for the "
+        "sampling pass only; old log-probs then differ from the fp32 update's by up to ~1e-2. fp32: exact.",
+    )
+
     # -- reward -----------------------------------------------------------------------------
     reward_normalize: bool = Field(
         True, description="Standardise rewards with the mean and std that train-reward saved in reward_model.json."

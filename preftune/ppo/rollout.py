@@ -30,9 +30,10 @@ import torch
 from preftune.errors import ExitCode, PreftuneError
 from preftune.ppo import core
 from preftune.ppo.config import PPOSection
+from preftune.ppo.engine import KVCacheEngine, RolloutEngine, SamplingParams
 from preftune.ppo.guards import Guards, all_finite
 from preftune.ppo.policy import ActorCritic
-from preftune.ppo.sampling import NonFiniteLogits, sample
+from preftune.ppo.sampling import NonFiniteLogits
 from preftune.text import render_prompt
 
 
@@ -185,12 +186,6 @@ def estimate_advantages(
     return advantages, returns
 
 
-def _pad_cat(ts: list[torch.Tensor], length: int, value: float) -> torch.Tensor:
-    """Concatenate (batch, r, ...) chunks along the batch after right-padding each to ``length`` columns."""
-    pad = torch.nn.functional.pad
-    return torch.cat([pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]), value=value) for t in ts])
-
-
 class RolloutMaker:
     """Turns prompts into a :class:`Rollout` under the current policy, as ``ppo.*`` configures."""
 
@@ -205,6 +200,7 @@ class RolloutMaker:
         generator: torch.Generator,
         guards: Guards,
         reward_stats: tuple[float, float] | None = None,
+        engine: RolloutEngine | None = None,
     ) -> None:
         self.s = settings
         self.actor = actor
@@ -219,6 +215,14 @@ class RolloutMaker:
             raise PreftuneError("the policy tokenizer has no EOS token: responses could never stop", ExitCode.INPUT)
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        # the rollout engine (preftune.ppo.engine): the KV-cache sampler on the live policy unless one is given
+        self.engine: RolloutEngine = engine or KVCacheEngine(
+            actor.policy_lm,
+            merge_lora=settings.rollout_merge_lora,
+            early_exit=settings.rollout_early_exit,
+            dtype=settings.rollout_dtype,
+            autocast=self.autocast,
+        )
 
     # -- text in and out -------------------------------------------------------------------------
 
@@ -262,41 +266,47 @@ class RolloutMaker:
 
     # -- one batch of experience -----------------------------------------------------------------
 
-    def _sample_chunks(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, update: int) -> list[Any]:
+    def _shared_prefill(self, items: Sequence[PromptItem]) -> int:
+        """k when the batch holds each prompt k times in a row and one prefill per prompt gives the same rows."""
+        s, k = self.s, self.s.samples_per_prompt
+        if k == 1 or not s.rollout_share_prefill or s.forward_batch_size % k or len(items) % k:
+            return 1
+        runs = [items[i : i + k] for i in range(0, len(items), k)]
+        return k if all(len({it.prompt for it in run}) == 1 for run in runs) else 1
+
+    def _generate(self, items: Sequence[PromptItem], update: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(prompt ids, prompt mask, Generation) for the batch, through the rollout engine."""
         s = self.s
-        chunks: list[Any] = []
-        for start in range(0, prompt_ids.shape[0], s.forward_batch_size):
-            sl = slice(start, start + s.forward_batch_size)
-            problem = None
-            try:
-                with self.autocast():
-                    out = sample(
-                        self.actor.policy_lm,
-                        prompt_ids[sl],
-                        prompt_mask[sl],
-                        max_new_tokens=s.max_new_tokens,
-                        temperature=s.temperature,
-                        eos_token_id=self.eos_id,
-                        pad_token_id=self.pad_id,
-                        generator=self.generator,
-                        with_scores=s.logprobs_from_sampling,
-                    )
-            except NonFiniteLogits as err:
-                problem = f"the policy produced non-finite logits while sampling ({err})"
-            self.guards.check(update, problem)
-            chunks.append(out)
-        return chunks
+        k = self._shared_prefill(items)
+        prompt_ids, prompt_mask = self.encode(items[::k] if k > 1 else items)
+        params = SamplingParams(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            num_samples=k,
+            with_scores=s.logprobs_from_sampling,
+            batch_size=s.forward_batch_size,
+        )
+        self.engine.sync()  # the engine samples from the weights of the last update
+        gen, problem = None, None
+        try:
+            gen = self.engine.generate(prompt_ids, prompt_mask, params, self.generator)
+        except NonFiniteLogits as err:
+            problem = f"the policy produced non-finite logits while sampling ({err})"
+        self.guards.check(update, problem)
+        if k > 1:
+            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
+        return prompt_ids, prompt_mask, gen
 
     @torch.no_grad()
     def make(self, items: Sequence[PromptItem], update: int, kl_coef: float) -> Rollout:
         """Sample, score and compute advantages for one batch of prompts."""
         s, actor = self.s, self.actor
         actor.eval()
-        prompt_ids, prompt_mask = self.encode(items)
-        from_sampling = s.logprobs_from_sampling
-        chunks = self._sample_chunks(prompt_ids, prompt_mask, update)
-        R = max(c.response_ids.shape[1] for c in chunks)
-        response_ids = _pad_cat([c.response_ids for c in chunks], R, self.pad_id)
+        prompt_ids, prompt_mask, gen = self._generate(items, update)
+        from_sampling = s.logprobs_from_sampling and gen.logprobs is not None
+        response_ids, R = gen.response_ids, int(gen.response_ids.shape[1])
         mask = core.response_mask(response_ids, self.eos_id)  # trick: mask tokens after EOS
         has_eos = core.ends_with_eos(response_ids, self.eos_id)
         response_ids = torch.where(mask, response_ids, torch.full_like(response_ids, self.pad_id))
@@ -309,10 +319,9 @@ class RolloutMaker:
         has_critic = actor.value_head is not None
         logprobs, ref_logprobs, values, entropies = [], [], [], []
         if from_sampling:
-            logprobs = [_pad_cat([c.logprobs for c in chunks], R, 0.0)]
-            entropies = [_pad_cat([c.entropy for c in chunks], R, 0.0)]
+            logprobs, entropies = [gen.logprobs], [gen.entropy]
             if has_critic and actor.critic_layout == "shared":
-                values = [actor.value_head(_pad_cat([c.hidden for c in chunks], R, 0.0))]
+                values = [actor.value_head(gen.hidden)]
         for start in range(0, len(items), s.forward_batch_size):
             sl = slice(start, start + s.forward_batch_size)
             outputs = []

@@ -51,9 +51,21 @@ def sample(
     pad_token_id: int,
     generator: torch.Generator | None,
     with_scores: bool = False,
+    num_samples: int = 1,
+    early_exit: bool = False,
 ) -> Samples:
-    """Sample one response per (left-padded) prompt row; rows stop at EOS, the batch when all have."""
-    batch = prompt_ids.shape[0]
+    """Sample ``num_samples`` responses per (left-padded) prompt row; rows stop at EOS, the batch when all have.
+
+    ``num_samples=k`` prefills each prompt ONCE and copies its KV cache k times: the output rows are
+    prompt 0's k responses, then prompt 1's, ... -- the same rows (and, in deterministic mode, the
+    same tokens) as sampling a batch in which each prompt is repeated k times.
+
+    ``early_exit`` drops a row from the model's batch as soon as it has emitted EOS (its cache rows
+    are selected away, nothing is re-padded). The sampled tokens do not change: the random draw
+    still covers every row (a finished row draws from a point mass on the pad token), so the
+    generator advances exactly as without it.
+    """
+    k = int(num_samples)
     device = prompt_ids.device
     attention = prompt_mask.long()
     out = lm(
@@ -64,34 +76,69 @@ def sample(
         logits_to_keep=1,
         output_hidden_states=with_scores,
     )
+    n_tokens = int(prompt_ids.numel())
     past = out.past_key_values
     logits = out.logits[:, -1, :]
+    hidden = out.hidden_states[-1][:, -1, :] if with_scores else None
+    if k > 1:  # trick: k responses per prompt from one prefill (the group estimators' k samples)
+        past.batch_repeat_interleave(k)
+        logits = logits.repeat_interleave(k, dim=0)
+        hidden = hidden.repeat_interleave(k, dim=0) if hidden is not None else None
+        attention = attention.repeat_interleave(k, dim=0)
+        prompt_ids = prompt_ids.repeat_interleave(k, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
+    batch = prompt_ids.shape[0]
     logprobs: list[torch.Tensor] = []
     entropies: list[torch.Tensor] = []
     hiddens: list[torch.Tensor] = []
     next_pos = attention.sum(dim=1, keepdim=True)  # position of the first new token on each row
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    active = torch.arange(batch, device=device)  # rows still in the model's batch (all, without early_exit)
     tokens: list[torch.Tensor] = []
-    n_tokens = int(prompt_ids.numel())
     for step in range(max_new_tokens):
         if not bool(torch.isfinite(logits).all()):
             raise NonFiniteLogits(f"non-finite logits at new token {step}")
         scaled = logits.float() / temperature
         probs = torch.softmax(scaled, dim=-1)
+        n_active = int(active.shape[0])
+        if n_active < batch:  # finished rows draw from a point mass on pad: the generator advances as before
+            full = torch.zeros((batch, probs.shape[1]), dtype=probs.dtype, device=device)
+            full[:, pad_token_id] = 1.0
+            full[active] = probs
+            probs = full
         # sampling on CPU with the checkpointed generator keeps the stream identical across devices and resumes
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)  # trick: pad after EOS
         tokens.append(nxt)
         if with_scores:  # trick: old log-probs, entropy and value inputs from the sampling pass itself
-            logprobs.append(core.logprobs_from_logits(scaled.unsqueeze(1), nxt.unsqueeze(1)).squeeze(1))
-            entropies.append(core.entropy_from_logits(scaled))
-            hiddens.append(out.hidden_states[-1][:, -1, :])
+            lp = core.logprobs_from_logits(scaled.unsqueeze(1), nxt[active].unsqueeze(1)).squeeze(1)
+            ent = core.entropy_from_logits(scaled)
+            if n_active < batch:  # finished rows: zeros (masked out after EOS anyway)
+                lp = torch.zeros(batch, dtype=lp.dtype, device=device).index_copy(0, active, lp)
+                ent = torch.zeros(batch, dtype=ent.dtype, device=device).index_copy(0, active, ent)
+                hidden = torch.zeros((batch, hidden.shape[1]), dtype=hidden.dtype, device=device).index_copy(
+                    0, active, hidden
+                )
+            logprobs.append(lp)
+            entropies.append(ent)
+            hiddens.append(hidden)
         finished |= nxt == eos_token_id
         if bool(finished.all()):
             break
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
+        step_ids, step_attention = nxt, attention
+        if early_exit:
+            keep = ~finished[active]
+            if not bool(keep.all()):  # trick: early exit of finished rows (cache rows selected away, no re-pad)
+                local = keep.nonzero().squeeze(1)
+                past.batch_select_indices(local)
+                active = active[local]
+                attention = attention[local]
+                next_pos = next_pos[local]
+            step_ids = nxt[active]
+            step_attention = attention
+        attention = torch.cat([step_attention, torch.ones_like(step_attention[:, :1])], dim=1)
         out = lm(
-            input_ids=nxt.unsqueeze(1),
+            input_ids=step_ids.unsqueeze(1),
             attention_mask=attention,
             position_ids=next_pos,
             past_key_values=past,
@@ -100,8 +147,9 @@ def sample(
         )
         past = out.past_key_values
         logits = out.logits[:, -1, :]
+        hidden = out.hidden_states[-1][:, -1, :] if with_scores else None
         next_pos = next_pos + 1
-        n_tokens += batch
+        n_tokens += int(active.shape[0])
     response = torch.stack(tokens, dim=1)
     return Samples(
         prompt_ids=prompt_ids,

@@ -1,0 +1,223 @@
+"""The rollout engine: the KV-cache engine's speed options against the plain sampler, on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.ppo import core
+from preftune.ppo.engine import KVCacheEngine, SamplingParams, finish_reasons, merged_lora
+from preftune.ppo.policy import ActorCritic
+from preftune.ppo.sampling import sample
+
+TEXTS = ["User: hi\nAssistant:", "User: how do I bake bread today, please\nAssistant:", "User: a joke\nAssistant:"]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from preftune.ppo import toy
+
+    torch.set_num_threads(1)
+    return toy.build_policy(tmp_path_factory.mktemp("policy"), eos_boost=3.0, initializer_range=0.3)
+
+
+def _load(policy_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    tok.padding_side = "left"
+    enc = tok(TEXTS, padding=True, return_tensors="pt")
+    return model, tok, enc["input_ids"], enc["attention_mask"]
+
+
+def _sample(model, tok, ids, mask, seed: int = 0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    out = sample(
+        model,
+        ids,
+        mask,
+        max_new_tokens=12,
+        temperature=1.0,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=gen,
+        with_scores=True,
+        **kw,
+    )
+    return out, gen.get_state()
+
+
+def test_early_exit_samples_the_same_tokens_and_leaves_the_generator_where_it_was(policy_dir: Path) -> None:
+    model, tok, ids, mask = _load(policy_dir)
+    plain, state_plain = _sample(model, tok, ids, mask)
+    early, state_early = _sample(model, tok, ids, mask, early_exit=True)
+    resp_mask = core.response_mask(plain.response_ids, tok.eos_token_id)
+    lengths = resp_mask.sum(dim=1)
+    assert len(set(lengths.tolist())) > 1  # rows finish at different steps, so rows really left the batch
+    assert early.n_forward_tokens < plain.n_forward_tokens
+    assert torch.equal(early.response_ids, plain.response_ids)
+    assert torch.equal(state_early, state_plain)  # the random stream advanced exactly as before
+    # on the response tokens: the same numbers up to float rounding (smaller batches, other GEMM blocking)
+    for got, want in ((early.logprobs, plain.logprobs), (early.entropy, plain.entropy)):
+        assert torch.allclose(got * resp_mask, want * resp_mask, atol=1e-5, rtol=0)
+    assert torch.allclose(early.hidden[resp_mask], plain.hidden[resp_mask], atol=1e-5, rtol=0)
+
+
+def test_k_samples_from_one_prefill_equal_k_prefills(policy_dir: Path) -> None:
+    model, tok, ids, mask = _load(policy_dir)
+    k = 3
+    repeated, _ = _sample(model, tok, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), seed=5)
+    shared, _ = _sample(model, tok, ids, mask, seed=5, num_samples=k)
+    assert shared.response_ids.shape[0] == ids.shape[0] * k
+    assert shared.n_forward_tokens < repeated.n_forward_tokens
+    assert torch.equal(shared.prompt_ids, ids.repeat_interleave(k, 0))
+    assert torch.equal(shared.response_ids, repeated.response_ids)
+    # the same tokens; log-probs equal up to float rounding (a k-times smaller prefill batch blocks its GEMMs
+    # differently on CPU), so this is not bit-identical
+    assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5, rtol=0)
+    assert len({tuple(r) for r in shared.response_ids[:k].tolist()}) > 1  # k different responses to one prompt
+
+
+def test_merged_lora_matches_the_adapter_and_restores_the_exact_weights(policy_dir: Path) -> None:
+    model, tok, ids, mask = _load(policy_dir)
+    torch.manual_seed(0)
+    actor = ActorCritic(model, mode="lora", critic="shared", temperature=1.0, lora_r=8, lora_alpha=16)
+    with torch.no_grad():  # a trained-looking adapter (B starts at zero: merging it would prove nothing)
+        for n, p in actor.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    before = {n: p.detach().clone() for n, p in actor.model.named_parameters()}
+    seq = torch.cat([ids, ids[:, -4:]], dim=1)
+    attn = torch.cat([mask, torch.ones_like(mask[:, -4:])], dim=1)
+    with torch.no_grad():
+        want, _ = actor.policy_forward(seq, attn, 4)
+        ref = actor.ref_logits(seq, attn, 4)
+        with merged_lora(actor.model) as n_merged:
+            got, _ = actor.policy_forward(seq, attn, 4)
+        assert n_merged > 0
+        assert not torch.allclose(want, ref, atol=1e-3)  # the adapter does change the policy
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(actor.ref_logits(seq, attn, 4), ref)  # the reference (adapter off) is untouched
+    for n, p in actor.model.named_parameters():
+        assert torch.equal(p, before[n]), n  # bit-exact restore (not peft's subtract-again unmerge)
+
+
+def test_engine_with_merged_lora_samples_what_the_adapter_samples(policy_dir: Path) -> None:
+    model, tok, ids, mask = _load(policy_dir)
+    torch.manual_seed(0)
+    actor = ActorCritic(model, mode="lora", critic="shared", temperature=1.0, lora_r=8, lora_alpha=16)
+    with torch.no_grad():
+        for n, p in actor.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    params = SamplingParams(12, 1.0, tok.eos_token_id, tok.pad_token_id, batch_size=2)
+    plain = KVCacheEngine(actor.policy_lm).generate(ids, mask, params, torch.Generator().manual_seed(1))
+    merged = KVCacheEngine(actor.policy_lm, merge_lora=True).generate(
+        ids, mask, params, torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(merged.response_ids, plain.response_ids)
+    assert torch.allclose(merged.logprobs, plain.logprobs, atol=1e-4, rtol=0)
+    assert merged.finish_reasons == plain.finish_reasons
+
+
+def test_bf16_rollout_log_probs_stay_within_the_stated_tolerance(policy_dir: Path) -> None:
+    model, tok, ids, mask = _load(policy_dir)
+    params = SamplingParams(12, 1.0, tok.eos_token_id, tok.pad_token_id)
+    out = KVCacheEngine(model, dtype="bf16").generate(ids, mask, params, torch.Generator().manual_seed(2))
+    resp_mask = core.response_mask(out.response_ids, tok.eos_token_id)
+    R = out.response_ids.shape[1]
+    seq = torch.cat([ids, out.response_ids], dim=1)
+    attn = torch.cat([mask, resp_mask.long()], dim=1)
+    actor = ActorCritic(model, mode="full", critic="none", temperature=1.0)
+    with torch.no_grad():
+        logits, _ = actor.policy_forward(seq, attn, R)
+    fp32 = core.logprobs_from_logits(logits, out.response_ids)
+    diff = ((out.logprobs - fp32).abs() * resp_mask).max()
+    assert float(diff) < 0.1  # docs/ppo.md: bf16 rollout log-probs within 0.1 nats per token of fp32
+
+
+def test_finish_reasons_and_chunking_do_not_change_the_rows(policy_dir: Path) -> None:
+    model, tok, ids, mask = _load(policy_dir)
+    params = SamplingParams(3, 1.0, tok.eos_token_id, tok.pad_token_id, batch_size=8)
+    out = KVCacheEngine(model).generate(ids, mask, params, torch.Generator().manual_seed(3))
+    want = ["stop" if tok.eos_token_id in row else "length" for row in out.response_ids.tolist()]
+    assert out.finish_reasons == want == finish_reasons(out.response_ids, tok.eos_token_id)
+    assert set(want) <= {"stop", "length"}
+
+
+# -- the engine inside the rollout --------------------------------------------------------------
+
+
+def _maker(policy_dir: Path, engine=None, **kw):
+    from preftune.ppo.config import PPOSection
+    from preftune.ppo.distributed import DistContext
+    from preftune.ppo.guards import Guards
+    from preftune.ppo.rollout import RolloutMaker
+
+    model, tok, _, _ = _load(policy_dir)
+    base = dict(batch_size=8, mini_batch_size=4, max_new_tokens=8, progress=False, missing_eos_penalty=None)
+    s = PPOSection(**{**base, **kw})  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    actor = ActorCritic(model, mode="lora", critic="shared", temperature=1.0, lora_r=8, lora_alpha=16)
+
+    def reward(prompts, responses):
+        return torch.tensor([-len(r) / 8.0 for r in responses])
+
+    guards = Guards(s, DistContext.of(), lambda: None)
+    return RolloutMaker(
+        s,
+        actor,
+        tok,
+        reward,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+        guards=guards,
+        engine=engine(actor) if engine else None,
+    )
+
+
+def _items(k: int):
+    from preftune.ppo.rollout import PromptItem
+
+    prompts = ["hi", "how do I bake bread", "tell me a joke", "write a haiku"]
+    return [PromptItem(p, "toy", f"p{i}") for i, p in enumerate(prompts) for _ in range(k)]
+
+
+def test_rollout_shares_the_prefill_of_repeated_prompts(policy_dir: Path) -> None:
+    items = _items(2)
+    shared = _maker(policy_dir, samples_per_prompt=2, forward_batch_size=4).make(items, 1, 0.05)
+    apart = _maker(policy_dir, samples_per_prompt=2, forward_batch_size=4, rollout_share_prefill=False)
+    each = apart.make(items, 1, 0.05)
+    assert torch.equal(shared.prompt_ids, each.prompt_ids)
+    assert torch.equal(shared.response_ids, each.response_ids)
+    assert torch.allclose(shared.logprobs, each.logprobs, atol=1e-5, rtol=0)
+    assert shared.responses == each.responses
+
+
+class _ServingLikeEngine:
+    """An engine that, like vLLM, returns tokens only: the trainer must recompute log-probs and values."""
+
+    def __init__(self, actor) -> None:
+        self.inner = KVCacheEngine(actor.policy_lm)
+        self.synced = 0
+
+    def sync(self) -> None:
+        self.synced += 1
+
+    def generate(self, prompt_ids, prompt_mask, params, generator):
+        gen = self.inner.generate(prompt_ids, prompt_mask, params, generator)
+        gen.logprobs = gen.entropy = gen.hidden = None
+        return gen
+
+
+def test_an_engine_without_log_probs_gets_them_recomputed_by_the_trainer(policy_dir: Path) -> None:
+    items = _items(1) * 2
+    maker = _maker(policy_dir, engine=_ServingLikeEngine)
+    got = maker.make(items, 1, 0.05)
+    want = _maker(policy_dir, logprobs_from_sampling=False).make(items, 1, 0.05)
+    assert maker.engine.synced == 1  # the engine is synced before every rollout (= after every update)
+    assert torch.equal(got.response_ids, want.response_ids)
+    assert torch.equal(got.logprobs, want.logprobs) and torch.equal(got.values, want.values)
