@@ -136,12 +136,10 @@ class GenerationStats:
 
 
 def resolve_policy(ref: str, cfg: RunConfig, storage: Any) -> str:
-    """A local folder for a model reference: ``demo:*`` via the world, ``s3://`` via the storage cache."""
-    if ref.startswith("demo:"):
-        from preftune.world import resolve_model_ref
+    """A local folder for a policy reference (demo:, models:/name@alias, s3://, a folder, a cached HF id)."""
+    from preftune.models import resolve_model_ref
 
-        return str(resolve_model_ref(ref, cfg.world))
-    return str(storage.local_path(ref))
+    return str(resolve_model_ref(ref, cfg, storage, setting="models.policy"))
 
 
 def _seed_for(seed: int, batch: int) -> int:

@@ -87,11 +87,16 @@ class RewardSection(Section):
     )
     eval_every: int = Field(50, ge=1, description="Optimiser steps between held-out evaluations.")
     max_tokens_per_forward: int = Field(
-        8192,
+        4096,
         ge=64,
         description="Token budget (rows x padded length, chosen and rejected together) of one forward/backward: "
         "a batch of long pairs is split into micro-batches under it (same gradient), which bounds activation "
         "memory whatever reward.max_length is.",
+    )
+    disable_dropout: bool = Field(
+        True,
+        description="Train with every dropout off (as TRL's RewardTrainer does): the pairwise difference of two "
+        "forwards is not blurred by dropout noise, and fused attention kernels (less memory) apply.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, ~30% more compute)."

@@ -64,7 +64,7 @@ def load_sequence_classifier(path: str | Path, tokenizer: Any, device: torch.dev
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised score head" notice is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+        model = _from_pretrained_sdpa(AutoModelForSequenceClassification, str(path), num_labels=1, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot load as a sequence-classification model ({err})") from None
     finally:
@@ -75,6 +75,30 @@ def load_sequence_classifier(path: str | Path, tokenizer: Any, device: torch.dev
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device)
+
+
+def _from_pretrained_sdpa(cls: Any, path: str, **kwargs: Any) -> Any:
+    """``from_pretrained`` with PyTorch's fused attention (SDPA) where the architecture has it, else its default.
+
+    Why: the default ("eager") attention of several encoders (BERT, MiniLM) keeps every
+    ``heads x length x length`` attention-probability tensor for the backward pass: ~100 MB per
+    256-token row for MiniLM-L6, i.e. gigabytes per batch. SDPA without attention dropout does not.
+    """
+    try:
+        return cls.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError) as err:
+        if "sdpa" not in str(err).lower() and "attention" not in str(err).lower():
+            raise
+        return cls.from_pretrained(path, **kwargs)
+
+
+def enable_gradient_checkpointing(model: Any) -> bool:
+    """Recompute activations in the backward pass (non-reentrant); False when the architecture cannot."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        log.warning("%s does not support gradient checkpointing; training without it", type(model).__name__)
+        return False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return True
 
 
 def add_lora(model: Any, r: int, alpha: int, dropout: float) -> Any:

@@ -117,12 +117,10 @@ def metric_key(name: str) -> str:
 
 
 def resolve_reward_base(ref: str, cfg: RunConfig, storage: Any) -> Path:
-    """A local folder for ``models.reward_base``: ``demo:*`` from the demo world, else via storage."""
-    if ref.startswith("demo:"):
-        from preftune.world import resolve_model_ref
+    """A local folder for ``models.reward_base`` (demo:, models:/name@alias, s3://, a folder, a cached HF id)."""
+    from preftune.models import resolve_model_ref
 
-        return Path(resolve_model_ref(ref, cfg.world))
-    return Path(storage.local_path(ref))
+    return resolve_model_ref(ref, cfg, storage, setting="models.reward_base")
 
 
 def evaluate_held_out(trainer: Any, data: TokenizedPairs, eval_pairs: list[Any]) -> RewardEvaluation:
@@ -205,11 +203,12 @@ def train_reward(
     from preftune.reward.mlflow_model import log_reward_model
     from preftune.reward.model import (
         add_lora,
+        enable_gradient_checkpointing,
         load_sequence_classifier,
         load_tokenizer,
         save_reward_model,
     )
-    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, TrainSettings
+    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, TrainSettings, disable_dropout
     from preftune.storage import Storage
 
     rc = cfg.reward
@@ -223,6 +222,10 @@ def train_reward(
     set_seed(cfg.run.seed)
     tokenizer = load_tokenizer(base_path)
     model = load_sequence_classifier(base_path, tokenizer, dev)
+    if rc.disable_dropout:
+        disable_dropout(model)
+    if rc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if rc.mode == "lora":
         model = add_lora(model, rc.lora_r, rc.lora_alpha, rc.lora_dropout)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
