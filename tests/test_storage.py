@@ -32,6 +32,8 @@ from preftune.storage import (
     atomic_write_text,
     parse_uri,
 )
+from preftune.storage import local as storage_local
+from preftune.storage import s3 as storage_s3
 
 # Fixtures s3_server, s3_client and s3_bucket: tests/support/s3.py, imported by tests/conftest.py.
 
@@ -219,7 +221,7 @@ def test_from_config_section(monkeypatch: pytest.MonkeyPatch) -> None:
     assert st.endpoint_url == "http://from-env:9000"
     assert st.region == "us-east-1"
     assert st.max_attempts == 5
-    assert st._client is None  # nothing touched the network yet
+    assert st.s3_backend._client is None  # nothing touched the network yet
 
 
 # --------------------------------------------------------------------------------------
@@ -257,7 +259,7 @@ def test_atomic_write_failure_mid_write_keeps_old_content(tmp_path: Path, monkey
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(storage_mod.os, "fsync", disk_full)
+    monkeypatch.setattr(storage_local.os, "fsync", disk_full)
     with pytest.raises(StorageError, match=r"cannot write .*config.yaml: No space left on device"):
         atomic_write_text(target, "new: true\n" * 1000)
     monkeypatch.undo()
@@ -277,7 +279,7 @@ def test_atomic_write_failure_on_replace_leaves_no_temp(tmp_path: Path, monkeypa
     def boom(src: Any, dst: Any) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(storage_mod.os, "replace", boom)
+    monkeypatch.setattr(storage_local.os, "replace", boom)
     with pytest.raises(StorageError):
         Storage().write_text(str(target), "new")
     assert target.read_text() == "old"
@@ -303,7 +305,7 @@ def test_local_folder_failure_mid_copy_keeps_old_folder(tmp_path: Path, monkeypa
     dest = tmp_path / "out" / "model"
     st.put_dir(str(_make_tree(tmp_path / "v1", MODEL_V1)), str(dest))
     calls = {"n": 0}
-    real_copy = storage_mod._copy_file_synced
+    real_copy = storage_local._copy_file_synced
 
     def fail_second(src: str, dst: str) -> str:
         calls["n"] += 1
@@ -311,7 +313,7 @@ def test_local_folder_failure_mid_copy_keeps_old_folder(tmp_path: Path, monkeypa
             raise OSError(28, "No space left on device")
         return real_copy(src, dst)
 
-    monkeypatch.setattr(storage_mod, "_copy_file_synced", fail_second)
+    monkeypatch.setattr(storage_local, "_copy_file_synced", fail_second)
     with pytest.raises((StorageError, OSError)):
         st.put_dir(str(_make_tree(tmp_path / "v2", MODEL_V2)), str(dest))
     assert calls["n"] == 2
@@ -445,7 +447,7 @@ def test_s3_interrupted_republish_hides_the_folder(
 ) -> None:
     uri = f"s3://{s3_bucket}/models/champion"
     s3.put_dir(str(_make_tree(tmp_path / "v1", MODEL_V1)), uri)
-    client = s3._s3(uri)
+    client = s3.s3_backend.client(uri)
     real_upload = client.upload_file
     calls = {"n": 0}
 
@@ -492,7 +494,7 @@ def test_local_path_materialises_and_caches(
     assert files == MODEL_V1
 
     # Unchanged on S3: served from the cache without downloading.
-    client = s3._s3(uri)
+    client = s3.s3_backend.client(uri)
 
     def no_download(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("downloaded although the cache is current")
@@ -594,7 +596,7 @@ def test_folder_publish_rides_out_dropped_connections(s3_server: str, s3_bucket:
 @pytest.fixture(autouse=True)
 def _no_real_sleep_in_outer_retry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Keep the folder-level back-off short in tests (its length is not what is tested)."""
-    monkeypatch.setattr(storage_mod, "FOLDER_RETRY_BASE_DELAY", 0.05)
+    monkeypatch.setattr(storage_s3, "FOLDER_RETRY_BASE_DELAY", 0.05)
     yield
 
 
