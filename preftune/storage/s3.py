@@ -83,8 +83,9 @@ def _transfer_config() -> Any:
     return TransferConfig(multipart_threshold=64 * 1024 * 1024, max_concurrency=4, use_threads=True)
 
 
-class S3Backend:
-    """Files and folders at ``s3://`` URIs. The boto3 client is created on first use and reused (thread-safe)."""
+class S3Connection:
+    """The S3 client (created on first use, reused: it is thread-safe), its errors as one line, retries,
+    and the object primitives the folder protocol is made of."""
 
     def __init__(
         self,
@@ -343,6 +344,10 @@ class S3Backend:
         if key and self._head(bucket, key, uri) is not None:
             return StorageError(f"{uri} is a file, not a folder")
         return StorageError(f"{uri} does not exist")
+
+
+class S3Backend(S3Connection):
+    """Files and folders at ``s3://`` URIs: what :class:`~preftune.storage.store.Storage` does for them."""
 
     # ---- files -----------------------------------------------------------------------
 
