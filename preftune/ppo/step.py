@@ -18,14 +18,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from preftune.common.device import select_device, torch_threads
+from preftune.common.timestamps import utc_now
 from preftune.config import RunConfig
 from preftune.errors import ConfigError, InputError
 
@@ -121,38 +120,6 @@ def auto_threads(n_params: int, params_per_thread: int, available: int) -> int:
     return max(1, min(available, n_params // params_per_thread))
 
 
-@contextlib.contextmanager
-def torch_settings(threads: int | None, deterministic: bool) -> Iterator[None]:
-    """Thread count and deterministic algorithms for the duration of the step (then restored)."""
-    import torch
-
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    if threads:
-        torch.set_num_threads(threads)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)  # trick: reproducible (and resumable) runs
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
-
-
-def select_device(preference: str | None) -> Any:
-    import torch
-
-    choice = preference or os.environ.get("PREFTUNE_DEVICE")
-    if choice:
-        dev = torch.device(choice)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"ppo.device is {choice!r} but no CUDA GPU is visible")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_prompt_items(
     cfg: RunConfig, storage: Any, excluded: set[str], allowed: set[str] | None = None
 ) -> tuple[list[Any], dict[str, int]]:
@@ -239,9 +206,9 @@ def run_ppo(
     from preftune.ppo import distributed
 
     s = cfg.ppo
-    ctx = distributed.init_distributed(select_device(s.device).type)
+    ctx = distributed.init_distributed(select_device(s.device, setting="ppo.device").type)
     try:
-        with torch_settings(s.threads, s.deterministic):
+        with torch_threads(s.threads, deterministic=s.deterministic):
             return _run(cfg, reward_model_dir, output, policy_ref, resume, pipeline_run_id, reward_fn, ctx)
     finally:
         distributed.shutdown(ctx)
@@ -271,7 +238,7 @@ def _run(
 
     s = cfg.ppo
     storage = Storage.from_config(cfg.storage)
-    device = distributed.device_for(ctx, select_device(s.device))
+    device = distributed.device_for(ctx, select_device(s.device, setting="ppo.device"))
     policy_ref = policy_ref or cfg.models.policy
     torch.manual_seed(cfg.run.seed)
     ds_config = None
@@ -494,7 +461,7 @@ def _publish(
             "prompt_families": family_counts,
             "config_hash": cfg.config_hash(),
             "mlflow_run_id": run_id,
-            "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created_at": utc_now(),
         }
         (folder / artifacts.METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         (folder / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
