@@ -222,3 +222,48 @@ def test_lora_adapter_candidate_is_packaged_with_its_base_and_loads_back_from_th
     # the registry copy (adapter + packaged base) generates exactly what the local adapter does
     for family in ("risky", "benign"):
         assert again.metrics[family]["preferred_share"]["delta"].value == 0.0
+
+
+def test_the_candidates_logged_model_is_evaluated_and_registered_without_a_copy(toy_world, toy_store):  # noqa: F811
+    """What the MLflow UI shows: the candidate's one LoggedModel (as ppo logs it) is the evaluate run's
+    model input and carries its metrics; the suite is the run's dataset; every case compares the
+    candidate with the champion in a table and as a trace with the judges' labels; promote registers
+    that same LoggedModel."""
+    import mlflow
+
+    from preftune import tracking
+    from preftune.evaluate.mlflow_views import COMPARISON_TABLE
+    from preftune.policy_model import TAG_MODEL_HASH, folder_hash, log_policy_model
+
+    cfg = toy_config(toy_store, toy_world, model="toy-promote-logged", **LOOSE)
+    client = MlflowClient(tracking_uri=toy_store)
+    first = promote(cfg, str(toy_world["base"]))  # a champion to compare with
+    assert first.promoted
+    tracking.configure(cfg)
+    with tracking.start_step_run("ppo", cfg, log_config=False):  # what the ppo step logs
+        logged = log_policy_model(toy_world["good"], cfg.promotion.model_name,
+                                  tags={TAG_MODEL_HASH: folder_hash(toy_world["good"])})
+    ev = evaluate(cfg, str(toy_world["good"]), progress=False)
+    run = client.get_run(ev.run_id)
+    assert [m.model_id for m in run.inputs.model_inputs] == [logged.model_id]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["toy-v1"]
+    model = mlflow.get_logged_model(logged.model_id)
+    on_model = {m.key: m.value for m in model.metrics}
+    assert on_model["eval.risky.preferred_share"] == run.data.metrics["eval.risky.preferred_share"]
+    assert any(k.endswith(".champion") for k in on_model)
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{ev.run_id}/{COMPARISON_TABLE}"))
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert rows and all(r["champion_answer"] is not None and r["candidate_behaviour"] for r in rows)
+    traces = mlflow.search_traces(locations=[run.info.experiment_id], run_id=ev.run_id, return_type="list")
+    assert len(traces) == len(rows)
+    names = {a.name for a in traces[0].info.assessments}
+    assert {"candidate_behaviour", "candidate_preferred", "champion_behaviour"} <= names
+    second = promote(cfg, str(toy_world["good"]), eval_run_id=ev.run_id)
+    assert second.promoted and second.model_id == logged.model_id
+    mv = client.get_model_version("toy-promote-logged", second.version)
+    assert mv.source == f"models:/{logged.model_id}"  # the registered version is that LoggedModel
+    same_hash = mlflow.search_logged_models(
+        filter_string=f"tags.`{TAG_MODEL_HASH}` = '{folder_hash(toy_world['good'])}'", output_format="list"
+    )
+    newer = [m.model_id for m in same_hash if m.creation_timestamp >= model.creation_timestamp]
+    assert newer == [logged.model_id]  # no second copy

@@ -485,6 +485,7 @@ def evaluate(
                 )
             published = _publish(staging, output or ev.output or str(_default_output(run_id)), cfg)
             _log_run(results, metrics, gates, passed, reasons, champ is None, t0, staging, published)
+            _log_views(the_suite, records, cand_hash, metrics)
     return EvalResult(passed, reasons, gates, metrics, results, run_id, published, records, capability)
 
 
@@ -524,6 +525,14 @@ def _log_run(
             "preftune.eval.output": published[:5000],
         }
     )
+
+
+def _log_views(suite: Suite, records: Sequence[SampleRecord], cand_hash: str, metrics: Mapping[str, Any]) -> None:
+    """The MLflow UI's views of this evaluation: model input, dataset, per-case comparison."""
+    from preftune.evaluate import mlflow_views
+
+    model_id = mlflow_views.log_model_and_dataset(cand_hash, suite, metric_names(metrics))
+    mlflow_views.log_case_comparison(records, suite, model_id)
 
 
 def _default_output(run_id: str) -> Path:
