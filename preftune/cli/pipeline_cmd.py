@@ -54,7 +54,9 @@ def step_line(step: str, s: dict[str, Any]) -> str:
         acc = o.get("accuracy")
         gate = "passed" if o.get("gate_passed") else "FAILED"
         acc_s = f"{acc:.3f}" if isinstance(acc, (int, float)) else "?"
-        return f"held-out accuracy {acc_s} (gate >= {o.get('min_accuracy')}: {gate})"
+        base = o.get("baselines") or {}
+        best = f", best trivial baseline {max(base.values()):.3f}" if base else ""
+        return f"held-out accuracy {acc_s}{best} (calibrated gate: {gate})"
     if step == "ppo":
         kl, r0, r1 = o.get("kl"), o.get("reward_first"), o.get("reward_final")
         fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "?"  # noqa: E731

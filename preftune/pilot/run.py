@@ -48,6 +48,7 @@ def pilot_config(cfg: RunConfig, *, champion_exists: bool | None = None) -> RunC
     out.run.name = f"{cfg.run.name}-pilot"
     out.data.prompt_fraction = cfg.data.prompt_fraction * p.fraction
     out.reward.min_accuracy = 0.0  # the pilot reports a weak reward model instead of stopping on it
+    out.reward.gate.enabled = False  # the calibrated gate's figures are measured and logged, never stop the pilot
     s = out.ppo
     s.updates = p.ppo_updates
     s.max_minutes = p.ppo_minutes

@@ -39,6 +39,11 @@ def _check_ref(cfg: RunConfig, field_name: str, ref: str | None, *, kind: str, s
         return
     path = Path(parsed.key)
     if kind == "model":
+        from preftune.models import is_hf_id, resolve_hf_cached
+
+        if not path.is_dir() and is_hf_id(ref):  # a Hugging Face id: it must be in the local cache
+            resolve_hf_cached(ref, setting=field_name)
+            return
         if not path.is_dir():
             raise InputError(
                 f"{field_name}: {ref} is not a folder; give a model saved with save_pretrained (local folder or "

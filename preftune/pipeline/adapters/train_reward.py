@@ -24,6 +24,8 @@ class RewardStepResult(StepResult):
     min_accuracy: float
     input_dataset_hash: str
     per_family: dict[str, float] | None = field(default=None, metadata=OMIT_NONE)
+    gate_reason: str | None = field(default=None, metadata=OMIT_NONE)  # the calibrated gate's figures, one line
+    baselines: dict[str, float] | None = field(default=None, metadata=OMIT_NONE)
     model_uri: str | None = field(default=None, metadata=OMIT_NONE)
     message: str | None = field(default=None, metadata=OMIT_NONE)
 
@@ -45,7 +47,7 @@ def train_reward(
     dataset_hash: str,
     started_at: float | None = None,
 ) -> RewardStepResult:
-    """train-reward: the pairwise reward model; ``gate_passed`` is False below ``reward.min_accuracy`` (clean stop)."""
+    """train-reward: the pairwise reward model; ``gate_passed`` is False when the calibrated gate fails (clean stop)."""
     from preftune.reward.step import train_reward as _train
 
     cfg = load(config)
@@ -63,6 +65,7 @@ def train_reward(
                     gate_passed=False,
                     accuracy=_failed_run_metric(cfg, "train-reward", run.pipeline_run_id, "reward.eval_accuracy"),
                     message=err.message,
+                    gate_reason=err.message,
                     min_accuracy=cfg.reward.min_accuracy,
                     input_dataset_hash=dataset_hash,
                     report_md=report,
@@ -73,8 +76,9 @@ def train_reward(
             lines = [
                 "# train-reward",
                 "",
-                f"Held-out pairwise accuracy **{ev.accuracy:.3f}** on {ev.n_pairs} pairs "
-                f"(gate: at least {cfg.reward.min_accuracy:.3f}): passed.",
+                f"Held-out pairwise accuracy **{ev.accuracy:.3f}** on {ev.n_pairs} pairs.",
+                "",
+                (res.gate.reason if res.gate is not None else "reward gate passed") + ".",
                 "",
                 "| family | accuracy |",
                 "| --- | ---: |",
@@ -85,6 +89,8 @@ def train_reward(
                     gate_passed=True,
                     accuracy=res.eval_accuracy,
                     per_family=res.per_family,
+                    gate_reason=res.gate.reason if res.gate is not None else None,
+                    baselines=res.gate.baselines if res.gate is not None and res.gate.baselines else None,
                     min_accuracy=cfg.reward.min_accuracy,
                     model_uri=res.model_uri,
                     input_dataset_hash=dataset_hash,
