@@ -378,6 +378,7 @@ class AuditResult:
     ignored: int  # export records that are not this dataset's audit
     agreement: dict[str, Any]  # family -> FamilyAgreement among re-raters
     with_original: dict[str, dict[str, Any]]  # family -> figures against the original label
+    rated_items: dict[str, int] = field(default_factory=dict)  # family -> audit items with a judgement
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -457,12 +458,17 @@ def measure_audit(
             "majority_match_share_ci": _mean_ci(maj, cfg.fit.confidence, cfg.fit.bootstrap_resamples, cfg.run.seed),
             "items": len(m),
         }
+    rated: dict[str, set[str]] = defaultdict(set)
+    for r in rerated:
+        if r.get("best") is not None or r.get("all_unacceptable"):
+            rated[r["family"]].add(str(r["item_id"]))
     return AuditResult(
         source=source,
         records=len(mine),
         ignored=len(records) - len(mine),
         agreement=agreement,
         with_original=with_original,
+        rated_items={f: len(items) for f, items in sorted(rated.items())},
     )
 
 

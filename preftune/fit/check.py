@@ -156,7 +156,6 @@ def check_fit(
         from preftune.fit.audit import measure_audit
 
         audit = measure_audit(loaded, audit_records, cfg, source=str(audit_source or "<audit>"))
-    audit_rated = _rated_items(audit_records or []) if audit else Counter()
 
     train_counts = Counter(p.get("family") or "default" for p in loaded.train)
     eval_counts = Counter(p.get("family") or "default" for p in loaded.eval)
@@ -181,7 +180,7 @@ def check_fit(
             coverage=cov.to_dict() if cov is not None else None,
             train_pairs=train_counts.get(fam, 0),
             eval_pairs=eval_counts.get(fam, 0),
-            rated_items=audit_rated.get(fam, 0) if audited else rated.get(fam, 0),
+            rated_items=audit.rated_items.get(fam, 0) if audited else rated.get(fam, 0),
             audit=audit.with_original.get(fam) if audited else None,
         )
     quality = None
