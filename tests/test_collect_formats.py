@@ -159,7 +159,9 @@ def _write_containers(tmp_path: Path) -> dict[str, Path]:
     out["json-array"] = tmp_path / "a.json"
     out["json-array"].write_text(json.dumps(rows))
     out["csv"] = tmp_path / "a.csv"
-    out["csv"].write_text("prompt,chosen,rejected\n" + "".join(f'"{r["prompt"]}","{r["chosen"]}","{r["rejected"]}"\n' for r in rows))
+    out["csv"].write_text(
+        "prompt,chosen,rejected\n" + "".join(f'"{r["prompt"]}","{r["chosen"]}","{r["rejected"]}"\n' for r in rows)
+    )
     out["parquet"] = tmp_path / "a.parquet"
     pq.write_table(pa.Table.from_pylist(rows), out["parquet"])
     out["gzip"] = tmp_path / "a.jsonl.gz"
@@ -199,7 +201,9 @@ def test_a_real_datasets_save_to_disk_folder_imports(tmp_path):
     datasets.Dataset.from_list(_trl_rows()[2:] * 1).save_to_disk(str(tmp_path / "ds"))
     imp, used = _load(tmp_path / "ds")
     assert used == "trl" and len(imp.pairs) == 1
-    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(_trl_rows()[2:])}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(_trl_rows()[2:])}).save_to_disk(
+        str(tmp_path / "dd")
+    )
     with pytest.raises(InputError, match="DatasetDict with splits train_prefs: import one split's folder"):
         _load(tmp_path / "dd")
 
@@ -216,8 +220,10 @@ def test_s3_folder_of_shards(s3_server, s3_bucket, s3_client):
 
 def test_nothing_kept_writes_the_report_and_rejected_records_and_publishes_nothing(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "same", "rejected": "same"}) + "\n" for i in range(3))
-                   + '{"prompt": "x", "chosen": "y"}\n')
+    bad.write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "chosen": "same", "rejected": "same"}) + "\n" for i in range(3))
+        + '{"prompt": "x", "chosen": "y"}\n'
+    )
     cfg = parse_config({"tracking": {"experiment": "test-formats"}})
     out = tmp_path / "ds-{hash}"
     with pytest.raises(InputError) as err:
@@ -237,13 +243,17 @@ def test_collect_from_file_publishes_margins(tmp_path):
     cfg = parse_config({"tracking": {"experiment": "test-formats"}})
     res = collect_from_file(str(FMT / "ultrafeedback-binarized.jsonl"), str(tmp_path / "ds"), strict=True, cfg=cfg)
     assert res.format == "ultrafeedback-binarized"
-    recs = [json.loads(line) for f in ("train.jsonl", "eval.jsonl") for line in (tmp_path / "ds" / f).read_text().splitlines()]
+    recs = [
+        json.loads(line)
+        for f in ("train.jsonl", "eval.jsonl")
+        for line in (tmp_path / "ds" / f).read_text().splitlines()
+    ]
     assert sorted(r["margin"] for r in recs) == [5.5, 6.0]
 
 
 def test_multi_turn_prompts_render_with_the_chat_template():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from preftune.text import render_prompt
 
@@ -255,7 +265,8 @@ def test_multi_turn_prompts_render_with_the_chat_template():
     imp, _ = _load(FMT / "hh.jsonl")
     multi = "How do I bake bread?\nAssistant: What kind of bread?\nUser: Sourdough."
     assert render_prompt(multi, tok) == (
-        "<|user|>How do I bake bread?<|end|><|assistant|>What kind of bread?<|end|><|user|>Sourdough.<|end|><|assistant|>"
+        "<|user|>How do I bake bread?<|end|><|assistant|>What kind of bread?<|end|>"
+        "<|user|>Sourdough.<|end|><|assistant|>"
     )
     assert render_prompt(imp.pairs[0].prompt, tok).count("<|user|>") == 1
 

@@ -42,8 +42,9 @@ def run_cmd(
     if on_regression not in (None, "report", "rollback"):
         raise ConfigError(f"--on-regression {on_regression!r}: expected report or rollback")
     cfg = load_config(config)
-    res = observe_window(cfg, source=source, output=output, to_service=to_service, policy=policy,
-                         on_regression=on_regression)
+    res = observe_window(
+        cfg, source=source, output=output, to_service=to_service, policy=policy, on_regression=on_regression
+    )
     console = Console()
     table = Table(title=f"observe {res.window['window']}: {len(res.records)} answers")
     for col in ("family", "behaviour", "share", "interval"):
@@ -54,8 +55,10 @@ def run_cmd(
                 if s.k:
                     table.add_row(f"{fam} (v{version})", b, f"{s.share:.3f}", f"[{s.low:.3f}, {s.high:.3f}]")
     console.print(table)
-    console.print(f"new prompt types: {res.new_prompt_share:.1%}; judge failures: {res.judge_errors}; "
-                  f"hard cases: {len(res.hard_cases)}; MLflow run {res.mlflow_run_id}")
+    console.print(
+        f"new prompt types: {res.new_prompt_share:.1%}; judge failures: {res.judge_errors}; "
+        f"hard cases: {len(res.hard_cases)}; MLflow run {res.mlflow_run_id}"
+    )
     for reason in res.reasons():
         console.print(f"  - {reason}")
     for action in res.actions:
@@ -63,4 +66,6 @@ def run_cmd(
     colour = {"ok": "green", "no_data": "green", "drift": "yellow", "regression": "red"}[res.verdict]
     console.print(f"verdict: [{colour}]{res.verdict}[/]")
     if res.exit_code:
-        raise PreftuneError(f"observe {res.window['window']}: {res.verdict}: " + "; ".join(res.reasons()), res.exit_code)
+        raise PreftuneError(
+            f"observe {res.window['window']}: {res.verdict}: " + "; ".join(res.reasons()), res.exit_code
+        )

@@ -28,7 +28,10 @@ REASONS: dict[str, tuple[str, str]] = {
     "invalid_utf8": ("drop", "the line is not valid UTF-8"),
     "empty_text": ("drop", "empty prompt, chosen or rejected text"),
     "identical_chosen_rejected": ("drop", "chosen and rejected are the same text: no preference to learn"),
-    "single_response": ("drop", "a prompt with only one scored response (per-response score formats): nothing to compare"),
+    "single_response": (
+        "drop",
+        "a prompt with only one scored response (per-response score formats): nothing to compare",
+    ),
     "duplicate": ("drop", "the same record (or the same rater's judgement of the same item) was seen before"),
     "truncated": ("repair", "a prompt or response longer than data.max_chars was cut to data.max_chars"),
 }

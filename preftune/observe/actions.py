@@ -97,7 +97,9 @@ def send_to_service(result: Any, url: str | None, policy: str | None, cfg: Any, 
         with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - the operator's service URL
             answer = json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as err:
-        raise UnreachableError(f"{url}: the feedback service refused the hard cases: {err.code} {err.read()[:300]!r}") from None
+        raise UnreachableError(
+            f"{url}: the feedback service refused the hard cases: {err.code} {err.read()[:300]!r}"
+        ) from None
     except (urllib.error.URLError, TimeoutError) as err:
         raise UnreachableError(f"{url}: the feedback service is unreachable ({err})") from None
     return [{"action": "to_service", "url": url, "tasks": len(cases), "service": answer}]

@@ -80,7 +80,9 @@ def render_report(result: Any, plot_name: str | None) -> str:
     return env.get_template("report.html").render(r=result, plot=plot_name, reasons=result.reasons())
 
 
-def log_window(cfg: Any, result: Any, history: list[dict[str, Any]], report: Any, *, output: str | None, storage: Any) -> None:
+def log_window(
+    cfg: Any, result: Any, history: list[dict[str, Any]], report: Any, *, output: str | None, storage: Any
+) -> None:
     """One MLflow run for the window, and the same files under ``output`` when given."""
     import mlflow
 
@@ -100,7 +102,10 @@ def log_window(cfg: Any, result: Any, history: list[dict[str, Any]], report: Any
             "reasons": result.reasons(),
             "new_prompt_share": result.new_prompt_share,
             "judge_errors": result.judge_errors,
-            "shares": {f: {v: {b: s.to_dict() for b, s in sh.items()} for v, sh in vs.items()} for f, vs in result.shares.items()},
+            "shares": {
+                f: {v: {b: s.to_dict() for b, s in sh.items()} for v, sh in vs.items()}
+                for f, vs in result.shares.items()
+            },
             "drift": {base: {f: t.to_dict() for f, t in tests.items()} for base, tests in result.drift.items()},
             "gates": {f: g.to_dict() for f, g in result.gates.items()},
             "validation": report.to_dict(),
@@ -134,23 +139,39 @@ def push_metrics(cfg: Any, result: Any) -> None:
     from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
     reg = CollectorRegistry()
-    share = Gauge("preftune_observed_behaviour_share", "Share of observed answers per behaviour",
-                  ["family", "behaviour", "model_version"], registry=reg)
+    share = Gauge(
+        "preftune_observed_behaviour_share",
+        "Share of observed answers per behaviour",
+        ["family", "behaviour", "model_version"],
+        registry=reg,
+    )
     for fam, versions in result.shares.items():
         for version, shares in versions.items():
             for b, s in shares.items():
                 share.labels(fam, b, version).set(s.share)
-    drift = Gauge("preftune_observe_drift_score", "Total variation distance from the baseline's behaviour mix",
-                  ["family", "model_version", "baseline"], registry=reg)
+    drift = Gauge(
+        "preftune_observe_drift_score",
+        "Total variation distance from the baseline's behaviour mix",
+        ["family", "model_version", "baseline"],
+        registry=reg,
+    )
     for base, tests in result.drift.items():
         for fam, t in tests.items():
             drift.labels(fam, str(result.window.get("model_version")), base).set(t.tv)
-    forbidden = Gauge("preftune_observe_forbidden_share_over_gate", "1 when a forbidden share clearly breaks its gate",
-                      ["family"], registry=reg)
+    forbidden = Gauge(
+        "preftune_observe_forbidden_share_over_gate",
+        "1 when a forbidden share clearly breaks its gate",
+        ["family"],
+        registry=reg,
+    )
     for fam, g in result.gates.items():
         forbidden.labels(fam).set(1.0 if g.broken else 0.0)
-    Gauge("preftune_observe_records_judged_total", "Records judged in the last window", registry=reg).set(len(result.records))
-    Gauge("preftune_observe_judge_errors_total", "Judge failures in the last window", registry=reg).set(result.judge_errors)
+    Gauge("preftune_observe_records_judged_total", "Records judged in the last window", registry=reg).set(
+        len(result.records)
+    )
+    Gauge("preftune_observe_judge_errors_total", "Judge failures in the last window", registry=reg).set(
+        result.judge_errors
+    )
     lag = Gauge("preftune_observe_window_lag_seconds", "Age of the newest observed record", registry=reg)
     newest = max((r["at"] for r in result.records if r.get("at")), default=None)
     if newest:
@@ -160,8 +181,12 @@ def push_metrics(cfg: Any, result: Any) -> None:
     Gauge("preftune_observe_verdict", "0 ok, 1 drift, 2 regression", registry=reg).set(
         {"ok": 0, "no_data": 0, "drift": 1, "regression": 2}[result.verdict]
     )
-    Gauge("preftune_observe_last_success_timestamp_seconds", "When the last window finished", registry=reg).set(time.time())
-    push_to_gateway(url, job="preftune-observe", registry=reg, grouping_key={"registered_model": cfg.models.registered_model})
+    Gauge("preftune_observe_last_success_timestamp_seconds", "When the last window finished", registry=reg).set(
+        time.time()
+    )
+    push_to_gateway(
+        url, job="preftune-observe", registry=reg, grouping_key={"registered_model": cfg.models.registered_model}
+    )
 
 
 def tag_actions(cfg: Any, client: Any, champion: str | None, result: Any) -> None:

@@ -10,7 +10,6 @@ actions (hard cases to the feedback service, rollback) -> state saved last.
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import time
@@ -68,14 +67,24 @@ def _read(cfg: Any, storage: Any, state: ObserveState, src: Any, now_ms: int, re
     mark = state.watermark()
     if src.kind == "logs":
         records, files = sources.read_logs(
-            src.path, storage, mark.get("files", {}), pii_fields=obs.pii_fields,
-            version_field=src.model_version_field, family_field=src.family_field, report=report,
+            src.path,
+            storage,
+            mark.get("files", {}),
+            pii_fields=obs.pii_fields,
+            version_field=src.model_version_field,
+            family_field=src.family_field,
+            report=report,
         )
         return records, {"files": files, "last_end_ms": now_ms}, None, now_ms
     start = max(now_ms - int(obs.window_hours * 3600 * 1000), int(mark.get("last_end_ms") or 0))
     records = sources.read_traces(
-        src.experiment, start, now_ms, pii_fields=obs.pii_fields, version_tag=src.model_version_field,
-        family_tag=src.family_field, report=report,
+        src.experiment,
+        start,
+        now_ms,
+        pii_fields=obs.pii_fields,
+        version_tag=src.model_version_field,
+        family_tag=src.family_field,
+        report=report,
     )
     return records, {"files": mark.get("files", {}), "last_end_ms": now_ms}, start, now_ms
 
@@ -114,18 +123,31 @@ def judge_records(suite: Any, judges: Any, records: list[sources.Observed], obs:
     share of new prompt types).
     """
     nearest = novelty.nearest_families(
-        [r.prompt for r in records], [c.prompt for c in suite.cases], [c.family for c in suite.cases],
-        obs.new_prompt_similarity, obs.encoder,
+        [r.prompt for r in records],
+        [c.prompt for c in suite.cases],
+        [c.family for c in suite.cases],
+        obs.new_prompt_similarity,
+        obs.encoder,
     )
     families = [
-        r.family if r.family in suite.families else (n.family or UNASSIGNED) for r, n in zip(records, nearest, strict=True)
+        r.family if r.family in suite.families else (n.family or UNASSIGNED)
+        for r, n in zip(records, nearest, strict=True)
     ]
-    behaviours, judge_errors = _judge(suite, judges, families, [r.prompt for r in records], [r.response for r in records])
+    behaviours, judge_errors = _judge(
+        suite, judges, families, [r.prompt for r in records], [r.response for r in records]
+    )
     versions = [r.model_version or default_version or "unknown" for r in records]
     judged = [
         {
-            "id": r.id, "at": r.at, "model_version": v, "family": f, "behaviour": b, "new_prompt_type": n.new,
-            "similarity": round(n.similarity, 4), "prompt": r.prompt, "response": r.response,
+            "id": r.id,
+            "at": r.at,
+            "model_version": v,
+            "family": f,
+            "behaviour": b,
+            "new_prompt_type": n.new,
+            "similarity": round(n.similarity, 4),
+            "prompt": r.prompt,
+            "response": r.response,
         }
         for r, v, f, b, n in zip(records, versions, families, behaviours, nearest, strict=True)
     ]
@@ -176,7 +198,10 @@ def observe_window(
         for f, fam in suite.families.items()
     }
     shares = {
-        f: {v: stats.shares(c, sorted((declared.get(f, set()) | set(c)) - {"unknown"}), obs.confidence) for v, c in vs.items()}
+        f: {
+            v: stats.shares(c, sorted((declared.get(f, set()) | set(c)) - {"unknown"}), obs.confidence)
+            for v, c in vs.items()
+        }
         for f, vs in by_version.items()
     }
 
@@ -186,17 +211,29 @@ def observe_window(
         if champion is not None:
             eval_counts, eval_run = baselines.champion_eval_counts(client, cfg, champion, Path(tmp))
             drift["champion_eval"] = stats.drift_tests(
-                counts, eval_counts, name="champion_eval", alpha=obs.drift_alpha, min_shift=obs.min_shift,
+                counts,
+                eval_counts,
+                name="champion_eval",
+                alpha=obs.drift_alpha,
+                min_shift=obs.min_shift,
                 min_records=obs.min_records,
             )
         recent = baselines.recent_counts(history, champion, obs.recent_windows)
         if recent:
             drift["recent"] = stats.drift_tests(
-                counts, recent, name="recent", alpha=obs.drift_alpha, min_shift=obs.min_shift,
+                counts,
+                recent,
+                name="recent",
+                alpha=obs.drift_alpha,
+                min_shift=obs.min_shift,
                 min_records=obs.min_records,
             )
     thresholds = thresholds_for(suite, cfg.evaluation.gates)
-    gate_max = {f: t["forbidden_share"].max for f, t in thresholds.items() if "forbidden_share" in t and t["forbidden_share"].max is not None}
+    gate_max = {
+        f: t["forbidden_share"].max
+        for f, t in thresholds.items()
+        if "forbidden_share" in t and t["forbidden_share"].max is not None
+    }
     forbidden = {f: fam.forbidden for f, fam in suite.families.items()}
     gates = stats.forbidden_checks(counts, forbidden, gate_max, obs.confidence)
 

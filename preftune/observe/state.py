@@ -33,5 +33,7 @@ class ObserveState:
 
     def save(self, watermark: dict[str, Any], window: dict[str, Any]) -> None:
         history = self.history() + [window]
-        self.storage.write_text(f"{self.root}/history.jsonl", "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+        self.storage.write_text(
+            f"{self.root}/history.jsonl", "".join(json.dumps(h, sort_keys=True) + "\n" for h in history)
+        )
         self.storage.write_text(f"{self.root}/watermark.json", json.dumps(watermark, sort_keys=True, indent=2))

@@ -33,8 +33,14 @@ class Share:
     high: float
 
     def to_dict(self) -> dict[str, float | int | str]:
-        return {"behaviour": self.behaviour, "k": self.k, "n": self.n, "share": self.share, "low": self.low,
-                "high": self.high}
+        return {
+            "behaviour": self.behaviour,
+            "k": self.k,
+            "n": self.n,
+            "share": self.share,
+            "low": self.low,
+            "high": self.high,
+        }
 
 
 def wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
@@ -108,7 +114,9 @@ def drift_tests(
     from scipy.stats import chi2_contingency
 
     families = sorted(f for f in window if f in baseline and baseline[f])
-    testable = [f for f in families if sum(window[f].values()) >= min_records and sum(baseline[f].values()) >= min_records]
+    testable = [
+        f for f in families if sum(window[f].values()) >= min_records and sum(baseline[f].values()) >= min_records
+    ]
     threshold = alpha / max(len(testable), 1)
     out = {}
     for fam in families:

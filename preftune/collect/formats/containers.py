@@ -113,7 +113,9 @@ def _json_array_records(uri: str, data: bytes, report: ValidationReport) -> Iter
     try:
         values = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{uri}: a JSON array file that does not parse ({err}); JSONL needs one object a line") from None
+        raise InputError(
+            f"{uri}: a JSON array file that does not parse ({err}); JSONL needs one object a line"
+        ) from None
     for i, value in enumerate(values, start=1):  # "line" = the record's 1-based index in the array
         report.records_read += 1
         yield f"{uri}:{i}", value

@@ -8,7 +8,6 @@ what was found.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
