@@ -441,3 +441,19 @@ def test_ppo_step_with_a_critic_free_estimator_publishes_no_value_head(tmp_path)
     run = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(res.mlflow_run_id)
     assert run.data.params["ppo.resolved.critic_start"] == "none"
     assert run.data.params["ppo.advantage_estimator"] == "grpo"
+
+
+def test_a_run_with_critic_warmup_resumes_like_the_uninterrupted_run(toy_policy) -> None:
+    import copy
+
+    straight = _trainer(toy_policy, "gae", updates=3, critic_warmup_updates=2).train().history
+    first = _trainer(toy_policy, "gae", updates=3, critic_warmup_updates=2)
+    first.s = first.s.model_copy(update={"updates": 1})
+    first.train()
+    resumed = _trainer(toy_policy, "gae", updates=3, critic_warmup_updates=2)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    got = resumed.train().history  # no second warm-up: the checkpoint holds the warmed-up critic
+    assert resumed.warmup_losses == []
+    for w, g in zip(straight, got, strict=True):
+        for key in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss"):
+            assert g[key] == pytest.approx(w[key], abs=1e-6), (key, w["update"])
