@@ -409,11 +409,13 @@ def test_gate_failure_publishes_nothing(tiny, tmp_path):
         train_reward(cfg, tiny["dataset"], out, progress=False)
     err = info.value
     assert err.exit_code == ExitCode.REWARD_GATE == 11
-    assert "below reward.min_accuracy 0.990" in err.message and "alpha" in err.message
+    assert "floor FAILED: accuracy" in err.message and "reward.min_accuracy floor 0.990" in err.message
+    assert "baseline" in err.message and "bag-of-words" in err.message and "alpha" in err.message
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no folder, no staging leftovers
     runs = mlflow.search_runs(filter_string="tags.`preftune.reward.gate` = 'failed'", output_format="list")
     assert runs and runs[0].info.status == "FAILED"
-    assert "reward.eval_accuracy" in runs[0].data.metrics
+    assert "reward.eval_accuracy" in runs[0].data.metrics and "reward.baseline.bag_of_words" in runs[0].data.metrics
+    assert runs[0].data.tags["preftune.reward.gate_reason"].startswith("reward gate failed")
     assert (
         mlflow.search_logged_models(filter_string=f"source_run_id = '{runs[0].info.run_id}'", output_format="list")
         == []

@@ -31,8 +31,8 @@ def test_a_model_no_better_than_the_length_rule_fails_and_the_reason_names_the_f
     credit = (rng.random(40) < 0.8).astype(float)  # 0.8 < length rule 1.0
     v = evaluate_gate(accuracy_per_pair=credit, train_pairs=train, eval_pairs=held, gate=_gate(baselines=["length"]))
     assert not v.passed and v.baselines == {"length": 1.0} and v.best_baseline == "length"
-    # the baseline already reaches the ceiling 1.0: non-inferiority, and 0.8 is far below it
-    assert v.rule == "non-inferiority" and v.required_lift == -0.03
+    # the baseline already reaches the ceiling 1.0: no headroom, so 85% of that ceiling is the bar; 0.8 is below
+    assert v.rule == "no headroom" and v.accuracy < 0.85 and "must instead reach 85% of that ceiling" in v.reason
     assert "length rule 1.000" in v.reason and f"{v.accuracy:.3f}" in v.reason and "FAILED" in v.reason
     assert "agreement not measured" in v.reason
 
@@ -105,7 +105,7 @@ def test_the_floor_is_optional_and_a_disabled_gate_still_measures() -> None:
     train, held = _pairs(30), _pairs(30, start=50)
     credit = np.ones(30)
     v = evaluate_gate(accuracy_per_pair=credit, train_pairs=train, eval_pairs=held, gate=_gate(), min_accuracy=0.0)
-    assert v.passed and not any(c.name == "floor" for c in v.checks)  # matches a perfect baseline: non-inferior
+    assert v.passed and not any(c.name == "floor" for c in v.checks)  # matches a perfect baseline: no headroom
     v = evaluate_gate(accuracy_per_pair=credit * 0.5, train_pairs=train, eval_pairs=held, gate=_gate(enabled=False))
     assert not v.passed and not v.enforced and v.baselines["length"] == 1.0
     v = evaluate_gate(
@@ -122,3 +122,17 @@ def test_shorter_answers_winning_is_a_baseline_too() -> None:
         accuracy_per_pair=np.ones(30), train_pairs=train, eval_pairs=held, gate=_gate(baselines=["length"])
     )
     assert v.baselines["length"] == 1.0  # direction fitted on the training pairs
+
+
+def test_no_headroom_above_a_baseline_at_the_measured_ceiling_asks_for_the_ceiling_share() -> None:
+    """The demo world's case: noisy raters, a keyword rule already as good as people agree."""
+    train, held = _pairs(60), _pairs(40, start=100)  # both baselines get 1.0 here
+    report = {"families": {"f": {"verdict": "fit", "agreement": {"pairwise": 0.9}}}}
+    credit = np.array([1.0] * 36 + [0.0] * 4)  # 0.9: below the baselines, at the agreement ceiling
+    v = evaluate_gate(accuracy_per_pair=credit, train_pairs=train, eval_pairs=held, gate=_gate(), fit_report=report)
+    assert v.rule == "no headroom" and v.lift < 0 and v.passed, v.reason
+    assert v.ceiling == pytest.approx(0.9) and v.ceiling_share == pytest.approx(1.0)
+    worse = np.array([1.0] * 30 + [0.0] * 10)  # 0.75 < 0.85 * 0.9
+    assert not evaluate_gate(
+        accuracy_per_pair=worse, train_pairs=train, eval_pairs=held, gate=_gate(), fit_report=report
+    ).passed

@@ -13,7 +13,8 @@ data). The gate therefore asks, on the held-out pairs:
    taken inside each resample, so picking the best baseline is part of the interval. Pass when
    the lower bound exceeds ``reward.gate.min_lift``. When the best baseline is already within
    ``min_headroom`` of the ceiling (the measured agreement, else 1.0), there is nothing left to
-   beat it by, and the check is non-inferiority: lower bound > ``-non_inferiority_margin``.
+   beat it by (easy data, or labels no better than a keyword rule): the check becomes "reach
+   ``min_ceiling_share`` of that ceiling" instead.
 2. **ceiling** — where check-fit measured agreement (repeated ratings: pooled pairwise agreement;
    an audit: the share of re-ratings that pick the dataset's label), accuracy on those families'
    held-out pairs must reach ``min_ceiling_share`` of the pair-weighted ceiling (point estimates).
@@ -106,7 +107,7 @@ class GateVerdict:
     lift: float | None = None
     lift_lower: float | None = None
     confidence: float = 0.95
-    rule: str | None = None  # "superiority" or "non-inferiority"
+    rule: str | None = None  # "superiority", or "no headroom" (the best baseline is at the ceiling)
     required_lift: float | None = None
     ceiling: float | None = None
     ceiling_source: str | None = None
@@ -240,22 +241,26 @@ def evaluate_gate(
         named = f"{BASELINE_NAMES[v.best_baseline]} {best:.3f}"
         level = f"{gate.confidence:.0%} lower bound"
         if top - best <= gate.min_headroom:
-            v.rule, v.required_lift = "non-inferiority", -float(gate.non_inferiority_margin)
+            v.rule = "no headroom"
+            need = gate.min_ceiling_share * top
             why = (
-                f"the best baseline ({named}) is within {gate.min_headroom:.3f} of the ceiling {top:.3f}, so the "
-                f"reward model need only match it: lift {v.lift:+.3f}, {level} {v.lift_lower:+.3f} vs "
-                f"-{gate.non_inferiority_margin:.3f} required"
+                f"the best baseline ({named}) is within {gate.min_headroom:.3f} of the ceiling {top:.3f}"
+                f"{'' if v.ceiling is not None else ' (no agreement measured: 1.0)'}, so there is nothing left to beat "
+                f"it by; accuracy {accuracy:.3f} must instead reach {gate.min_ceiling_share:.0%} of that ceiling "
+                f"({need:.3f}); lift {v.lift:+.3f}, {level} {v.lift_lower:+.3f}"
             )
+            ok = bool(accuracy >= need)
         else:
             v.rule, v.required_lift = "superiority", float(gate.min_lift)
             why = (
                 f"lift over the best baseline ({named}) {v.lift:+.3f}, {level} {v.lift_lower:+.3f} vs more than "
                 f"{gate.min_lift:+.3f} required"
             )
+            ok = bool(v.lift_lower > v.required_lift)
         others = ", ".join(f"{BASELINE_NAMES[k]} {a:.3f}" for k, a in v.baselines.items() if k != v.best_baseline)
         if others:
             why += f" (also: {others})"
-        checks.append(GateCheck("baseline", bool(v.lift_lower > v.required_lift), why))
+        checks.append(GateCheck("baseline", ok, why))
     elif not credit.size:
         checks.append(GateCheck("baseline", False, "no held-out pairs"))
 

@@ -59,7 +59,7 @@ class TrainSettings:
     early_stopping_patience: int = 2
     eval_every: int = 50
     seed: int = 0
-    max_tokens_per_forward: int = 4096
+    max_tokens_per_forward: int = 2048
     precision: str = "auto"  # auto | fp32 | bf16
 
     @classmethod
