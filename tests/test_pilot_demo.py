@@ -104,6 +104,7 @@ def test_reward_model_trained_on_shuffled_labels_gives_no_go_with_the_reward_fla
     broken = root / "broken-rm"
     rm_cfg = cfg.model_copy(deep=True)
     rm_cfg.reward.min_accuracy = 0.0
+    rm_cfg.reward.gate.enabled = False  # publish the broken control anyway
     res = train_reward(rm_cfg, shuffled, broken, progress=False)
     assert res.eval_accuracy < cfg.pilot.reward_near_chance  # the control really is broken
 

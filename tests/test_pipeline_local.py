@@ -55,7 +55,7 @@ def small_config(root: Path, **overrides: Any) -> Path:
         "run": {"name": "pipeline-test"},
         "data": {"prompt_fraction": 0.15, "generation": {"n_candidates": 2, "max_new_tokens": 24}},
         "fit": {"bootstrap_resamples": 200},
-        "reward": {"epochs": 1, "min_accuracy": 0.0},
+        "reward": {"epochs": 1, "min_accuracy": 0.0, "gate": {"enabled": False}},  # a 1-epoch model: no gate
         "ppo": {
             "updates": 2,
             "batch_size": 8,
