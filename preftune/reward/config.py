@@ -45,7 +45,7 @@ class RewardGateSection(Section):
         2000, ge=100, le=100000, description="Paired bootstrap resamples (held-out prompts resampled with replacement)."
     )
     min_headroom: float = Field(
-        0.02,
+        0.05,
         ge=0.0,
         le=1.0,
         description="When the best baseline is within this of the ceiling (measured agreement, else 1.0) there is "
