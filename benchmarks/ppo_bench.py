@@ -33,11 +33,18 @@ second row, with ``peft_config`` (LoRA; reference = adapter disabled; still a se
 with ``preftune.world.classify``) of the base policy and of the policy ``preftune ppo`` trained
 against a reward model, with the KL and the wall/CPU time of the PPO step.
 
+``engine`` -- the rollout engine's speed options (``ppo.rollout_*``), each on its own and together,
+at one size: samples/s and the rollout/update split per variant (preftune only, LoRA defaults
+otherwise), the ``k``-per-prompt prefill sharing on a GRPO run (k = 4), and the decode step alone:
+generated tokens/s of the engine against the same model's ``generate(do_sample=True)`` (best of
+``--repeats``; tokens counted up to and including each row's EOS).
+
 Run (TRL from the ``bench`` extra):
 
     python benchmarks/ppo_bench.py compare --size both --updates 4 --threads 2
     python benchmarks/ppo_bench.py scaling --threads 2
     python benchmarks/ppo_bench.py efficacy --reward-model DIR [--config run.yaml]
+    python benchmarks/ppo_bench.py engine --size tiny --updates 6 --threads 2
 """
 
 from __future__ import annotations
@@ -478,6 +485,87 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline (no option)": {},
+    "early_exit": {"rollout_early_exit": True},
+    "merge_lora": {"rollout_merge_lora": True},
+    "bf16": {"rollout_dtype": "bf16"},
+    "early_exit+merge_lora": {"rollout_early_exit": True, "rollout_merge_lora": True},
+    "early_exit+merge_lora+bf16": {"rollout_early_exit": True, "rollout_merge_lora": True, "rollout_dtype": "bf16"},
+}
+
+
+def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
+    """Tokens/s of the decode alone: the KV-cache engine (LoRA policy, options as named) vs ``generate()``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.ppo import core
+    from preftune.ppo.engine import KVCacheEngine, SamplingParams
+    from preftune.ppo.policy import ActorCritic
+    from preftune.text import render_prompt
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(spec["policy"])
+    model = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32).eval()
+    tok.padding_side = "left"
+    texts = [render_prompt(p, tok) for p in (PROMPTS * 4)[: spec["batch_size"]]]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    n_new = spec["response_length"]
+    params = SamplingParams(n_new, 1.0, tok.eos_token_id, tok.pad_token_id, batch_size=spec["batch_size"])
+
+    def useful(resp: torch.Tensor) -> int:
+        return int(core.response_mask(resp, tok.eos_token_id).sum())
+
+    def best(fn: Any) -> tuple[float, int]:
+        times, tokens = [], 0
+        for r in range(spec["repeats"]):
+            torch.manual_seed(r)
+            t0 = time.perf_counter()
+            tokens = fn(r)
+            times.append(time.perf_counter() - t0)
+        return min(times), tokens
+
+    rows: dict[str, Any] = {}
+
+    def hf_generate(r: int) -> int:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                max_new_tokens=n_new,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        return useful(out[:, ids.shape[1] :])
+
+    sec, toks = best(hf_generate)
+    rows["generate() (base model)"] = {"seconds": sec, "tokens": toks, "tokens_per_s": toks / sec}
+    actor = ActorCritic(model, mode="lora", critic="shared", temperature=1.0)
+    variants = {
+        "engine, lora adapter (rollout default)": {},
+        "engine, lora, scores off": {"scores": False},
+        "engine, lora merged": {"merge_lora": True},
+        "engine, lora merged + early exit": {"merge_lora": True, "early_exit": True},
+        "engine, lora merged + early exit + bf16": {"merge_lora": True, "early_exit": True, "dtype": "bf16"},
+    }
+    for name, opt in variants.items():
+        opt = dict(opt)
+        with_scores = opt.pop("scores", True)
+        engine = KVCacheEngine(actor.policy_lm, **opt)
+        p = SamplingParams(**{**params.__dict__, "with_scores": with_scores})
+
+        def run(r: int, engine: Any = engine, p: Any = p) -> int:
+            with torch.no_grad():
+                return useful(engine.generate(ids, mask, p, torch.Generator().manual_seed(r)).response_ids)
+
+        sec, toks = best(run)
+        rows[name] = {"seconds": sec, "tokens": toks, "tokens_per_s": toks / sec}
+    return {"impl": "decode", "batch_size": spec["batch_size"], "max_new_tokens": n_new, "rows": rows}
+
+
 def run_worker(impl: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, __file__, "_worker", impl, json.dumps({**spec, "threads": threads})]
@@ -492,7 +580,7 @@ def _worker_main(impl: str, spec_json: str) -> None:
 
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
-    fn = {"preftune": worker_preftune, "trl": worker_trl, "bon": worker_best_of_n}[impl]
+    fn = {"preftune": worker_preftune, "trl": worker_trl, "bon": worker_best_of_n, "decode": worker_decode}[impl]
     print(json.dumps(fn(spec)))
 
 
@@ -528,9 +616,16 @@ def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
                 run_worker("trl", {**spec, "mode": "full"}, args.threads),
                 run_worker("trl", {**spec, "mode": "lora"}, args.threads),
             ]
+            if args.overrides and args.with_defaults:  # before/after: preftune's defaults beside the --set row
+                default = run_worker("preftune", {**spec, "mode": "lora"}, args.threads)
+                entry_defaults = {"preftune defaults (no --set)": default}
+            else:
+                entry_defaults = {}
             entry: dict[str, Any] = {
                 "spec": {k: v for k, v in spec.items() if k not in ("policy", "reward")},
                 "rows": rows,
+                **entry_defaults,
+                "loadavg": Path("/proc/loadavg").read_text().split()[:3],
             }
             ours = rows[0]
             for other in rows[1:]:
@@ -544,6 +639,32 @@ def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
                 }
             results["sizes"][size] = entry
     return results
+
+
+def mode_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """The rollout engine's options one by one (samples/s, rollout/update split), prefill sharing, decode alone."""
+    size = "tiny" if args.size == "both" else args.size
+    out: dict[str, Any] = {"threads": args.threads, "size": size, "variants": [], "shared_prefill": []}
+    out["loadavg_before"] = Path("/proc/loadavg").read_text().split()[:3]
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        paths = build_models(size, Path(tmp))
+        spec = {**base_spec(argparse.Namespace(**{**vars(args), "size": size})), **paths}
+        if size == "small":
+            spec["updates"] = args.small_updates
+        out["decode"] = run_worker("decode", {**spec, "repeats": args.repeats}, args.threads)
+        if args.decode_only:
+            return out
+        for name, overrides in ENGINE_VARIANTS.items():
+            r = run_worker("preftune", {**spec, "overrides": {**overrides, **args.overrides}}, args.threads)
+            out["variants"].append({"variant": name, **overrides, **r})
+        if not args.skip_groups:
+            grpo = {"advantage_estimator": "grpo", "samples_per_prompt": 4}
+            for share in (False, True):
+                over = {**grpo, "rollout_share_prefill": share, **args.overrides}
+                r = run_worker("preftune", {**spec, "overrides": over}, args.threads)
+                out["shared_prefill"].append({"rollout_share_prefill": share, **r})
+    out["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    return out
 
 
 def mode_scaling(args: argparse.Namespace) -> dict[str, Any]:
@@ -804,7 +925,7 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "mode", nargs="?", default="compare", choices=["compare", "scaling", "efficacy", "frontier", "sweep"]
+        "mode", nargs="?", default="compare", choices=["compare", "scaling", "efficacy", "frontier", "sweep", "engine"]
     )
     p.add_argument("--size", default="both", choices=["tiny", "small", "both"])
     p.add_argument("--updates", type=int, default=6, help="PPO updates per run (tiny size)")
@@ -837,6 +958,12 @@ def main() -> None:
     )
     p.add_argument("--trl", action="store_true", help="sweep: TRL's full and LoRA rows at every coefficient too")
     p.add_argument("--best-of-n", action="store_true", help="sweep: the best-of-n curve of the initial policy")
+    p.add_argument("--repeats", type=int, default=3, help="engine: timed repeats of the decode (best kept)")
+    p.add_argument("--decode-only", action="store_true", help="engine: the decode measurement alone")
+    p.add_argument(
+        "--with-defaults", action="store_true", help="compare: with --set, also preftune's defaults (before/after)"
+    )
+    p.add_argument("--skip-groups", action="store_true", help="engine: skip the k-per-prompt prefill pair")
     p.add_argument("--bon-ns", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64], help="sweep: best-of-n's n")
     args = p.parse_args()
     import yaml
@@ -855,6 +982,7 @@ def main() -> None:
         "efficacy": mode_efficacy,
         "frontier": mode_frontier,
         "sweep": mode_sweep,
+        "engine": mode_engine,
     }
     with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the JSON
         result = modes[args.mode](args)

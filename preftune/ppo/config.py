@@ -112,7 +112,8 @@ class PPOSection(Section):
     rollout_dtype: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="Precision of the rollout's forwards: bf16 autocast (CPU with avx512_bf16/AMX, or GPU) for the "
-        "sampling pass only; old log-probs then differ from the fp32 update's by up to ~1e-2. fp32: exact.",
+        "sampling pass only; old log-probs then differ from the fp32 update's by up to ~0.1 nats per token."
+        " fp32: exact.",
     )
 
     # -- reward -----------------------------------------------------------------------------
