@@ -132,8 +132,28 @@ def peak_rss_mb() -> float:
 # shared inputs (parent)
 
 
-def build_models(size: str, root: Path, seed: int = 0) -> dict[str, str]:
-    """A policy and a reward model sharing its tokenizer (GPT-2 sequence classifier), both random."""
+def build_models(size: str, root: Path, seed: int = 0, fit: bool = True) -> dict[str, str]:
+    """A policy and a reward model sharing its tokenizer (GPT-2 sequence classifier), both random.
+
+    With ``PPO_BENCH_MODELS=DIR`` they are built once into DIR and reused by later runs (the tiny
+    reward model's fit takes minutes on a loaded machine). ``fit=False`` skips that fit (speed-only
+    measurements: the ``engine`` mode).
+    """
+    cache = os.environ.get("PPO_BENCH_MODELS")
+    if cache:
+        root = Path(cache)
+        root = root / ("fitted" if fit and size == "tiny" else "random")
+        root.mkdir(parents=True, exist_ok=True)
+        done = root / f"{size}-{seed}.done"
+        if done.exists():
+            return {"policy": str(root / f"{size}-policy"), "reward": str(root / f"{size}-reward")}
+        out = _build_models(size, root, seed, fit)
+        done.write_text("ok")
+        return out
+    return _build_models(size, root, seed, fit)
+
+
+def _build_models(size: str, root: Path, seed: int = 0, fit: bool = True) -> dict[str, str]:
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -163,7 +183,7 @@ def build_models(size: str, root: Path, seed: int = 0) -> dict[str, str]:
     tok.save_pretrained(policy_dir)
     torch.manual_seed(seed + 1)
     reward = GPT2ForSequenceClassification(GPT2Config(**common, num_labels=1))
-    if size == "tiny":
+    if size == "tiny" and fit:
         fit_word_reward(reward, tok, seed=seed)
     reward.save_pretrained(reward_dir)
     tok.padding_side = "right"
@@ -647,7 +667,7 @@ def mode_engine(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"threads": args.threads, "size": size, "variants": [], "shared_prefill": []}
     out["loadavg_before"] = Path("/proc/loadavg").read_text().split()[:3]
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
-        paths = build_models(size, Path(tmp))
+        paths = build_models(size, Path(tmp), fit=False)  # speed only: the tiny reward model is not fitted
         spec = {**base_spec(argparse.Namespace(**{**vars(args), "size": size})), **paths}
         if size == "small":
             spec["updates"] = args.small_updates
