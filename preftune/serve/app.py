@@ -35,9 +35,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from preftune import __version__
 from preftune.errors import InputError
 from preftune.serve import db, service
+from preftune.serve.cycle import RaterRef
 from preftune.serve.metrics import Metrics
 from preftune.serve.middleware import BodyLimitMiddleware, ObservabilityMiddleware
-from preftune.serve.models import Rater
 from preftune.serve.schemas import JudgementIn, RaterIn
 from preftune.serve.settings import ServeSettings, load_settings
 
@@ -86,11 +86,11 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def _rater(session: Session, request: Request) -> Rater:
+def _rater(session: Session, request: Request) -> RaterRef:
     token = _bearer(request)
     if token is None:
         raise _unauthorized("missing rater token: send 'Authorization: Bearer <token>' (ask an admin for a token)")
-    rater = service.authenticate_rater(session, token)
+    rater = service.authenticate(session, token)
     if rater is None:
         raise _unauthorized("invalid rater token")
     return rater
@@ -124,7 +124,12 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     """Build the service for ``settings`` (default: from the ``PREFTUNE_*`` environment)."""
     settings = settings or load_settings()
     logging.getLogger("preftune.serve").setLevel(settings.log_level)
-    engine = db.make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size)
+    engine = db.make_engine(
+        settings.resolved_database_url(),
+        pool_size=settings.db_pool_size,
+        pre_ping=settings.db_pre_ping,
+        pool_timeout=settings.db_pool_timeout_seconds,
+    )
     sessions = db.make_sessionmaker(engine)
 
     def pending() -> int:
@@ -151,6 +156,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             state.migrated = True
         if settings.agreement_refresh_seconds > 0:
             state.background.append(asyncio.create_task(_refresh_agreement_forever(state)))
+        state.background.append(asyncio.create_task(_release_expired_forever(state)))
         log.info(
             "feedback service ready",
             extra={
@@ -197,6 +203,26 @@ async def _refresh_agreement_forever(state: ServiceState) -> None:
         except Exception as err:  # noqa: BLE001 - keep refreshing; the endpoint reports errors to callers
             log.warning("agreement gauges not refreshed: %s", err)
         await asyncio.sleep(state.settings.agreement_refresh_seconds)
+
+
+async def _release_expired_forever(state: ServiceState) -> None:
+    """Free the slots of lapsed leases now and then (the hand-out also does it when it finds nothing free)."""
+    interval = max(5.0, min(60.0, state.settings.assignment_ttl_seconds / 4))
+
+    def sweep() -> int:
+        with state.sessions() as s:
+            return service.release_expired(s)
+
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            released = await anyio.to_thread.run_sync(sweep)
+            if released:
+                log.info("expired assignments released", extra={"released": released})
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - try again next time
+            log.warning("expired assignments not released: %s", err)
 
 
 def _exception_handlers(app: FastAPI) -> None:
@@ -281,20 +307,25 @@ def _routes(app: FastAPI, state: ServiceState) -> None:
     def me(request: Request) -> dict[str, Any]:
         with sessions() as s:
             rater = _rater(s, request)
-            done = service.count_own_judgements(s, rater)
-            s.commit()
-            return {"name": rater.name, "judgements": done, "ratings_per_task": settings.ratings_per_task}
+            progress = service.rater_progress(s, rater, settings.ratings_per_task)
+            return {
+                "name": rater.name,
+                "judgements": progress["judgements"],
+                "remaining": progress["remaining"],
+                "ratings_per_task": settings.ratings_per_task,
+                "undo_seconds": settings.undo_seconds,
+            }
 
     @app.get("/api/tasks/next", responses={204: {"description": "No task left for this rater"}})
     def next_task(request: Request) -> Response:
         with sessions() as s:
             rater = _rater(s, request)
-            assignment = service.next_task(
+            view = service.next_task_view(
                 s, rater, ratings_per_task=settings.ratings_per_task, ttl_seconds=settings.assignment_ttl_seconds
             )
-            if assignment is None:
-                return Response(status_code=204)
-            return JSONResponse(service.task_view(assignment))
+        if view is None:
+            return Response(status_code=204)
+        return JSONResponse(view)
 
     @app.get("/api/tasks/{task_id}")
     def get_task(task_id: int, request: Request) -> dict[str, Any]:
@@ -312,11 +343,23 @@ def _routes(app: FastAPI, state: ServiceState) -> None:
             return {"task_id": assignment.task_id, "status": assignment.status}
 
     @app.post("/api/judgements", status_code=201)
-    def submit(payload: JudgementIn, request: Request) -> JSONResponse:
+    def submit(
+        payload: JudgementIn,
+        request: Request,
+        next: bool = Query(  # noqa: A002 - the query parameter's name
+            False, description="Also reserve the next task and answer it as next_task (one transaction)."
+        ),
+    ) -> JSONResponse:
         with sessions() as s:
             rater = _rater(s, request)
-            judgement, created = service.submit_judgement(s, rater, payload)
-            record = service.judgement_record(judgement, with_uid=True)
+            record, created, next_view = service.submit_and_next(
+                s,
+                rater,
+                payload,
+                next_task=next,
+                ratings_per_task=settings.ratings_per_task,
+                ttl_seconds=settings.assignment_ttl_seconds,
+            )
         if created:
             state.metrics.judgements.labels(family=record["family"]).inc()
             log.info(
@@ -327,7 +370,25 @@ def _routes(app: FastAPI, state: ServiceState) -> None:
                     "rater": record["rater_id"],
                 },
             )
+        if next:
+            record = {**record, "next_task": next_view}
         return JSONResponse(record, status_code=201 if created else 200)
+
+    @app.post("/api/judgements/{judgement_id}/undo")
+    def undo(judgement_id: str, request: Request) -> dict[str, Any]:
+        """Take back your last judgement within PREFTUNE_UNDO_SECONDS; its task is yours to judge again."""
+        with sessions() as s:
+            rater = _rater(s, request)
+            view = service.undo_judgement(
+                s,
+                rater,
+                judgement_id,
+                window_seconds=settings.undo_seconds,
+                ttl_seconds=settings.assignment_ttl_seconds,
+            )
+        state.metrics.undone.labels(family=view["family"]).inc()
+        log.info("judgement undone", extra={"judgement_id": judgement_id, "rater": rater.name})
+        return {"undone": judgement_id, "task": view}
 
     @app.get("/api/judgements")
     def my_judgements(

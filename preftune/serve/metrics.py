@@ -6,6 +6,7 @@ create several apps in one process without "duplicated timeseries" errors.
 Names (also in ``docs/architecture.md``):
 
 - ``preftune_judgements_total{family}``: judgements stored since the process started.
+- ``preftune_judgements_undone_total{family}``: judgements their rater took back (undo).
 - ``preftune_tasks_pending``: tasks that still want judgements (read from the database at scrape).
 - ``preftune_request_duration_seconds{method,route,status}``: request latency histogram.
 - ``preftune_agreement_alpha{family}``, ``preftune_agreement_pairwise{family}``: the latest
@@ -53,6 +54,9 @@ class Metrics:
         r = self.registry
         self.judgements = Counter(
             "preftune_judgements", "Judgements stored, by behaviour family.", ["family"], registry=r
+        )
+        self.undone = Counter(
+            "preftune_judgements_undone", "Judgements taken back by their rater, by family.", ["family"], registry=r
         )
         self.latency = Histogram(
             "preftune_request_duration_seconds",

@@ -7,7 +7,8 @@ checks that these models and the migrations agree.
 - ``tasks``: one imported candidates record (a prompt and its candidate answers).
 - ``assignments``: a task handed to a rater; unique per (task, rater), so nobody sees a
   task twice; its status (open, done, skipped, expired) and lease decide who may take the
-  remaining slots of the task.
+  remaining slots of the task. A rater holds at most one open assignment (a partial unique
+  index), which is what makes a double click or two replicas unable to reserve two tasks.
 - ``judgements``: what a rater picked; unique per (task, rater) and per client-supplied
   ``uid``, which makes resubmission idempotent.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ASSIGNMENT_OPEN = "open"
@@ -61,6 +62,13 @@ class Task(Base):
     imported_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     # Judgements received so far; kept in step with ``judgements`` in the same transaction.
     n_done: Mapped[int] = mapped_column(Integer, nullable=False, default=0, index=True)
+    # Slots held: assignments that are open (expired or not, until released) or done. Kept in step
+    # with ``assignments`` in the same transaction, so handing out a task needs no count query.
+    n_taken: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default=text("0"))
+
+
+# The hand-out order: tasks nearest completion first, then oldest; an index range scan from the top.
+Index("ix_tasks_fill", Task.n_taken.desc(), Task.id)
 
 
 class Assignment(Base):
@@ -68,6 +76,13 @@ class Assignment(Base):
     __table_args__ = (
         UniqueConstraint("task_id", "rater_id", name="uq_assignments_task_rater"),
         Index("ix_assignments_rater_status", "rater_id", "status"),
+        Index(
+            "uq_assignments_one_open",
+            "rater_id",
+            unique=True,
+            postgresql_where=text("status = 'open'"),
+            sqlite_where=text("status = 'open'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -3,14 +3,12 @@
 Transactions are explicit: every function that writes commits before it returns, so a
 caller that got a result back knows the data is durable (the API answers only after that).
 
-Handing out tasks (``next_task``) is the one place where concurrent raters compete. The
-rules: a task wants ``ratings_per_task`` judgements; a slot is taken by a judgement or by
-an open, unexpired assignment; a rater never gets a task they were ever assigned. On
-PostgreSQL the candidate task row is locked with ``FOR UPDATE SKIP LOCKED`` and the slots
-are recounted in a fresh statement after the lock is held (READ COMMITTED gives each
-statement a new snapshot), so two raters can never both take the last slot; SQLite
-transactions are serialised by ``BEGIN IMMEDIATE`` (see :mod:`preftune.serve.db`). The
-unique constraints on (task, rater) back both rules up.
+Handing out tasks is the one place where concurrent raters compete; the statements live in
+:mod:`preftune.serve.cycle` (the hot path: a task row keeps its counters, PostgreSQL takes
+the candidate row with ``FOR NO KEY UPDATE SKIP LOCKED``, SQLite serialises writers with
+``BEGIN IMMEDIATE``). The rules: a task wants ``ratings_per_task`` judgements; a slot is
+taken by a judgement or by an open assignment; a rater never gets a task they were ever
+assigned and holds at most one open task. Unique constraints back every rule up.
 """
 
 from __future__ import annotations
@@ -20,23 +18,21 @@ import hmac
 import json
 import random
 import secrets
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from preftune.errors import ExitCode, InputError, PreftuneError
+from preftune.serve import cycle
+from preftune.serve.cycle import RaterRef
 from preftune.serve.models import (
-    ASSIGNMENT_DONE,
-    ASSIGNMENT_EXPIRED,
     ASSIGNMENT_OPEN,
-    ASSIGNMENT_SKIPPED,
     Assignment,
     Judgement,
     Rater,
@@ -140,17 +136,19 @@ def authenticate_rater(session: Session, token: str) -> Rater | None:
     return rater
 
 
+def authenticate(session: Session, token: str) -> RaterRef | None:
+    """The active rater holding ``token`` as a light reference (one indexed query), or None."""
+    return cycle.authenticate(session, hash_token(token))
+
+
 def disable_rater(session: Session, name: str) -> Rater:
     """Revoke a rater's token: their judgements stay, their open tasks go back to the pool."""
     rater = session.scalar(select(Rater).where(Rater.name == name).with_for_update(key_share=True))
     if rater is None:
         raise NotFoundError(f"no rater named {name!r}")
     rater.disabled = True
-    session.execute(
-        update(Assignment)
-        .where(Assignment.rater_id == rater.id, Assignment.status == ASSIGNMENT_OPEN)
-        .values(status=ASSIGNMENT_EXPIRED)
-    )
+    session.flush()
+    cycle.expire_rater(session, rater.id)
     session.commit()
     return rater
 
@@ -311,70 +309,59 @@ def import_tasks(session: Session, records: list[CandidatesRecord], *, source: s
 # ----------------------------------------------------------------------------- handing out tasks
 
 
-def _slot_taken(now: datetime):  # noqa: ANN202 - a SQL expression
-    return or_(
-        Assignment.status == ASSIGNMENT_DONE,
-        and_(Assignment.status == ASSIGNMENT_OPEN, Assignment.expires_at > now),
-    )
-
-
-def next_task(session: Session, rater: Rater, *, ratings_per_task: int, ttl_seconds: int) -> Assignment | None:
-    """The task this rater should judge now (their open one, else a newly reserved one), or None."""
-    now = utcnow()
-    # One rater's requests run one at a time (a double click must not reserve two tasks).
-    session.execute(select(Rater.id).where(Rater.id == rater.id).with_for_update(key_share=True))
-    for own in session.scalars(
-        select(Assignment)
-        .where(Assignment.rater_id == rater.id, Assignment.status == ASSIGNMENT_OPEN)
-        .order_by(Assignment.id)
-    ):
-        if own.expires_at > now:
+def _retry_on_race(session: Session, work):  # noqa: ANN001, ANN202
+    """Run ``work()`` and commit; a lost race on a unique constraint is rolled back and run again."""
+    for attempt in range(4):
+        try:
+            result = work()
             session.commit()
-            return own
-        own.status = ASSIGNMENT_EXPIRED  # its slot is free again; the rater may still submit it
+            return result
+        except IntegrityError:
+            session.rollback()
+            if attempt == 3:
+                raise
+        except BaseException:
+            session.rollback()
+            raise
+    raise AssertionError("unreachable")
 
-    taken = (
-        select(func.count(Assignment.id))
-        .where(Assignment.task_id == Task.id, _slot_taken(now))
-        .correlate(Task)
-        .scalar_subquery()
-    )
-    mine = exists().where(Assignment.task_id == Task.id, Assignment.rater_id == rater.id)
-    tried: list[int] = []
-    for _attempt in range(50):
-        query = select(Task.id).where(Task.n_done < ratings_per_task, ~mine, taken < ratings_per_task)
-        if tried:
-            query = query.where(Task.id.not_in(tried))
-        query = query.order_by(Task.id).limit(1)
-        # FOR NO KEY UPDATE: exclusive among task handers, but no wait for inserts that only reference the row.
-        task_id = session.scalar(query.with_for_update(of=Task, skip_locked=True, key_share=True))
-        if task_id is None:
-            # Nothing free and unlocked. Rows locked by other raters may still have free slots once
-            # those commit: wait for such a row (no SKIP LOCKED) rather than answer "no task" wrongly.
-            task_id = session.scalar(query.with_for_update(of=Task, key_share=True))
-            if task_id is None:
-                session.commit()
-                return None
-        # The row is locked now; count again in a new statement, which sees every commit made before the lock.
-        # (This rater cannot have gained the task meanwhile: their own requests are serialised above.)
-        in_use = session.scalar(
-            select(func.count(Assignment.id)).where(Assignment.task_id == task_id, _slot_taken(now))
-        )
-        if in_use >= ratings_per_task:
-            tried.append(task_id)
-            continue
-        assignment = Assignment(
-            task_id=task_id,
-            rater_id=rater.id,
-            status=ASSIGNMENT_OPEN,
-            assigned_at=now,
-            expires_at=now + timedelta(seconds=ttl_seconds),
-        )
-        session.add(assignment)
-        session.commit()
-        return assignment
+
+def next_task_view(
+    session: Session, rater: Rater | RaterRef, *, ratings_per_task: int, ttl_seconds: int
+) -> dict[str, Any] | None:
+    """What ``GET /api/tasks/next`` answers: the rater's task as the page shows it, or None (committed)."""
+
+    def work() -> dict[str, Any] | None:
+        got = cycle.reserve(session, rater.id, ratings_per_task=ratings_per_task, ttl_seconds=ttl_seconds, now=utcnow())
+        return got.view() if got is not None else None
+
+    return _retry_on_race(session, work)
+
+
+def next_task(
+    session: Session, rater: Rater | RaterRef, *, ratings_per_task: int, ttl_seconds: int
+) -> Assignment | None:
+    """The task this rater should judge now (their open one, else a newly reserved one), or None.
+
+    Committed on return. The assignment comes back as an ORM object (one more query than
+    :func:`next_task_view`, which the API uses).
+    """
+
+    def work() -> int | None:
+        got = cycle.reserve(session, rater.id, ratings_per_task=ratings_per_task, ttl_seconds=ttl_seconds, now=utcnow())
+        return got.assignment_id if got is not None else None
+
+    assignment_id = _retry_on_race(session, work)
+    if assignment_id is None:
+        return None
+    assignment = session.get(Assignment, assignment_id, populate_existing=True)
     session.commit()
-    return None
+    return assignment
+
+
+def release_expired(session: Session) -> int:
+    """Free the slots of every assignment whose lease ran out (committed); returns how many."""
+    return _retry_on_race(session, lambda: cycle.release_expired(session, utcnow()))
 
 
 def display_order(assignment: Assignment) -> list[int]:
@@ -412,20 +399,26 @@ def get_own_task(session: Session, rater: Rater, task_id: int) -> Assignment:
     return assignment
 
 
-def skip_task(session: Session, rater: Rater, task_id: int) -> Assignment:
+def skip_task(session: Session, rater: Rater | RaterRef, task_id: int) -> Assignment:
     """Give a task back: it is never shown to this rater again, and its slot goes to someone else."""
-    assignment = session.scalar(
-        select(Assignment)
-        .where(Assignment.task_id == task_id, Assignment.rater_id == rater.id)
-        .with_for_update(of=Assignment, key_share=True)
-    )
-    if assignment is None:
-        raise NotFoundError(f"task {task_id} is not assigned to you")
-    if assignment.status == ASSIGNMENT_DONE:
-        raise ConflictError(f"task {task_id} is already judged; a judgement cannot be skipped")
-    assignment.status = ASSIGNMENT_SKIPPED
+    try:
+        cycle.skip(session, rater.id, task_id)
+    except cycle.CycleError as err:
+        session.rollback()
+        raise _service_error(err) from None
     session.commit()
+    assignment = session.scalar(
+        select(Assignment).where(Assignment.task_id == task_id, Assignment.rater_id == rater.id)
+    )
+    session.commit()
+    assert assignment is not None
     return assignment
+
+
+def _service_error(err: cycle.CycleError) -> ServiceError:
+    if err.kind == "not_found":
+        return NotFoundError(err.message)
+    return ConflictError(err.message)
 
 
 # ----------------------------------------------------------------------------- judgements
@@ -473,27 +466,86 @@ def clean_judgement(payload: JudgementIn, n_candidates: int) -> CleanJudgement:
     )
 
 
-def submit_judgement(session: Session, rater: Rater, payload: JudgementIn) -> tuple[Judgement, bool]:
+def submit_and_next(
+    session: Session,
+    rater: Rater | RaterRef,
+    payload: JudgementIn,
+    *,
+    next_task: bool = False,
+    ratings_per_task: int = 3,
+    ttl_seconds: int = 900,
+) -> tuple[dict[str, Any], bool, dict[str, Any] | None]:
+    """Store a judgement and, with ``next_task``, reserve the rater's next task: one transaction.
+
+    Returns the stored record (``preftune.judgement`` v1 plus ``judgement_id`` and
+    ``task_id``), whether it is new, and the next task's view (None when there is none or
+    it was not asked for). Committed on return. Idempotent as :func:`submit_judgement`.
+    """
+    ref = RaterRef(id=rater.id, name=rater.name)
+
+    def work() -> tuple[dict[str, Any], bool, dict[str, Any] | None]:
+        now = utcnow()
+        try:
+            stored = cycle.store(session, ref, payload, now=now)
+        except cycle.CycleError as err:
+            raise _service_error(err) from None
+        if stored.record is None:
+            existing = session.scalar(select(Judgement).where(Judgement.uid == stored.existing_uid))
+            assert existing is not None
+            _check_resubmission(existing, payload)
+            record, created = judgement_record(existing, with_uid=True), False
+        else:
+            record, created = stored.record, True
+        view = None
+        if next_task:
+            got = cycle.reserve(session, ref.id, ratings_per_task=ratings_per_task, ttl_seconds=ttl_seconds, now=now)
+            view = got.view() if got is not None else None
+        return record, created, view
+
+    return _retry_on_race(session, work)
+
+
+def submit_judgement(session: Session, rater: Rater | RaterRef, payload: JudgementIn) -> tuple[Judgement, bool]:
     """Store a judgement (committed on return); returns it and whether it is new.
 
     Idempotent: the same judgement posted again (same ``judgement_id``, or same content for
     the same task) returns the stored one with ``created=False``; a different judgement of
     a task this rater already judged is a conflict.
     """
-    try:
-        return _submit(session, rater, payload)
-    except IntegrityError:
-        # A concurrent submission of the same judgement won the race: answer as for a resubmission.
-        session.rollback()
-        existing = session.scalar(
-            select(Judgement).where(Judgement.task_id == payload.task_id, Judgement.rater_id == rater.id)
-        )
-        if existing is not None:
-            return _resubmission(existing, payload, session)
-        raise ConflictError(f"judgement_id {payload.judgement_id!r} is already used by another judgement") from None
+    record, created, _ = submit_and_next(session, rater, payload)
+    judgement = session.scalar(select(Judgement).where(Judgement.uid == record["judgement_id"]))
+    session.commit()
+    assert judgement is not None
+    return judgement, created
 
 
-def _resubmission(existing: Judgement, payload: JudgementIn, session: Session) -> tuple[Judgement, bool]:
+def undo_judgement(
+    session: Session, rater: Rater | RaterRef, judgement_id: str, *, window_seconds: int, ttl_seconds: int
+) -> dict[str, Any]:
+    """Take back the rater's last judgement within the undo window; returns its task, open again (committed)."""
+    ref = RaterRef(id=rater.id, name=rater.name)
+
+    def work() -> dict[str, Any]:
+        try:
+            got = cycle.undo(
+                session, ref, judgement_id, window_seconds=window_seconds, ttl_seconds=ttl_seconds, now=utcnow()
+            )
+        except cycle.CycleError as err:
+            raise _service_error(err) from None
+        return got.view()
+
+    return _retry_on_race(session, work)
+
+
+def rater_progress(session: Session, rater: Rater | RaterRef, ratings_per_task: int) -> dict[str, int]:
+    """Tasks this rater judged and tasks they may still be given."""
+    done = count_own_judgements(session, rater)
+    left = cycle.remaining(session, rater.id, ratings_per_task)
+    session.commit()
+    return {"judgements": done, "remaining": left}
+
+
+def _check_resubmission(existing: Judgement, payload: JudgementIn) -> None:
     clean = clean_judgement(payload, existing.task.n_candidates)
     if payload.judgement_id is not None and payload.judgement_id != existing.uid:
         raise ConflictError(
@@ -503,44 +555,6 @@ def _resubmission(existing: Judgement, payload: JudgementIn, session: Session) -
         raise ConflictError(
             f"task {payload.task_id} is already judged by you with a different answer (judgement {existing.uid})"
         )
-    session.commit()
-    return existing, False
-
-
-def _submit(session: Session, rater: Rater, payload: JudgementIn) -> tuple[Judgement, bool]:
-    assignment = session.scalar(
-        select(Assignment)
-        .where(Assignment.task_id == payload.task_id, Assignment.rater_id == rater.id)
-        .with_for_update(of=Assignment, key_share=True)
-    )
-    if assignment is None:
-        raise NotFoundError(f"task {payload.task_id} is not assigned to you")
-    existing = session.scalar(
-        select(Judgement).where(Judgement.task_id == payload.task_id, Judgement.rater_id == rater.id)
-    )
-    if existing is not None:
-        return _resubmission(existing, payload, session)
-    if assignment.status == ASSIGNMENT_SKIPPED:
-        raise ConflictError(f"task {payload.task_id} was skipped; ask for the next task")
-    clean = clean_judgement(payload, assignment.task.n_candidates)
-    # A judgement_id already used elsewhere fails the unique constraint: see submit_judgement.
-    uid = payload.judgement_id or str(uuid.uuid4())
-    judgement = Judgement(
-        uid=uid,
-        task_id=payload.task_id,
-        rater_id=rater.id,
-        best=clean.best,
-        ranking=clean.ranking,
-        all_unacceptable=clean.all_unacceptable,
-        unsafe=clean.unsafe,
-        source="service",
-        created_at=utcnow(),
-    )
-    session.add(judgement)
-    assignment.status = ASSIGNMENT_DONE
-    session.execute(update(Task).where(Task.id == payload.task_id).values(n_done=Task.n_done + 1))
-    session.commit()
-    return judgement, True
 
 
 def judgement_record(j: Judgement, *, with_uid: bool = False) -> dict[str, Any]:

@@ -42,6 +42,20 @@ class ServeSettings(BaseSettings):
         20, ge=1, description="On SIGTERM, how long in-flight requests may take before the server stops."
     )
     db_pool_size: int = Field(10, ge=1, le=200, description="Database connections kept open (PostgreSQL).")
+    db_pool_timeout_seconds: int = Field(
+        30, ge=1, le=600, description="How long a request waits for a free database connection before a 503."
+    )
+    db_pre_ping: bool = Field(
+        False,
+        description="Test each pooled connection with a round trip before use. Off: a connection broken by a "
+        "database restart fails one request (503), and the pool is then refreshed.",
+    )
+    workers: int = Field(
+        1, ge=1, le=64, description="uvicorn worker processes of one replica (each with its own pool)."
+    )
+    undo_seconds: int = Field(
+        20, ge=0, le=3600, description="How long a rater may undo their last judgement; 0 turns undo off."
+    )
     agreement_refresh_seconds: int = Field(
         300, ge=0, description="How often the agreement gauges of /metrics are recomputed; 0 disables it."
     )
