@@ -93,8 +93,10 @@ def mixed_dataset(tmp_path_factory) -> str:
     return publish(built, str(out), Storage())
 
 
-def _cfg(**fit) -> object:
-    return parse_config({"fit": {"bootstrap_resamples": 200, **fit}, "tracking": {"experiment": "test-fit"}})
+def _cfg(quality: bool = False, **fit) -> object:
+    """Quality figures off unless asked for (tests/test_quality.py covers them)."""
+    fit = {"bootstrap_resamples": 200, "quality": {"enabled": quality}, **fit}
+    return parse_config({"fit": fit, "tracking": {"experiment": "test-fit"}})
 
 
 def test_verdicts_on_synthetic_judgements(mixed_dataset):
@@ -145,7 +147,7 @@ def test_run_check_fit_excludes_unfit_families_and_passes_the_rest_on(mixed_data
 
     from preftune.tracking import resolve_tracking_uri
 
-    cfg = _cfg()
+    cfg = _cfg(quality=True)
     out = tmp_path / "passed-on"
     report = run_check_fit(mixed_dataset, cfg, str(out))
     meta = json.loads((out / "dataset.json").read_text())
