@@ -182,19 +182,45 @@ def step_tags(step: str, cfg: RunConfig, pipeline_id: str | None = None) -> dict
     }
 
 
+def _picked(tags: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in tags.items() if k in INHERITED_TAGS}
+
+
+def _from_cached_check_fit(client: Any, run: Any) -> dict[str, str]:
+    """A pipeline run whose check-fit was served from the step cache has no fit tags of its own: take
+    them from the check-fit run that computed it (same data snapshot and pipeline config hash)."""
+    tags = run.data.tags
+    snapshot, config_hash = tags.get("preftune.snapshot"), tags.get(TAG_CONFIG_HASH)
+    if tags.get(TAG_STEP) != "pipeline" or not snapshot or not config_hash:
+        return {}
+    query = (
+        f"tags.`{TAG_STEP}` = 'check-fit' and tags.`preftune.snapshot` = '{snapshot}' "
+        f"and tags.`preftune.pipeline_config_hash` = '{config_hash}'"
+    )
+    for found in client.search_runs(
+        [run.info.experiment_id], query, max_results=5, order_by=["attributes.start_time DESC"]
+    ):
+        picked = _picked(found.data.tags)
+        if picked:
+            return picked
+    return {}
+
+
 def inherited_tags(*run_ids: str | None) -> dict[str, str]:
-    """The :data:`INHERITED_TAGS` of the first of ``run_ids`` that has any (empty when none has)."""
+    """The :data:`INHERITED_TAGS` of the first of ``run_ids`` that has any (empty when none has); for a
+    pipeline run whose check-fit came from the step cache, those of the check-fit run that computed it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    client = mlflow.MlflowClient()
     for run_id in run_ids:
         if not run_id:
             continue
         try:
-            found = mlflow.MlflowClient().get_run(run_id).data.tags
+            run = client.get_run(run_id)
+            picked = _picked(run.data.tags) or _from_cached_check_fit(client, run)
         except MlflowException:
             continue
-        picked = {k: v for k, v in found.items() if k in INHERITED_TAGS}
         if picked:
             return picked
     return {}

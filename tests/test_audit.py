@@ -293,3 +293,29 @@ def test_audit_over_the_service_http_api(single_rated, tmp_path, monkeypatch):
         assert audit_mod.export_over_http("http://svc", ADMIN_TOKEN) == []
         with pytest.raises(CredentialsError):
             audit_mod.import_tasks_over_http(plan.tasks_jsonl(), "http://svc", "wrong-token")
+
+
+def test_a_cached_check_fit_still_tags_the_later_runs():
+    """Kubeflow served check-fit from its cache: the later steps take the fit tags from the check-fit run
+    that computed it (same data snapshot and pipeline config hash)."""
+    import mlflow
+
+    from preftune import tracking
+
+    cfg = _cfg()
+    tracking.configure(cfg)
+    earlier = {"preftune.snapshot": "snap-cafe", "preftune.pipeline_config_hash": cfg.config_hash()}
+    with tracking.start_step_run("check-fit", cfg, tags={**earlier, "preftune.fit": "unaudited"}):
+        pass
+    with tracking.start_step_run("check-fit", cfg, tags={**earlier, "preftune.snapshot": "snap-other"}):
+        pass
+    with tracking.start_pipeline_run(cfg) as parent:
+        mlflow.MlflowClient().set_tag(parent.info.run_id, "preftune.snapshot", "snap-cafe")
+        with tracking.start_step_run("evaluate", cfg) as later:
+            later_id = later.info.run_id
+    assert mlflow.MlflowClient().get_run(later_id).data.tags["preftune.fit"] == "unaudited"
+    with tracking.start_pipeline_run(cfg) as parent:  # another snapshot: nothing to inherit
+        mlflow.MlflowClient().set_tag(parent.info.run_id, "preftune.snapshot", "snap-new")
+        with tracking.start_step_run("evaluate", cfg) as later:
+            later_id = later.info.run_id
+    assert "preftune.fit" not in mlflow.MlflowClient().get_run(later_id).data.tags
