@@ -175,7 +175,12 @@ class FitSection(Section):
         description="Share of prompts with at least one acceptable candidate below which a family is a "
         "'capability gap' (teach it first with SFT).",
     )
-    min_items: int = Field(5, ge=1, description="Fewer multiply-rated items than this: the family is 'needs data'.")
+    min_items: int = Field(
+        5,
+        ge=1,
+        description="Fewer multiply-rated items than this: the family is 'not measured' when at least this many "
+        "items are rated once (single-rated data), else 'needs data'.",
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Level of the bootstrap confidence intervals.")
     bootstrap_resamples: int = Field(1000, ge=100, description="Bootstrap resamples for the confidence intervals.")
     on_unfit: Literal["exclude", "warn", "stop"] = Field(
