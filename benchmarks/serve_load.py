@@ -1,6 +1,18 @@
 """Load benchmark of the feedback service: concurrent raters against a PostgreSQL-backed server.
 
     python benchmarks/serve_load.py [--raters 50] [--seconds 30] [--database-url URL]
+    python benchmarks/serve_load.py --mode open --raters 500 --think 2 --seconds 30
+    python benchmarks/serve_load.py --mode open --raters 500 --rates 100,200,300 --seconds 45
+
+Modes: ``closed`` (each rater sends its next request as soon as the last one is answered)
+and ``open`` (each rater thinks for an exponential time of mean ``--think`` seconds between
+tasks, so requests arrive at about raters/think per second whatever the latency; with
+``--rates`` the run is split into steps at those arrival rates and the highest rate whose
+p95 stays under ``--slo-ms`` with at least 95 % of the offered cycles done is reported as
+the highest sustainable rate). ``--cycle combined`` posts each judgement with
+``?next=true`` (the rater page's flow: one request per task); ``separate`` asks for the
+next task and posts the judgement in two requests. ``--workers`` runs that many uvicorn
+worker processes.
 
 Starts ``python -m preftune.serve`` as a separate process on 127.0.0.1 (a fresh PostgreSQL
 database on 127.0.0.1:5432 unless ``--database-url`` is given), imports tasks and raters
@@ -89,7 +101,9 @@ def _task_records(n: int, seed: int) -> list[dict]:
     return out
 
 
-def _start_server(database_url: str, port: int, log_path: Path) -> subprocess.Popen:
+def _start_server(
+    database_url: str, port: int, log_path: Path, workers: int = 1, pythonpath: str = ""
+) -> subprocess.Popen:
     env = dict(
         os.environ,
         PREFTUNE_DATABASE_URL=database_url,
@@ -99,7 +113,10 @@ def _start_server(database_url: str, port: int, log_path: Path) -> subprocess.Po
         PREFTUNE_AUTO_MIGRATE="true",
         PREFTUNE_AGREEMENT_REFRESH_SECONDS="0",
         PREFTUNE_DB_POOL_SIZE="20",
+        PREFTUNE_WORKERS=str(workers),
     )
+    if pythonpath:  # e.g. an older checkout of preftune, for before/after figures
+        env["PYTHONPATH"] = pythonpath
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "preftune.serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -124,6 +141,7 @@ def _start_server(database_url: str, port: int, log_path: Path) -> subprocess.Po
 class Stats:
     def __init__(self) -> None:
         self.latency: dict[str, list[float]] = {"next": [], "submit": [], "resubmit": [], "skip": []}
+        self.cycles: list[tuple[float, float]] = []  # (start, seconds) of each task: request(s) until judged
         self.acked: dict[str, tuple[int, str]] = {}  # judgement id -> (task id, rater)
         self.errors: dict[str, int] = {}
         self.retries = 0
@@ -144,25 +162,39 @@ async def _timed(stats: Stats, kind: str, coro):
 
 
 async def _rater(
-    client: httpx.AsyncClient, name: str, token: str, deadline: float, stats: Stats, seed: int, max_iter: int
+    client: httpx.AsyncClient,
+    name: str,
+    token: str,
+    deadline: float,
+    stats: Stats,
+    seed: int,
+    max_iter: int,
+    think: float = 0.0,
+    combined: bool = False,
+    think_of=None,  # noqa: ANN001 - callable(now) -> mean think time (rate steps)
 ):
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {token}"}
+    task = None
+    if think > 0 or think_of is not None:  # raters start spread out, as they would arrive
+        await asyncio.sleep(rng.uniform(0, think_of(time.monotonic()) if think_of else think))
     for _ in range(max_iter):  # bounded loop
         if time.monotonic() >= deadline:
             return
-        try:
-            r = await _timed(stats, "next", client.get("/api/tasks/next", headers=headers))
-        except httpx.HTTPError as err:
-            stats.error(f"next:{type(err).__name__}")
-            continue
-        if r.status_code == 204:
-            stats.exhausted_raters += 1
-            return
-        if r.status_code != 200:
-            stats.error(f"next:{r.status_code}")
-            continue
-        task = r.json()
+        cycle_start = time.monotonic()
+        if task is None:
+            try:
+                r = await _timed(stats, "next", client.get("/api/tasks/next", headers=headers))
+            except httpx.HTTPError as err:
+                stats.error(f"next:{type(err).__name__}")
+                continue
+            if r.status_code == 204:
+                stats.exhausted_raters += 1
+                return
+            if r.status_code != 200:
+                stats.error(f"next:{r.status_code}")
+                continue
+            task = r.json()
         n = len(task["candidates"])
         roll = rng.random()
         if roll < 0.05:
@@ -174,6 +206,7 @@ async def _rater(
             stats.skips += 1
             if r.status_code != 200:
                 stats.error(f"skip:{r.status_code}")
+            task = None
             continue
         body: dict = {"task_id": task["task_id"], "judgement_id": str(uuid.uuid4()), "unsafe": []}
         if roll < 0.12:
@@ -186,9 +219,11 @@ async def _rater(
             body["best"] = rng.randrange(n)
         if rng.random() < 0.05:
             body["unsafe"] = [rng.randrange(n)]
+        path = "/api/judgements?next=true" if combined else "/api/judgements"
+        next_task = None
         for attempt in range(6):  # a lost response is retried with the same id: idempotent
             try:
-                r = await _timed(stats, "submit", client.post("/api/judgements", json=body, headers=headers))
+                r = await _timed(stats, "submit", client.post(path, json=body, headers=headers))
             except httpx.HTTPError as err:
                 stats.error(f"submit:{type(err).__name__}")
                 stats.retries += 1
@@ -196,6 +231,12 @@ async def _rater(
                 continue
             if r.status_code in (200, 201):
                 stats.acked[body["judgement_id"]] = (task["task_id"], name)
+                stats.cycles.append((cycle_start, time.monotonic() - cycle_start))
+                if combined:
+                    next_task = r.json().get("next_task")
+                    if next_task is None:
+                        stats.exhausted_raters += 1
+                        return
                 break
             stats.error(f"submit:{r.status_code}")
             if r.status_code < 500:
@@ -203,7 +244,9 @@ async def _rater(
             stats.retries += 1
             await asyncio.sleep(0.05 * (attempt + 1))
         else:
+            task = None
             continue
+        task = next_task
         if body["judgement_id"] in stats.acked and rng.random() < 0.10:
             try:
                 again = await _timed(stats, "resubmit", client.post("/api/judgements", json=body, headers=headers))
@@ -214,6 +257,9 @@ async def _rater(
                 stats.idempotent_ok += 1
             else:
                 stats.idempotent_bad += 1
+        mean_think = think_of(time.monotonic()) if think_of else think
+        if mean_think > 0:
+            await asyncio.sleep(min(rng.expovariate(1.0 / mean_think), 10 * mean_think))
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -228,18 +274,68 @@ def _summary(values: list[float]) -> dict:
     return {"count": len(values), "p50_ms": _pct(values, 50), "p95_ms": _pct(values, 95), "p99_ms": _pct(values, 99)}
 
 
-async def _run_load(base: str, tokens: dict[str, str], seconds: float, stats: Stats) -> float:
+async def _run_load(
+    base: str,
+    tokens: dict[str, str],
+    seconds: float,
+    stats: Stats,
+    *,
+    think: float = 0.0,
+    combined: bool = False,
+    rates: list[float] | None = None,
+) -> tuple[float, float]:
     limits = httpx.Limits(max_connections=len(tokens) + 10, max_keepalive_connections=len(tokens) + 10)
     async with httpx.AsyncClient(base_url=base, timeout=30.0, limits=limits) as client:
         start = time.monotonic()
         deadline = start + seconds
+        think_of = None
+        if rates:
+            step = seconds / len(rates)
+
+            def think_of(now: float) -> float:  # raters / rate = the mean think time of that step
+                k = min(int((now - start) / step), len(rates) - 1)
+                return len(tokens) / rates[k]
+
         await asyncio.gather(
             *(
-                _rater(client, name, token, deadline, stats, seed=i, max_iter=100_000)
+                _rater(
+                    client,
+                    name,
+                    token,
+                    deadline,
+                    stats,
+                    seed=i,
+                    max_iter=100_000,
+                    think=think,
+                    combined=combined,
+                    think_of=think_of,
+                )
                 for i, (name, token) in enumerate(tokens.items())
             )
         )
-        return time.monotonic() - start
+        return start, time.monotonic() - start
+
+
+def _steps(stats: Stats, start: float, seconds: float, rates: list[float], slo_ms: float) -> dict:
+    """Per arrival-rate step: offered and achieved cycles per second and the cycle latency percentiles."""
+    step = seconds / len(rates)
+    out = []
+    for k, rate in enumerate(rates):
+        lo, hi = start + k * step, start + (k + 1) * step
+        warm = lo + min(2.0, step / 4)  # the first moments after a rate change are a transition
+        lat = [d for t, d in stats.cycles if warm <= t < hi]
+        achieved = len(lat) / (hi - warm) if hi > warm else 0.0
+        summary = _summary(lat)
+        ok = bool(lat) and achieved >= 0.95 * rate * _done_share(stats) and (summary["p95_ms"] or 1e9) < slo_ms
+        out.append({"rate": rate, "achieved_per_s": round(achieved, 1), **summary, "sustained": ok})
+    sustained = [s["rate"] for s in out if s["sustained"]]
+    return {"steps": out, "highest_sustainable_rate": max(sustained) if sustained else None, "slo_p95_ms": slo_ms}
+
+
+def _done_share(stats: Stats) -> float:
+    """Offered cycles include skips (about 5 %), which end without a judgement."""
+    done = len(stats.cycles)
+    return done / (done + stats.skips) if done else 1.0
 
 
 def _verify(database_url: str, base: str, stats: Stats) -> dict:
@@ -291,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raters", type=int, default=50)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--tasks", type=int, default=0, help="tasks to import (default: enough for the run)")
+    p.add_argument("--mode", choices=["closed", "open"], default="closed")
+    p.add_argument("--think", type=float, default=2.0, help="open mode: mean think time between tasks, seconds")
+    p.add_argument("--rates", default="", help="open mode: arrival-rate steps (tasks/s), e.g. 100,200,300")
+    p.add_argument("--slo-ms", type=float, default=100.0, help="p95 a rate must hold to count as sustainable")
+    p.add_argument("--cycle", choices=["separate", "combined"], default="separate")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--server-pythonpath", default="", help="PYTHONPATH of the server process (an older checkout)")
     p.add_argument("--database-url", default="", help="PostgreSQL URL (default: a fresh database on 127.0.0.1:5432)")
     p.add_argument("--pg-host", default=os.environ.get("PREFTUNE_TEST_PG_HOST", "127.0.0.1"))
     p.add_argument("--pg-port", type=int, default=int(os.environ.get("PREFTUNE_TEST_PG_PORT", "5432")))
@@ -303,14 +406,25 @@ def main(argv: list[str] | None = None) -> int:
     database_url = args.database_url
     if not database_url:
         database_url, drop = _fresh_database(args.pg_host, args.pg_port, args.pg_user)
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
     n_tasks = args.tasks or max(200, int(args.seconds * 200))
     workdir = Path(tempfile.mkdtemp(prefix="preftune-serve-load-"))
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = None
-    result: dict = {"benchmark": "serve_load", "raters": args.raters, "seconds": args.seconds, "database": "postgresql"}
+    result: dict = {
+        "benchmark": "serve_load",
+        "mode": args.mode,
+        "cycle": args.cycle,
+        "workers": args.workers,
+        "raters": args.raters,
+        "seconds": args.seconds,
+        "think_s": args.think if args.mode == "open" and not rates else None,
+        "database": "postgresql",
+        "loadavg_before": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
+    }
     try:
-        proc = _start_server(database_url, port, workdir / "server.log")
+        proc = _start_server(database_url, port, workdir / "server.log", args.workers, args.server_pythonpath)
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         records = _task_records(n_tasks, seed=0)
         with httpx.Client(base_url=base, timeout=60) as c:
@@ -331,7 +445,18 @@ def main(argv: list[str] | None = None) -> int:
                 r.raise_for_status()
                 tokens[f"load-{i}"] = r.json()["token"]
         stats = Stats()
-        elapsed = asyncio.run(_run_load(base, tokens, args.seconds, stats))
+        start, elapsed = asyncio.run(
+            _run_load(
+                base,
+                tokens,
+                args.seconds,
+                stats,
+                think=args.think if args.mode == "open" else 0.0,
+                combined=args.cycle == "combined",
+                rates=rates if args.mode == "open" else None,
+            )
+        )
+        loadavg_after = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
         checks = _verify(database_url, base, stats)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=60)
@@ -344,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
                 "requests": len(all_latency),
                 "throughput_requests_per_s": round(len(all_latency) / elapsed, 1),
                 "throughput_judgements_per_s": round(len(stats.acked) / elapsed, 1),
+                "loadavg_after": loadavg_after,
+                "cycles_per_s": round(len(stats.cycles) / elapsed, 1),
                 "latency": {
+                    "cycle": _summary([d for _, d in stats.cycles]),
                     "all": _summary(all_latency),
                     "next_task": _summary(stats.latency["next"]),
                     "submit": _summary(stats.latency["submit"]),
@@ -361,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                 **checks,
             }
         )
+        if rates and args.mode == "open":
+            result["rate_steps"] = _steps(stats, start, elapsed, rates, args.slo_ms)
         result["ok"] = (
             checks["lost"] == 0
             and checks["unexpected"] == 0

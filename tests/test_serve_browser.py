@@ -1,8 +1,11 @@
 """The rater page in a real browser: headless Chromium (Debian's package) driven by Selenium.
 
-A rater opens the page with ``?token=``, picks the best answer with the keyboard, ranks
-all answers, marks all unacceptable and flags one as unsafe; every judgement must be in the
-database. Without /usr/bin/chromium the test skips on a developer machine and fails in CI.
+A rater opens the page with ``?token=``, picks the best answer with the keyboard, undoes it
+(U) and judges again, looks at where the answers differ (D), ranks all answers, marks all
+unacceptable and flags one as unsafe, all without a mouse; every judgement must be in the
+database, the undone one gone, and the progress line must count done and remaining tasks.
+With ``PREFTUNE_SCREENSHOTS=<dir>`` the test saves the page (the difference view) there: that is
+how docs/img/rater-page.png is made. Without /usr/bin/chromium the test skips on a developer machine and fails in CI.
 """
 
 from __future__ import annotations
@@ -125,6 +128,32 @@ def test_rater_judges_with_the_keyboard_in_headless_chromium(browser, tmp_path):
         assert browser.find_elements(By.ID, "xss") == [] and browser.title != "pwned"
         assert hostile in browser.find_element(By.ID, "candidates").text
 
+        _wait(lambda: "0 judged · 4 remaining" in browser.find_element(By.ID, "progress").text, what="progress")
+
+        # 0. A first pick, taken back with U within the undo window: the same task comes back.
+        ActionChains(browser).send_keys("3").perform()
+        _wait(lambda: len(stored()) == 1, what="the judgement to undo")
+        _wait(lambda: browser.find_element(By.ID, "undo").is_displayed(), what="the undo button")
+        _wait(lambda: (t := shown_task()) and t[0] != prompt1, what="the next task after the first pick")
+        ActionChains(browser).send_keys("u").perform()
+        _wait(lambda: len(stored()) == 0, what="the undone judgement gone from the database")
+        assert _wait(lambda: (t := shown_task()) and t[0] == prompt1 and t, what="the undone task back") == (
+            prompt1,
+            order1,
+        )
+        _wait(lambda: "0 judged · 4 remaining" in browser.find_element(By.ID, "progress").text, what="progress")
+
+        # D shows where the answers differ (word by word), D again hides it.
+        ActionChains(browser).send_keys("d").perform()
+        marks = _wait(
+            lambda: browser.find_elements(By.CSS_SELECTOR, "#candidates mark.diff"), what="highlighted differences"
+        )
+        assert all(m.text.strip() for m in marks)
+        if os.environ.get("PREFTUNE_SCREENSHOTS"):
+            browser.save_screenshot(str(Path(os.environ["PREFTUNE_SCREENSHOTS"]) / "rater-page.png"))
+        ActionChains(browser).send_keys("d").perform()
+        _wait(lambda: not browser.find_elements(By.CSS_SELECTOR, "#candidates mark.diff"), what="the plain view")
+
         # 1. Shift+1 flags the first shown answer unsafe, then key "2" picks the second shown answer as best.
         ActionChains(browser).key_down(Keys.SHIFT).send_keys("1").key_up(Keys.SHIFT).perform()
         ActionChains(browser).send_keys("2").perform()
@@ -137,6 +166,7 @@ def test_rater_judges_with_the_keyboard_in_headless_chromium(browser, tmp_path):
             None,
         )
         browser.save_screenshot(str(tmp_path / "rater-page.png"))
+        _wait(lambda: "1 judged · 3 remaining" in browser.find_element(By.ID, "progress").text, what="progress")
 
         # 2. The next task loads at once; R, 3, 1 ranks all three (the last one fills itself), Enter sends.
         prompt2, order2 = _wait(lambda: (t := shown_task()) and t[0] != prompt1 and t, what="the second task")

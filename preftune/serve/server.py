@@ -31,6 +31,25 @@ def run_server(host: str = "0.0.0.0", port: int = 8080, settings: ServeSettings 
         # Before uvicorn starts, so that a bad URL or an unreachable database is one clear error line.
         db.migrate(state.engine)
         state.migrated = True
+    if settings.workers > 1:
+        # Several worker processes share the socket; each builds its own app (and pool) from the
+        # same PREFTUNE_* environment. The supervisor stops them all on SIGTERM.
+        del app
+        state.engine.dispose()
+        uvicorn.run(
+            "preftune.serve.app:create_app",
+            factory=True,
+            workers=settings.workers,
+            host=host,
+            port=port,
+            log_config=log_config,
+            access_log=False,
+            timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
+            server_header=False,
+            timeout_keep_alive=75,
+            lifespan="on",
+        )
+        return
     config = uvicorn.Config(
         app,
         host=host,

@@ -1,12 +1,18 @@
 // The rater page of the preftune feedback service: plain JS, no build step.
 // Keys: 1-N pick the best candidate (as shown, left to right) and send at once;
 // Shift+1-N flags a candidate as unsafe; R toggles "rank all" (then 1-N in order, Enter sends,
-// Backspace undoes); X marks all unacceptable; S skips. The next task loads right after.
+// Backspace undoes); X marks all unacceptable; S skips; U undoes the last judgement (for a short
+// window); D shows where the answers differ. Each judgement is sent with ?next=true, so the
+// answer carries the next task: one request per task.
 (function () {
   "use strict";
 
   var TOKEN_KEY = "preftune.raterToken";
-  var state = { task: null, judgementId: null, ranking: [], rankMode: false, unsafe: {}, busy: false, done: 0 };
+  var state = {
+    task: null, judgementId: null, ranking: [], rankMode: false, unsafe: {}, busy: false, done: 0,
+    remaining: null, undoSeconds: 0, last: null, lastAt: 0, diff: false
+  };
+  var undoTimer = null;
 
   function $(id) { return document.getElementById(id); }
 
@@ -75,7 +81,40 @@
   }
 
   function setProgress() {
-    $("progress").textContent = state.done + " judged";
+    var text = state.done + " judged";
+    if (state.remaining !== null) { text += " · " + Math.max(state.remaining, 0) + " remaining"; }
+    $("progress").textContent = text;
+  }
+
+  function canUndo() {
+    return !!state.last && (Date.now() - state.lastAt) < state.undoSeconds * 1000;
+  }
+
+  function updateUndo() {
+    $("undo").hidden = !canUndo();
+    clearTimeout(undoTimer);
+    if (canUndo()) { undoTimer = setTimeout(updateUndo, state.undoSeconds * 1000 - (Date.now() - state.lastAt) + 50); }
+  }
+
+  function undo() {
+    if (!canUndo() || state.busy) { return; }
+    state.busy = true;
+    var id = state.last;
+    api("POST", "/api/judgements/" + encodeURIComponent(id) + "/undo").then(function (resp) {
+      if (!resp.ok) {
+        state.busy = false;
+        state.last = null; updateUndo();
+        return detail(resp).then(function (d) { flash(d, true); });
+      }
+      return resp.json().then(function (body) {
+        state.last = null; updateUndo();
+        state.done -= 1;
+        if (state.remaining !== null) { state.remaining += 1; }
+        setProgress();
+        flash("Undone: judge it again");
+        render(body.task);
+      });
+    }).catch(function (err) { state.busy = false; if (err.message !== "unauthorized") { flash(err.message, true); } });
   }
 
   function start() {
@@ -86,6 +125,8 @@
         $("who").textContent = "Signed in as " + me.name;
         $("signout").hidden = false;
         state.done = me.judgements;
+        state.remaining = typeof me.remaining === "number" ? me.remaining : null;
+        state.undoSeconds = me.undo_seconds || 0;
         setProgress();
         loadNext();
       });
@@ -145,9 +186,67 @@
     });
     var n = task.candidates.length;
     $("help").textContent = "Keys: 1–" + Math.min(n, 9) + " pick the best · Shift+number flags unsafe · " +
-      "R rank all (numbers in order, Enter sends, Backspace undoes) · X all unacceptable · S skip";
+      "R rank all (numbers in order, Enter sends, Backspace undoes) · X all unacceptable · S skip · " +
+      "D show differences · U undo the last judgement";
     updateRankUi();
+    showDiff(state.diff);
     show("task");
+  }
+
+  // Word-level differences: a word is highlighted when it is in no longest common subsequence
+  // of its answer with another answer (with two answers: exactly what sets them apart).
+  function words(t) { return t.split(/(\s+)/).filter(function (w) { return w.length > 0; }); }
+
+  function commonMask(a, b) {
+    var n = a.length, m = b.length, i, j;
+    if (n * m > 4000000) { return null; }
+    var dp = [];
+    for (i = 0; i <= n; i++) { dp.push(new Uint32Array(m + 1)); }
+    for (i = n - 1; i >= 0; i--) {
+      for (j = m - 1; j >= 0; j--) {
+        dp[i][j] = a[i] === b[j] ? dp[i + 1][j + 1] + 1 : Math.max(dp[i + 1][j], dp[i][j + 1]);
+      }
+    }
+    var keepA = new Array(n).fill(false), keepB = new Array(m).fill(false);
+    i = 0; j = 0;
+    while (i < n && j < m) {
+      if (a[i] === b[j]) { keepA[i] = true; keepB[j] = true; i++; j++; }
+      else if (dp[i + 1][j] >= dp[i][j + 1]) { i++; } else { j++; }
+    }
+    return [keepA, keepB];
+  }
+
+  function paint(pre, tokens, keep) {
+    pre.textContent = "";
+    tokens.forEach(function (w, k) {
+      if (keep[k] || /^\s+$/.test(w)) { pre.appendChild(document.createTextNode(w)); return; }
+      var mark = document.createElement("mark");
+      mark.className = "diff";
+      mark.textContent = w;
+      pre.appendChild(mark);
+    });
+  }
+
+  function showDiff(on) {
+    state.diff = on;
+    if (!state.task) { return; }
+    var all = cards();
+    $("diff-toggle").textContent = on ? "Hide differences (D)" : "Show differences (D)";
+    all.forEach(function (card, pos) {
+      card.querySelector(".text").textContent = state.task.candidates[pos].text;
+    });
+    if (!on || all.length < 2) { return; }
+    var texts = state.task.candidates.map(function (c) { return words(c.text); });
+    var keep = texts.map(function (t) { return new Array(t.length).fill(false); });
+    for (var p = 0; p < all.length; p++) {
+      for (var q = p + 1; q < all.length; q++) {
+        var masks = commonMask(texts[p], texts[q]);
+        if (!masks) { flash("These answers are too long to compare word by word", true); return; }
+        masks[0].forEach(function (k, i) { if (k) { keep[p][i] = true; } });
+        masks[1].forEach(function (k, i) { if (k) { keep[q][i] = true; } });
+      }
+    }
+    all.forEach(function (card, pos) { paint(card.querySelector(".text"), texts[pos], keep[pos]); });
   }
 
   function cards() { return Array.prototype.slice.call(document.querySelectorAll("#candidates .candidate")); }
@@ -214,11 +313,20 @@
       all_unacceptable: choice.all_unacceptable,
       unsafe: unsafeIndexes()
     };
-    api("POST", "/api/judgements", body).then(function (resp) {
+    api("POST", "/api/judgements?next=true", body).then(function (resp) {
       if (resp.status === 201 || resp.status === 200) {
-        if (resp.status === 201) { state.done += 1; setProgress(); }
-        flash("Saved ✓");
-        return loadNext();
+        return resp.json().then(function (rec) {
+          if (resp.status === 201) {
+            state.done += 1;
+            if (state.remaining !== null) { state.remaining -= 1; }
+            setProgress();
+          }
+          state.last = rec.judgement_id;
+          state.lastAt = Date.now();
+          updateUndo();
+          flash(state.undoSeconds > 0 ? "Saved ✓ (U to undo)" : "Saved ✓");
+          if (rec.next_task) { render(rec.next_task); } else { state.task = null; show("done"); }
+        });
       }
       if (resp.status === 409) {
         return detail(resp).then(function (d) { flash(d, true); return loadNext(); });
@@ -248,6 +356,7 @@
         return detail(resp).then(function (d) { flash(d, true); });
       }
       flash("Skipped");
+      if (state.remaining !== null) { state.remaining -= 1; setProgress(); }
       return loadNext();
     }).catch(function (err) { state.busy = false; if (err.message !== "unauthorized") { flash(err.message, true); } });
   }
@@ -260,8 +369,10 @@
   }
 
   function onKey(ev) {
-    if ($("task").hidden || ev.ctrlKey || ev.metaKey || ev.altKey) { return; }
+    if (ev.ctrlKey || ev.metaKey || ev.altKey) { return; }
     if (ev.target && (ev.target.tagName === "INPUT" || ev.target.tagName === "TEXTAREA") && ev.target.type !== "checkbox") { return; }
+    if ((ev.key || "").toLowerCase() === "u" && $("login").hidden) { ev.preventDefault(); undo(); return; }
+    if ($("task").hidden) { return; }
     var digit = /^Digit([1-9])$/.exec(ev.code) || /^Numpad([1-9])$/.exec(ev.code);
     var key = (ev.key || "").toLowerCase();
     if (!digit && /^[1-9]$/.test(ev.key || "")) { digit = [null, ev.key]; }
@@ -274,6 +385,8 @@
       ev.preventDefault(); sendNone();
     } else if (key === "s") {
       ev.preventDefault(); skip();
+    } else if (key === "d") {
+      ev.preventDefault(); showDiff(!state.diff);
     } else if (key === "r") {
       ev.preventDefault(); toggleRank();
     } else if (key === "enter" && state.rankMode) {
@@ -299,6 +412,8 @@
     $("none-ok").addEventListener("click", sendNone);
     $("skip").addEventListener("click", skip);
     $("again").addEventListener("click", loadNext);
+    $("undo").addEventListener("click", undo);
+    $("diff-toggle").addEventListener("click", function () { showDiff(!state.diff); });
     document.addEventListener("keydown", onKey);
     start();
   });
