@@ -186,10 +186,10 @@ def read_manifest(audit: str, storage: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- the service
 
 
-def import_tasks_to_database(tasks_jsonl: str, *, source: str = "audit") -> dict[str, Any]:
-    """Import the tasks into the feedback database (``PREFTUNE_DATABASE_URL``), as ``preftune serve
-    import-tasks`` does; returns the import counts and the service's ratings per task."""
-    from preftune.serve import db, service
+def _open_database():  # noqa: ANN202 - (settings, engine)
+    """The feedback database (``PREFTUNE_DATABASE_URL``), migrated when PREFTUNE_AUTO_MIGRATE is on, else
+    checked to be at the service's schema (a one-line error otherwise)."""
+    from preftune.serve import db
     from preftune.serve.settings import load_settings
 
     settings = load_settings()
@@ -203,6 +203,19 @@ def import_tasks_to_database(tasks_jsonl: str, *, source: str = "audit") -> dict
                 from preftune.errors import StorageError
 
                 raise StorageError(f"feedback database {db.redact_url(settings.resolved_database_url())}: {reason}")
+    except BaseException:
+        engine.dispose()
+        raise
+    return settings, engine
+
+
+def import_tasks_to_database(tasks_jsonl: str, *, source: str = "audit") -> dict[str, Any]:
+    """Import the tasks into the feedback database (``PREFTUNE_DATABASE_URL``), as ``preftune serve
+    import-tasks`` does; returns the import counts and the service's ratings per task."""
+    from preftune.serve import db, service
+
+    settings, engine = _open_database()
+    try:
         records = service.parse_candidates_jsonl(
             tasks_jsonl.splitlines(), source=source, max_text_chars=settings.max_text_chars
         )
@@ -255,11 +268,10 @@ def import_tasks_over_http(tasks_jsonl: str, url: str, token: str | None) -> dic
 
 
 def export_from_database() -> list[dict[str, Any]]:
+    """Every judgement in the feedback database (``preftune.judgement`` v1 records)."""
     from preftune.serve import db, service
-    from preftune.serve.settings import load_settings
 
-    settings = load_settings()
-    engine = db.make_engine(settings.resolved_database_url(), pool_size=2)
+    _settings, engine = _open_database()
     try:
         return list(service.iter_export(db.make_sessionmaker(engine)))
     finally:
