@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test-0-999.jsonl.gz"
-TRAIN_PAIRS = 480  # of ~800: enough to learn the refusal/compliance signal within one epoch
+TRAIN_PAIRS = 400  # of ~800: enough to learn the refusal/compliance signal within one epoch
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1800),  # ~1-2 min on a free 2-core machine; a loaded CI machine is much slower
     pytest.mark.skipif(not HH.is_file(), reason="../shared/data/hh-rlhf is not beside the repo"),
 ]
 
