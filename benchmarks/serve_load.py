@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         if rates and args.mode == "open":
-            result["rate_steps"] = _steps(stats, start, elapsed, rates, args.slo_ms)
+            result["rate_steps"] = _steps(stats, start, args.seconds, rates, args.slo_ms)
         result["ok"] = (
             checks["lost"] == 0
             and checks["unexpected"] == 0
