@@ -228,6 +228,13 @@ def run_demo(
             f"Open the MLflow UI:  mlflow ui --backend-store-uri {uri} "
             f"--default-artifact-root {default_artifact_root()}"
         )
+    exp_id = tracking.configure(cfg)
+    console.print(
+        "Candidates side by side (evaluation metrics on each LoggedModel): "
+        f"http://127.0.0.1:5000/#/experiments/{exp_id}/models?workflowType=machine_learning ; "
+        f"each case, candidate beside champion: http://127.0.0.1:5000/#/experiments/{exp_id}/traces"
+        "?workflowType=machine_learning"
+    )
     console.print(
         f"Done in {time.perf_counter() - t0:.1f}s (world {t_world:.1f}s, pipeline {result.seconds:.1f}s, "
         f"behaviour table {t_table:.1f}s)."

@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
+from support.browser import *  # noqa: E402,F401,F403
 from support.mlflow_server import *  # noqa: E402,F401,F403
 from support.postgres import *  # noqa: E402,F401,F403
 from support.pushgateway import *  # noqa: E402,F401,F403
