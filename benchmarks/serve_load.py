@@ -6,10 +6,11 @@
 
 Modes: ``closed`` (each rater sends its next request as soon as the last one is answered)
 and ``open`` (each rater thinks for an exponential time of mean ``--think`` seconds between
-tasks, so requests arrive at about raters/think per second whatever the latency; with
-``--rates`` the run is split into steps at those arrival rates and the highest rate whose
-p95 stays under ``--slo-ms`` with at least 95 % of the offered cycles done is reported as
-the highest sustainable rate). ``--cycle combined`` posts each judgement with
+tasks, so requests arrive at about raters/think per second; with ``--rates`` the run is
+split into steps, each with Poisson task arrivals at that rate taken by whichever rater is
+free, the wait for a free rater counted in the latency; the highest rate whose p95 stays
+under ``--slo-ms`` with at least 95 % of the arrivals judged in the step is reported as the
+highest sustainable rate). ``--cycle combined`` posts each judgement with
 ``?next=true`` (the rater page's flow: one request per task); ``separate`` asks for the
 next task and posts the judgement in two requests. ``--workers`` runs that many uvicorn
 worker processes.
@@ -142,6 +143,8 @@ class Stats:
     def __init__(self) -> None:
         self.latency: dict[str, list[float]] = {"next": [], "submit": [], "resubmit": [], "skip": []}
         self.cycles: list[tuple[float, float]] = []  # (start, seconds) of each task: request(s) until judged
+        self.arrivals: list[float] = []  # open loop with --rates: when each task arrived
+        self.unserved = 0
         self.acked: dict[str, tuple[int, str]] = {}  # judgement id -> (task id, rater)
         self.errors: dict[str, int] = {}
         self.retries = 0
@@ -171,17 +174,25 @@ async def _rater(
     max_iter: int,
     think: float = 0.0,
     combined: bool = False,
-    think_of=None,  # noqa: ANN001 - callable(now) -> mean think time (rate steps)
+    tickets: asyncio.Queue | None = None,
 ):
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {token}"}
     task = None
-    if think > 0 or think_of is not None:  # raters start spread out, as they would arrive
-        await asyncio.sleep(rng.uniform(0, think_of(time.monotonic()) if think_of else think))
+    if think > 0 and tickets is None:  # raters start spread out, as they would arrive
+        await asyncio.sleep(rng.uniform(0, think))
     for _ in range(max_iter):  # bounded loop
-        if time.monotonic() >= deadline:
-            return
         cycle_start = time.monotonic()
+        if tickets is not None:  # open loop at a set arrival rate: wait for the next arrival
+            arrival = await tickets.get()
+            if arrival is None:
+                return
+            if time.monotonic() > deadline + 5:  # the backlog left when the run ended is not served
+                stats.unserved += 1
+                continue
+            cycle_start = arrival  # the time waiting for a free rater counts
+        elif cycle_start >= deadline:
+            return
         if task is None:
             try:
                 r = await _timed(stats, "next", client.get("/api/tasks/next", headers=headers))
@@ -257,9 +268,9 @@ async def _rater(
                 stats.idempotent_ok += 1
             else:
                 stats.idempotent_bad += 1
-        mean_think = think_of(time.monotonic()) if think_of else think
-        if mean_think > 0:
-            await asyncio.sleep(min(rng.expovariate(1.0 / mean_think), 10 * mean_think))
+        if think > 0 and tickets is None:
+            left = deadline - time.monotonic()
+            await asyncio.sleep(max(0.0, min(rng.expovariate(1.0 / think), 10 * think, left)))
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -288,13 +299,24 @@ async def _run_load(
     async with httpx.AsyncClient(base_url=base, timeout=30.0, limits=limits) as client:
         start = time.monotonic()
         deadline = start + seconds
-        think_of = None
-        if rates:
-            step = seconds / len(rates)
+        tickets: asyncio.Queue | None = asyncio.Queue() if rates else None
 
-            def think_of(now: float) -> float:  # raters / rate = the mean think time of that step
-                k = min(int((now - start) / step), len(rates) - 1)
-                return len(tokens) / rates[k]
+        async def arrivals() -> None:
+            """Poisson arrivals at each step's rate; a free rater takes each (the pool of raters is bounded)."""
+            rng = random.Random(12345)
+            step = seconds / len(rates)
+            t = start
+            for k, rate in enumerate(rates):
+                t = max(t, start + k * step)
+                while True:
+                    t += rng.expovariate(rate)
+                    if t >= start + (k + 1) * step:
+                        break
+                    await asyncio.sleep(max(0.0, t - time.monotonic()))
+                    stats.arrivals.append(t)
+                    tickets.put_nowait(t)
+            for _ in tokens:
+                tickets.put_nowait(None)
 
         await asyncio.gather(
             *(
@@ -308,10 +330,11 @@ async def _run_load(
                     max_iter=100_000,
                     think=think,
                     combined=combined,
-                    think_of=think_of,
+                    tickets=tickets,
                 )
                 for i, (name, token) in enumerate(tokens.items())
-            )
+            ),
+            *([arrivals()] if rates else []),
         )
         return start, time.monotonic() - start
 
@@ -324,10 +347,18 @@ def _steps(stats: Stats, start: float, seconds: float, rates: list[float], slo_m
         lo, hi = start + k * step, start + (k + 1) * step
         warm = lo + min(2.0, step / 4)  # the first moments after a rate change are a transition
         lat = [d for t, d in stats.cycles if warm <= t < hi]
-        achieved = len(lat) / (hi - warm) if hi > warm else 0.0
+        offered = sum(1 for t in stats.arrivals if warm <= t < hi)
         summary = _summary(lat)
-        ok = bool(lat) and achieved >= 0.95 * rate * _done_share(stats) and (summary["p95_ms"] or 1e9) < slo_ms
-        out.append({"rate": rate, "achieved_per_s": round(achieved, 1), **summary, "sustained": ok})
+        ok = bool(lat) and len(lat) >= 0.95 * offered * _done_share(stats) and (summary["p95_ms"] or 1e9) < slo_ms
+        out.append(
+            {
+                "rate": rate,
+                "offered_per_s": round(offered / (hi - warm), 1),
+                "judged_per_s": round(len(lat) / (hi - warm), 1),
+                **summary,
+                "sustained": ok,
+            }
+        )
     sustained = [s["rate"] for s in out if s["sustained"]]
     return {"steps": out, "highest_sustainable_rate": max(sustained) if sustained else None, "slo_p95_ms": slo_ms}
 
@@ -484,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                 "retries": stats.retries,
                 "errors": stats.errors,
                 "raters_out_of_tasks": stats.exhausted_raters,
+                "arrivals_not_served": stats.unserved,
                 "server_exit_code": exit_code,
                 "server_log": str(workdir / "server.log"),
                 **checks,

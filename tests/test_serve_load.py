@@ -1,7 +1,8 @@
 """A short run of the load benchmark: concurrent raters lose no judgement and double none.
 
-The full run (50 raters, 30 s) is ``benchmarks/serve_load.py``; this one uses 20 raters for
-3 seconds against a PostgreSQL-backed server process and asserts only correctness: the
+The full runs are ``benchmarks/serve_load.py`` (docs/benchmarks.md); these use 20 raters for
+3 seconds, closed loop and open loop (think time, two arrival-rate steps, one request per
+task), against a PostgreSQL-backed server process and assert only correctness: the
 database holds exactly the acknowledged judgements, no (task, rater) pair twice, no task
 over its quota, resubmissions idempotent, and the server stopped cleanly on SIGTERM.
 """
@@ -21,11 +22,21 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-def test_concurrent_raters_lose_and_double_nothing():
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["--mode", "closed", "--cycle", "separate"],
+        ["--mode", "open", "--think", "0.3", "--cycle", "combined"],
+        ["--mode", "open", "--rates", "20,40", "--cycle", "combined"],
+    ],
+    ids=["closed-separate", "open-think-combined", "open-rates-combined"],
+)
+def test_concurrent_raters_lose_and_double_nothing(mode):
     url, drop = fresh_postgres_db("preftune_serve_load")
     try:
         proc = subprocess.run(
-            [sys.executable, str(BENCH), "--raters", "20", "--seconds", "3", "--tasks", "400", "--database-url", url],
+            [sys.executable, str(BENCH), "--raters", "20", "--seconds", "3", "--tasks", "400", "--database-url", url]
+            + mode,
             capture_output=True,
             text=True,
             timeout=300,
@@ -42,3 +53,8 @@ def test_concurrent_raters_lose_and_double_nothing():
     assert result["idempotent_resubmits_bad"] == 0, result
     assert result["server_exit_code"] == 0, result
     assert proc.returncode == 0 and result["ok"] is True, result
+    assert result["mode"] == mode[1]
+    assert result["latency"]["cycle"]["count"] == result["judgements_acknowledged"], result
+    if "--rates" in mode:
+        steps = result["rate_steps"]["steps"]
+        assert [s["rate"] for s in steps] == [20.0, 40.0] and all(s["p95_ms"] is not None for s in steps), result
