@@ -38,6 +38,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 from support.helm import REPO, Helm, HelmError, in_ci, require_helm
+from support.podsecurity import restricted_problems
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,17 +55,6 @@ NAMESPACE = "preftune"
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 #: Workloads that run until stopped: they need liveness and readiness probes.
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}
-#: Volume types the restricted Pod Security Standard allows.
-PSS_VOLUME_TYPES = {
-    "configMap",
-    "csi",
-    "downwardAPI",
-    "emptyDir",
-    "ephemeral",
-    "persistentVolumeClaim",
-    "projected",
-    "secret",
-}
 #: Env names that carry credentials and so must come from a Secret.
 SECRET_ENV = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|PRIVATE_KEY|CREDENTIAL|DATABASE_URL|STORE_URI)")
 #: ... unless they only name where a credential is (a path), not the credential.
@@ -266,45 +256,9 @@ def test_the_validators_catch_a_broken_object(helm: Helm):
 
 def _pod_problems(obj: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     where = f"{obj['kind']}/{obj['metadata']['name']}"
-    p: list[str] = []
-    psc = spec.get("securityContext", {})
-    for flag in ("hostNetwork", "hostPID", "hostIPC"):
-        if spec.get(flag):
-            p.append(f"{where}: {flag}")
-    volumes = {v["name"]: v for v in spec.get("volumes", [])}
-    for v in volumes.values():
-        kinds = set(v) - {"name"}
-        if not kinds <= PSS_VOLUME_TYPES:
-            p.append(f"{where}: volume {v['name']} of type {kinds} is not allowed by the restricted standard")
+    p: list[str] = restricted_problems(where, spec)
     for c in spec.get("initContainers", []) + spec["containers"]:
         cw = f"{where} container {c['name']}"
-        sc = c.get("securityContext", {})
-        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
-            p.append(f"{cw}: runAsNonRoot is not true")
-        uid = sc.get("runAsUser", psc.get("runAsUser"))
-        if uid == 0:
-            p.append(f"{cw}: runs as UID 0")
-        if sc.get("allowPrivilegeEscalation") is not False:
-            p.append(f"{cw}: allowPrivilegeEscalation must be false")
-        if sc.get("privileged"):
-            p.append(f"{cw}: privileged")
-        caps = sc.get("capabilities", {})
-        if "ALL" not in caps.get("drop", []):
-            p.append(f"{cw}: capabilities must drop ALL")
-        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
-            p.append(f"{cw}: adds capabilities {caps['add']}")
-        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            p.append(f"{cw}: seccompProfile is {seccomp}")
-        if sc.get("readOnlyRootFilesystem") is not True:
-            p.append(f"{cw}: root filesystem is writable")
-        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
-        tmp = mounts.get("/tmp")
-        if not tmp or "emptyDir" not in volumes.get(tmp["name"], {}):
-            p.append(f"{cw}: no writable emptyDir at /tmp")
-        for m in c.get("volumeMounts", []):
-            if m["name"] not in volumes:
-                p.append(f"{cw}: mounts undefined volume {m['name']}")
         # resources
         res = c.get("resources", {})
         for part in ("requests", "limits"):

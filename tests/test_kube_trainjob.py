@@ -19,6 +19,8 @@ import yaml
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from kubernetes.client import ApiClient
 
+from support.podsecurity import restricted_problems
+
 from preftune.cli import main
 from preftune.config import RunConfig, parse_config
 from preftune.errors import ConfigError, PreftuneError
@@ -87,6 +89,24 @@ def schema_problems(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def node_pod(m: dict[str, Any]) -> dict[str, Any]:
+    """The Pod a TrainJob node gets: the runtime's node container with the trainer's and the patch's fields."""
+    trainer = m["spec"]["trainer"]
+    patch = m["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod_patch = patch["template"]["spec"]["template"]["spec"]
+    (patched,) = pod_patch["containers"]
+    container = {
+        "name": patched["name"],
+        "image": trainer["image"],
+        "command": trainer["command"],
+        "env": trainer["env"],
+        "resources": trainer["resourcesPerNode"],
+        **{k: v for k, v in patched.items() if k != "name"},
+    }
+    pod_spec = {k: v for k, v in pod_patch.items() if k != "containers"}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "n"}, "spec": {**pod_spec, "containers": [container]}}
+
+
 def test_full_manifest_matches_the_trainer_schema():
     m = tj.trainjob_manifest(full_cfg(), "s3://models/rm", "s3://models/policy", pipeline_run_id="run-1")
     assert schema_problems(m) == []
@@ -109,7 +129,7 @@ def test_full_manifest_matches_the_trainer_schema():
     assert spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert spec.service_account_name == "preftune-train"
     assert spec.containers[0].name == "node"
-    assert spec.containers[0].volume_mounts[0].mount_path == "/var/lib/preftune"
+    assert "/var/lib/preftune" in {mt.mount_path for mt in spec.containers[0].volume_mounts}
 
 
 def test_the_schema_check_catches_a_misspelt_field():
@@ -140,21 +160,7 @@ def test_pod_bits_load_into_kubernetes_models_and_validate_strictly():
         assert isinstance(loaded, getattr(k8s_models, model))
         assert _drop_none(api.sanitize_for_serialization(loaded)) == obj, model
     # the pod a node gets (runtime template + trainer + patch), validated strictly
-    container = {
-        "name": "node",
-        "image": trainer["image"],
-        "command": trainer["command"],
-        "env": trainer["env"],
-        "resources": trainer["resourcesPerNode"],
-        "volumeMounts": pod_patch["containers"][0]["volumeMounts"],
-    }
-    pod_spec = {k: v for k, v in pod_patch.items() if k != "containers"}
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "n"},
-        "spec": {**pod_spec, "containers": [container]},
-    }
+    pod = node_pod(m)
     kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
     bad = json.loads(json.dumps(pod))
     bad["spec"]["containers"][0]["env"][0]["valeu"] = "x"
@@ -192,7 +198,7 @@ def test_nodes_run_the_ppo_command_under_torchrun_with_the_same_config():
 def test_defaults_give_a_minimal_valid_trainjob():
     m = tj.trainjob_manifest(RunConfig(), "s3://b/rm", "s3://b/out")
     assert schema_problems(m) == []
-    assert "runtimePatches" not in m["spec"] and "activeDeadlineSeconds" not in m["spec"]
+    assert "activeDeadlineSeconds" not in m["spec"]  # runtimePatches: always (the pod security context)
     assert m["spec"]["trainer"]["numNodes"] == 1 and m["spec"]["trainer"]["numProcPerNode"] == 1
     assert "nvidia.com/gpu" not in m["spec"]["trainer"]["resourcesPerNode"]["limits"]
     assert "namespace" not in m["metadata"]
@@ -229,6 +235,10 @@ def test_inputs_must_be_visible_to_every_node():
         ({"nodes": 0}, "nodes"),
         ({"runtime": "Torch_Distributed"}, "not a valid Kubernetes name"),
         ({"name_prefix": "x" * 32}, "at most 31"),
+        ({"name_prefix": "9ppo"}, "DNS-1035"),  # the CRD wants a letter first
+        ({"name_prefix": "ppo-"}, "DNS-1035"),
+        ({"container": "Node"}, "DNS-1123"),
+        ({"namespace": "ML_Train"}, "DNS-1123"),
         ({"runtime_kind": "PyTorchJob"}, "runtime_kind"),
     ],
 )
@@ -307,3 +317,144 @@ def test_cli_writes_the_manifest(tmp_path, capsys):
         main(["kube", "trainjob", "-c", str(cfg_file), "-r", "relative/rm", "-o", "s3://b/out"])
     assert ex.value.code == 2
     assert "local path" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16: restricted Pod Security, Kubernetes versions, names, the Trainer version
+
+
+KUBE_VERSIONS = [f"1.{minor}.0" for minor in range(28, 35)]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        pytest.param(lambda: full_cfg(), id="full"),
+        pytest.param(lambda: RunConfig(), id="defaults"),
+        pytest.param(lambda: RunConfig.model_validate({"kubernetes": {"run_as_user": None}}), id="platform-uid"),
+    ],
+)
+def test_trainjob_nodes_meet_the_restricted_pod_security_standard(cfg):
+    """The same checker as the chart's pods (tests/support/podsecurity.py), and strict schemas 1.28-1.34."""
+    m = tj.trainjob_manifest(cfg(), "s3://b/rm", "s3://b/out")
+    assert schema_problems(m) == []
+    pod = node_pod(m)
+    assert restricted_problems("TrainJob node", pod["spec"]) == []
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)
+    # the node script writes the run config under /tmp: a writable emptyDir on a read-only root
+    assert tj.CONFIG_FILE.startswith("/tmp/")
+    mounts = {mt["mountPath"] for mt in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert {"/tmp", "/dev/shm", "/var/lib/preftune"} <= mounts
+
+
+def test_the_restricted_checker_flags_a_node_without_a_security_context():
+    pod = node_pod(tj.trainjob_manifest(RunConfig(), "s3://b/rm", "s3://b/out"))
+    del pod["spec"]["securityContext"]
+    del pod["spec"]["containers"][0]["securityContext"]
+    problems = "\n".join(restricted_problems("node", pod["spec"]))
+    for fragment in ("runAsNonRoot", "allowPrivilegeEscalation", "drop ALL", "seccompProfile", "root filesystem"):
+        assert fragment in problems
+
+
+def test_cli_rejects_a_trainjob_name_that_is_not_a_dns_1035_label(capsys):
+    with pytest.raises(SystemExit) as ex:
+        main(["kube", "trainjob", "-r", "s3://b/rm", "-o", "s3://b/out", "--name", "Bad_Name.1"])
+    assert ex.value.code == 2
+    assert "DNS-1035" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        tj.trainjob_manifest(RunConfig(), "s3://b/rm", "s3://b/out", name="9-lives")
+    assert tj.trainjob_manifest(RunConfig(), "s3://b/rm", "s3://b/out", name="ppo-7")["metadata"]["name"] == "ppo-7"
+
+
+def test_every_generated_trainjob_name_is_a_dns_1035_label():
+    from preftune.kube.names import DNS1035_LABEL
+
+    for prefix in ("a", "preftune-ppo", "p" * 31):
+        cfg = RunConfig.model_validate({"kubernetes": {"trainer": {"name_prefix": prefix}}})
+        name = tj.trainjob_manifest(cfg, "s3://b/rm", "s3://b/out")["metadata"]["name"]
+        assert DNS1035_LABEL.match(name) and len(name) <= 63
+
+
+class FakeApiext:
+    def __init__(self, crd: dict[str, Any] | None, status: int = 404) -> None:
+        self.crd, self.status = crd, status
+
+    def read_custom_resource_definition(self, name: str) -> dict[str, Any]:
+        assert name == "trainjobs.trainer.kubeflow.org"
+        if self.crd is None:
+            err = Exception("not found")
+            err.status = self.status  # type: ignore[attr-defined]
+            raise err
+        return self.crd
+
+
+class FakeCustom:
+    def __init__(self, runtimes: set[str]) -> None:
+        self.runtimes = runtimes
+
+    def get_cluster_custom_object(self, group, version, plural, name):
+        assert (group, plural) == ("trainer.kubeflow.org", "clustertrainingruntimes")
+        if name not in self.runtimes:
+            err = Exception("not found")
+            err.status = 404  # type: ignore[attr-defined]
+            raise err
+        return {"metadata": {"name": name}}
+
+
+def crd(fields: list[str], version_label: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "trainjobs.trainer.kubeflow.org"}
+    if version_label:
+        meta["labels"] = {"app.kubernetes.io/version": version_label}
+    props = {f: {"type": "object"} for f in fields}
+    return {
+        "metadata": meta,
+        "spec": {
+            "versions": [
+                {
+                    "name": "v1alpha1",
+                    "served": True,
+                    "schema": {"openAPIV3Schema": {"properties": {"spec": {"properties": props}}}},
+                }
+            ]
+        },
+    }
+
+
+V22_FIELDS = ["runtimeRef", "trainer", "initializer", "runtimePatches", "activeDeadlineSeconds", "suspend"]
+V21_FIELDS = ["runtimeRef", "trainer", "initializer", "podSpecOverrides", "suspend"]
+
+
+def test_doctor_accepts_trainer_2_2_and_names_what_an_older_or_absent_trainer_lacks():
+    from preftune.kube import doctor
+
+    cfg = RunConfig()
+    ok = doctor.check_cluster(
+        cfg, apiext=FakeApiext(crd(V22_FIELDS, "v2.2.0")), custom=FakeCustom({"torch-distributed"}), namespace="ns"
+    )
+    assert all(c.ok for c in ok), ok
+    doctor.require_ready(ok)
+    old = doctor.check_cluster(
+        cfg, apiext=FakeApiext(crd(V21_FIELDS, "v2.1.0")), custom=FakeCustom({"torch-distributed"}), namespace="ns"
+    )
+    with pytest.raises(ConfigError, match=r"activeDeadlineSeconds.*runtimePatches.*older than v2.2"):
+        doctor.require_ready(old)
+    assert any(c.name == "Trainer release" and not c.ok for c in old)
+    absent = doctor.check_cluster(cfg, apiext=FakeApiext(None), custom=FakeCustom(set()), namespace="ns")
+    with pytest.raises(ConfigError, match="not installed: install Kubeflow Trainer >= v2.2"):
+        doctor.require_ready(absent)
+    no_runtime = doctor.check_cluster(cfg, apiext=FakeApiext(crd(V22_FIELDS)), custom=FakeCustom(set()), namespace="ns")
+    with pytest.raises(ConfigError, match="ClusterTrainingRuntime torch-distributed does not exist"):
+        doctor.require_ready(no_runtime)
+
+
+def test_submitting_to_a_cluster_without_the_trainer_says_which_version_to_install():
+    class NoTrainer(FakeApi):
+        def create_namespaced_custom_object(self, *args):
+            err = Exception("the server could not find the requested resource")
+            err.status = 404  # type: ignore[attr-defined]
+            raise err
+
+    m = tj.trainjob_manifest(RunConfig(), "s3://b/rm", "s3://b/out")
+    with pytest.raises(ConfigError, match=r"Kubeflow Trainer >= v2.2"):
+        tj.submit_and_wait(m, namespace="ns", poll_s=1, api=NoTrainer([{}]), sleep=lambda s: None)

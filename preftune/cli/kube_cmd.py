@@ -42,3 +42,28 @@ def trainjob(
     else:
         atomic_write_text(file, text)
         typer.echo(f"wrote {file} (TrainJob {manifest['metadata']['name']})")
+
+
+@app.command("doctor")
+def doctor(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Run config (default: built-in defaults)."),
+    namespace: str | None = typer.Option(
+        None, "--namespace", "-n", help="Namespace of a namespaced TrainingRuntime (default: kubernetes.trainer)."
+    ),
+) -> None:
+    """Check the cluster (kubeconfig or in-cluster) for Kubeflow Trainer >= v2.2 and the configured runtime.
+
+    Exit code 2 when a check fails (Trainer missing or too old, runtime absent), 4 when the API server
+    cannot be reached.
+    """
+    from preftune.config import load_config
+    from preftune.kube import doctor as doc
+    from preftune.kube.trainjob import current_namespace
+
+    cfg = load_config(config)
+    apiext, custom = doc.clients()
+    ns = namespace or cfg.kubernetes.trainer.namespace or current_namespace()
+    checks = doc.check_cluster(cfg, apiext=apiext, custom=custom, namespace=ns)
+    for c in checks:
+        typer.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    doc.require_ready(checks)

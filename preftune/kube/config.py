@@ -29,6 +29,7 @@ from pydantic import Field, field_validator, model_validator
 
 from preftune import __version__
 from preftune.configbase import Section
+from preftune.kube.names import dns1035_label, dns1123_label, dns1123_subdomain
 
 DEFAULT_IMAGE = f"preftune:{__version__}"
 """The image built from the repo's Dockerfile for this version (push it to your registry and set ``image``)."""
@@ -37,8 +38,6 @@ STEP_NAMES = ("collect", "check_fit", "train_reward", "ppo", "evaluate", "promot
 """Config keys of the pipeline's six steps (``tracking`` is the small first and last task)."""
 
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")  # Kubernetes resource.Quantity
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_KEY = re.compile(
@@ -243,9 +242,7 @@ class SecretEnv(Section):
     @field_validator("secret_name")
     @classmethod
     def _secret_name(cls, v: str) -> str:
-        if len(v) > 253 or not _DNS_SUBDOMAIN.match(v):
-            raise ValueError(f"{v!r} is not a valid Secret name (lowercase letters, digits, '-' and '.')")
-        return v
+        return dns1123_subdomain(v, "Secret name")
 
     @field_validator("key")
     @classmethod
@@ -279,9 +276,7 @@ class ModelCacheSection(Section):
     @field_validator("pvc")
     @classmethod
     def _pvc(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) > 253 or not _DNS_SUBDOMAIN.match(v)):
-            raise ValueError(f"{v!r} is not a valid PersistentVolumeClaim name")
-        return v
+        return None if v is None else dns1123_subdomain(v, "PersistentVolumeClaim name")
 
     @field_validator("mount_path")
     @classmethod
@@ -353,28 +348,27 @@ class TrainerSection(Section):
     )
     poll_s: int = Field(30, ge=1, le=3600, description="Seconds between two status checks while waiting.")
 
-    @field_validator("runtime", "container")
+    @field_validator("runtime")
     @classmethod
-    def _dns_label(cls, v: str) -> str:
-        if len(v) > 63 or not _DNS_LABEL.match(v):
-            raise ValueError(f"{v!r} is not a valid Kubernetes name (lowercase letters, digits and '-')")
-        return v
+    def _runtime(cls, v: str) -> str:
+        return dns1123_subdomain(v, "runtime")
+
+    @field_validator("container")
+    @classmethod
+    def _container(cls, v: str) -> str:
+        return dns1123_label(v, "container")
 
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) > 63 or not _DNS_LABEL.match(v)):
-            raise ValueError(f"{v!r} is not a valid namespace name")
-        return v
+        return None if v is None else dns1123_label(v, "namespace")
 
     @field_validator("name_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        # TrainJob names become JobSet, Job and Service names: a DNS label of at most 63 characters,
-        # and the Trainer keeps them shorter still; prefix + '-' + 8 hex digits stays within 40.
-        if len(v) > 31 or not _DNS_LABEL.match(v):
-            raise ValueError(f"{v!r}: give at most 31 lowercase letters, digits and '-' (a DNS label)")
-        return v
+        # TrainJob names become JobSet, Job, Pod and Service names: the Trainer's CRD requires a DNS-1035
+        # label (a letter first) and keeps it short; prefix + '-' + 8 hex digits stays within 40.
+        return dns1035_label(v, "name_prefix", max_len=31)
 
 
 class KubernetesSection(Section):
@@ -395,6 +389,13 @@ class KubernetesSection(Section):
         None,
         description="Kubernetes ServiceAccount the pipeline's pods run as (e.g. one bound to a cloud role for "
         "S3). Empty: the Kubeflow Pipelines default.",
+    )
+    run_as_user: int | None = Field(
+        10001,
+        ge=1,
+        description="UID (and GID, fsGroup) of the TrainJob's node pods; the image's user is 10001. Empty: the "
+        "platform picks one (OpenShift's restricted SCC). The pods always run as non-root under the restricted "
+        "Pod Security Standard.",
     )
     pipeline_root: str | None = Field(
         None,
@@ -428,16 +429,13 @@ class KubernetesSection(Section):
     @classmethod
     def _pull_secrets(cls, v: list[str]) -> list[str]:
         for name in v:
-            if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
-                raise ValueError(f"{name!r} is not a valid Secret name")
+            dns1123_subdomain(name, "image pull Secret name")
         return v
 
     @field_validator("service_account")
     @classmethod
     def _sa(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) > 253 or not _DNS_SUBDOMAIN.match(v)):
-            raise ValueError(f"{v!r} is not a valid ServiceAccount name")
-        return v
+        return None if v is None else dns1123_subdomain(v, "ServiceAccount name")
 
     @field_validator("pipeline_root")
     @classmethod

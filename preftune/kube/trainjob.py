@@ -34,10 +34,16 @@ from typing import TYPE_CHECKING, Any
 from preftune import __version__
 from preftune.errors import ConfigError, ExitCode, PreftuneError
 from preftune.home import ENV_HOME
+from preftune.kube.names import dns1035_label
 from preftune.tracking import ENV_PARENT_RUN_ID, ENV_PIPELINE_RUN_ID
 
 if TYPE_CHECKING:
     from preftune.config import RunConfig
+
+TRAINER_MIN_VERSION = (2, 2)
+"""Kubeflow Trainer release the TrainJob needs: ``runtimePatches`` and ``activeDeadlineSeconds``
+arrived in v2.2 (``preftune kube doctor`` checks a cluster's TrainJob CRD for both)."""
+REQUIRED_SPEC_FIELDS = ("runtimePatches", "activeDeadlineSeconds", "runtimeRef", "trainer")
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -52,6 +58,11 @@ ENV_REWARD_MODEL = "PREFTUNE_REWARD_MODEL"
 ENV_OUTPUT = "PREFTUNE_OUTPUT"
 CONFIG_FILE = "/tmp/preftune-run-config.json"
 CACHE_VOLUME = "preftune-cache"
+TMP_VOLUME = "preftune-tmp"
+HOME_VOLUME = "preftune-home"
+SHM_VOLUME = "preftune-shm"
+IMAGE_HOME = "/var/lib/preftune"
+"""$HOME and $PREFTUNE_HOME of the image (the Dockerfile); an emptyDir when no model-cache claim is mounted."""
 
 # The command of every node: the config from the environment to a file, then torchrun (which takes
 # --nnodes, --nproc-per-node, --node-rank and the master address from the PET_* variables).
@@ -87,6 +98,27 @@ def processes_per_node(cfg: RunConfig) -> int:
     """``kubernetes.trainer.processes_per_node``, else one per GPU of the ppo step, else 1."""
     t = cfg.kubernetes.trainer
     return t.processes_per_node or max(1, cfg.kubernetes.steps.ppo.gpus)
+
+
+def pod_security_context(cfg: RunConfig) -> dict[str, Any]:
+    """Pod-level securityContext of the TrainJob's nodes: the restricted Pod Security Standard."""
+    sc: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    uid = cfg.kubernetes.run_as_user
+    if uid is not None:  # None: the platform picks one (OpenShift's restricted SCC)
+        sc.update({"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "fsGroupChangePolicy": "OnRootMismatch"})
+    return sc
+
+
+def container_security_context(cfg: RunConfig) -> dict[str, Any]:
+    """Container-level securityContext of the node container: restricted, read-only root filesystem."""
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def trainjob_name(cfg: RunConfig, reward_model: str, output: str, pipeline_run_id: str | None = None) -> str:
@@ -152,7 +184,7 @@ def trainjob_manifest(
             ref["optional"] = True
         env.append({"name": s.env, "valueFrom": {"secretKeyRef": ref}})
 
-    pod: dict[str, Any] = {}
+    pod: dict[str, Any] = {"securityContext": pod_security_context(cfg)}
     if res.node_selector:
         pod["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
@@ -161,11 +193,27 @@ def trainjob_manifest(
         pod["serviceAccountName"] = k.service_account
     if k.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in k.image_pull_secrets]
+    # The restricted Pod Security Standard with a read-only root filesystem: the writable places are
+    # emptyDirs (/tmp for the run config file and torch, the home when no claim is mounted) and a
+    # memory-backed /dev/shm for NCCL and the data loaders.
+    volumes: list[dict[str, Any]] = [
+        {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "2Gi"}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+    ]
     if k.model_cache.pvc:
-        pod["volumes"] = [{"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": k.model_cache.pvc}}]
-        pod["containers"] = [
-            {"name": t.container, "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": k.model_cache.mount_path}]}
-        ]
+        volumes.append({"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": k.model_cache.pvc}})
+        mounts.append({"name": CACHE_VOLUME, "mountPath": k.model_cache.mount_path})
+    if not k.model_cache.pvc or k.model_cache.mount_path != IMAGE_HOME:
+        volumes.append({"name": HOME_VOLUME, "emptyDir": {"sizeLimit": "4Gi"}})
+        mounts.append({"name": HOME_VOLUME, "mountPath": IMAGE_HOME})
+    pod["volumes"] = volumes
+    pod["containers"] = [
+        {"name": t.container, "securityContext": container_security_context(cfg), "volumeMounts": mounts}
+    ]
 
     labels = {
         "app.kubernetes.io/name": "preftune",
@@ -173,6 +221,11 @@ def trainjob_manifest(
         "app.kubernetes.io/version": _label_value(__version__),
         "preftune.io/run": _label_value(cfg.run.name),
     }
+    if name is not None:
+        try:
+            dns1035_label(name, "TrainJob name")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     metadata: dict[str, Any] = {"name": name or trainjob_name(cfg, reward_model, output, pipeline_run_id)}
     if namespace or t.namespace:
         metadata["namespace"] = namespace or t.namespace
@@ -191,19 +244,18 @@ def trainjob_manifest(
     }
     if res.timeout_s:
         spec["activeDeadlineSeconds"] = res.timeout_s
-    if pod:
-        spec["runtimePatches"] = [
-            {
-                "manager": PATCH_MANAGER,
-                "trainingRuntimeSpec": {
-                    "template": {
-                        "spec": {
-                            "replicatedJobs": [{"name": t.container, "template": {"spec": {"template": {"spec": pod}}}}]
-                        }
+    spec["runtimePatches"] = [
+        {
+            "manager": PATCH_MANAGER,
+            "trainingRuntimeSpec": {
+                "template": {
+                    "spec": {
+                        "replicatedJobs": [{"name": t.container, "template": {"spec": {"template": {"spec": pod}}}}]
                     }
-                },
-            }
-        ]
+                }
+            },
+        }
+    ]
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 
@@ -281,7 +333,13 @@ def submit_and_wait(
     try:
         api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
     except Exception as err:  # the kubernetes client's ApiException; 409: a retried task finds its TrainJob
-        if getattr(err, "status", None) != 409:
+        status = getattr(err, "status", None)
+        if status == 404:  # no TrainJob resource at all on this API server
+            raise ConfigError(
+                f"the cluster has no {PLURAL}.{GROUP}/{VERSION}: install Kubeflow Trainer >= v%d.%d (check with "
+                "`preftune kube doctor`)" % TRAINER_MIN_VERSION
+            ) from err
+        if status != 409:
             raise
     started = clock()
     while True:
