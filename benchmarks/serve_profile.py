@@ -123,9 +123,7 @@ def profile(database_url: str, cycles: int) -> dict:
             for i in range(cycles):
                 if kind == "separate":
                     task = client.get("/api/tasks/next", headers=auth).json()
-                    r = client.post(
-                        "/api/judgements", json={"task_id": task["task_id"], "best": 0}, headers=auth
-                    )
+                    r = client.post("/api/judgements", json={"task_id": task["task_id"], "best": 0}, headers=auth)
                     assert r.status_code == 201, r.text
                 else:
                     r = client.post(
