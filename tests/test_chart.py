@@ -705,8 +705,16 @@ def test_schedule_rbac_is_minimal_and_bound_to_the_jobs_service_account(helm: He
     for rule in role["rules"]:
         assert rule["apiGroups"] == ["pipelines.kubeflow.org"], "the Job needs nothing from the Kubernetes API"
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
-    jobs_rule = next(r for r in role["rules"] if "jobs" in r["resources"])
-    assert {"create", "delete", "list"} <= set(jobs_rule["verbs"])  # replace a recurring run by name
+    # exactly what `preftune schedule` calls (pipelines/client.py): no pipeline upload, no enable/disable
+    granted = {(res, verb) for r in role["rules"] for res in r["resources"] for verb in r["verbs"]}
+    assert granted == {
+        ("experiments", "get"),
+        ("experiments", "list"),
+        ("experiments", "create"),
+        ("jobs", "list"),
+        ("jobs", "create"),
+        ("jobs", "delete"),
+    }
     binding = one(objs, "RoleBinding", "-schedule")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -841,8 +849,17 @@ def test_network_policies_with_restricted_egress(helm: Helm):
         assert set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
         dns = p["spec"]["egress"][0]
         assert {(x["port"], x["protocol"]) for x in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
-        assert len(p["spec"]["egress"]) == 1 + len(values_of("all-enabled")["networkPolicy"]["egress"]["extra"])
+    extra = values_of("all-enabled")["networkPolicy"]["egress"]["extra"]
+    for component, p in policies.items():
+        # each component gets DNS and only its own extra rules (issue 16: they were shared)
+        assert p["spec"]["egress"][1:] == extra[component], component
+    assert extra["schedule"] != extra["feedback"]
     assert "ingress" not in policies["schedule"]["spec"]  # the Job serves nothing
+    # the ingress controller reaches the feedback service, never MLflow (it has no Ingress)
+    ingress_peers = values_of("all-enabled")["networkPolicy"]["ingressFrom"]
+    assert any(peer in rule["from"] for rule in policies["feedback"]["spec"]["ingress"] for peer in ingress_peers)
+    for rule in policies["mlflow"]["spec"]["ingress"]:
+        assert rule["from"] == [{"podSelector": {}}], rule
     feedback_ingress = policies["feedback"]["spec"]["ingress"]
     assert any(
         peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name") == "monitoring"
@@ -863,6 +880,22 @@ def test_helm_test_pod_calls_healthz(helm: Helm):
     assert f"http://{RELEASE}-preftune-feedback:8080/healthz" in urls
     assert f"http://{RELEASE}-preftune-mlflow:5000/health" in urls
     assert not find(render(helm, "schedule-only"), "Pod")
+
+
+def test_helm_test_checks_mlflow_when_feedback_is_disabled(helm: Helm):
+    """Issue 16: `helm test` did nothing without the feedback service."""
+    objs = helm.template(CHART, release=RELEASE, namespace=NAMESPACE, set_values=["feedback.enabled=false"])
+    pod = one(objs, "Pod", "-test-healthz")
+    assert pod["spec"]["containers"][0]["command"][3:] == [f"http://{RELEASE}-preftune-mlflow:5000/health"]
+    problems = [p for o, _m, spec in pod_specs([pod]) for p in _pod_problems(o, spec)]
+    assert not problems, problems
+
+
+def test_schedule_job_ttl_comment_says_what_the_ttl_does():
+    text = (CHART / "templates" / "schedule-job.yaml").read_text()
+    assert "stays for `kubectl logs` until the next upgrade replaces it.\n" not in text  # the old, wrong claim
+    comment = text.split("helm.sh/hook-delete-policy")[0].rsplit("helm.sh/hook-weight", 1)[-1]
+    assert "ttlSecondsAfterFinished" in comment  # a failed Job goes when the TTL runs out
 
 
 @pytest.mark.parametrize(

@@ -201,8 +201,9 @@ seccompProfile:
 {{- end }}
 
 {{/* NetworkPolicy pieces: the policy types and, when egress is restricted, DNS plus the extra rules. */}}
+{{/* include "preftune.networkPolicy.egress" (dict "ctx" $ "component" "feedback"): DNS + that component's rules only */}}
 {{- define "preftune.networkPolicy.egress" -}}
-{{- if .Values.networkPolicy.egress.restrict -}}
+{{- if .ctx.Values.networkPolicy.egress.restrict -}}
 egress:
   # DNS, wherever the cluster runs it.
   - ports:
@@ -210,7 +211,7 @@ egress:
         protocol: UDP
       - port: 53
         protocol: TCP
-  {{- with .Values.networkPolicy.egress.extra }}
+  {{- with get .ctx.Values.networkPolicy.egress.extra .component }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end }}
