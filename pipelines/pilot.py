@@ -56,7 +56,10 @@ def build_pilot_pipeline(cfg: "RunConfig | None" = None, *, target: Target = "cl
             apply_kubernetes(task, RESOURCES.get(name, name), k)
         return task
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+    # kubernetes.pipeline_root is baked in (defaultPipelineRoot); the local runner keeps its own folder.
+    root = k.pipeline_root if target == "cluster" else None
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION, pipeline_root=root)
     def preference_pilot(config: dict = step_config, full_config: dict = full_config_default):  # noqa: B006
         def report(t: SharedTasks) -> None:
             setup(

@@ -156,7 +156,10 @@ def build_pipeline(cfg: "RunConfig | None" = None, *, target: Target = "cluster"
                 cache=False,
             )
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+    # kubernetes.pipeline_root is baked in (defaultPipelineRoot); the local runner keeps its own folder.
+    root = k.pipeline_root if target == "cluster" else None
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION, pipeline_root=root)
     def preference_retraining(config: dict = default_config):  # noqa: B006 - kfp reads the default
         add_shared_steps(
             config,

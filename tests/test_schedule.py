@@ -317,3 +317,20 @@ def test_cron_conversion():
     for bad in ("", "0 3 * *", "0 0 0 3 * * 1", "0 3 * * 1;rm"):
         with pytest.raises(ValueError):
             cron_for_kubeflow(bad)
+
+
+def test_schedule_sends_the_service_account_and_bakes_the_pipeline_root(kfp_server, tmp_path):
+    """Issue 16: the recurring run runs as kubernetes.service_account, and its compiled pipeline spec
+    carries kubernetes.pipeline_root as defaultPipelineRoot."""
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"kubernetes": {"service_account": "preftune-training", "pipeline_root": "s3://ml-artifacts/kfp"}}
+        )
+    )
+    args = ["schedule", "--config", str(path), "--cron", "0 3 * * 1", "--host", kfp_server.host, "--name", "sa"]
+    assert cli(*args) == 0
+    (create_rr,) = [r for r in kfp_server.requests if r["method"] == "POST" and r["path"].endswith("/recurringruns")]
+    body = create_rr["body"]
+    assert body["service_account"] == "preftune-training"
+    assert body["pipeline_spec"]["pipeline_spec"]["defaultPipelineRoot"] == "s3://ml-artifacts/kfp"
