@@ -82,8 +82,13 @@ ENV PREFTUNE_IMAGE_VARIANT=cpu \
     VIRTUAL_ENV=/opt/venv \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CPU_INDEX_URL}"
+# Every dependency at the version and hash of requirements/cpu.lock (pip-tools, generated from
+# pyproject.toml); torch's CPU build comes from the PyTorch CPU index. The wheel is then installed
+# with --no-deps, so nothing unlocked enters the image.
+# The lock is bind-mounted from the build context: read, never stored in a layer.
+RUN --mount=type=bind,source=requirements/cpu.lock,target=/tmp/requirements.lock \
+    python -m venv /opt/venv \
+    && pip install --no-cache-dir --require-hashes --extra-index-url "${TORCH_CPU_INDEX_URL}" -r /tmp/requirements.lock
 
 # base-cuda: the NVIDIA CUDA runtime base (the driver comes from the node), Ubuntu's Python,
 # the CUDA build of torch and DeepSpeed with its prebuilt ops (the wheel is bind-mounted from
@@ -132,19 +137,32 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN --mount=type=bind,from=builder,source=/dist,target=/tmp/dist \
     set -eu; \
     wheel="$(ls /tmp/dist/preftune-${PREFTUNE_VERSION}-*.whl)"; \
-    if [ "${PREFTUNE_IMAGE_VARIANT}" = "cuda" ]; then extras="[gpu]"; else extras=""; fi; \
-    pip install --no-cache-dir "${wheel}${extras}"; \
+    if [ "${PREFTUNE_IMAGE_VARIANT}" = "cuda" ]; then \
+      extras="[gpu]"; pip install --no-cache-dir "${wheel}${extras}"; \
+    else \
+      pip install --no-cache-dir --no-deps "${wheel}"; pip check; \
+    fi; \
     preftune --help > /dev/null
+
+# A CycloneDX SBOM of the installed environment, written by cyclonedx-py (cyclonedx-bom) from a
+# throwaway virtual environment that is removed in the same layer.
+# hadolint ignore=DL3013
+RUN python -m venv /tmp/sbom \
+    && /tmp/sbom/bin/pip install --no-cache-dir cyclonedx-bom==7.5.0 \
+    && mkdir -p /usr/share/preftune \
+    && /tmp/sbom/bin/cyclonedx-py environment --output-format JSON --output-file /usr/share/preftune/sbom.cdx.json /opt/venv \
+    && rm -rf /tmp/sbom
 
 # A fixed, numeric, non-root user (the Helm chart's securityContext uses the same UID).
 # PREFTUNE_HOME and /tmp are the only writable places; with a read-only root filesystem
-# the chart mounts emptyDirs (or a volume) on both.
+# the chart mounts emptyDirs (or a volume) on both. The data dir belongs to group 0 and is group
+# writable: OpenShift runs the container under an arbitrary UID that is always in group 0.
 RUN groupadd --system --gid 10001 preftune \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/preftune --no-create-home \
        --shell /usr/sbin/nologin preftune \
     && mkdir -p /var/lib/preftune \
-    && chown 10001:10001 /var/lib/preftune \
-    && chmod 0750 /var/lib/preftune
+    && chown 10001:0 /var/lib/preftune \
+    && chmod 0770 /var/lib/preftune
 
 LABEL org.opencontainers.image.title="preftune" \
       org.opencontainers.image.description="Changes which behaviour a language model chooses, with human preferences and PPO: feedback service, pipeline steps and scheduler." \

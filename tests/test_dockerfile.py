@@ -178,7 +178,9 @@ def test_entrypoint_home_and_port_match_the_chart_and_the_service_contract(parse
         env.update(dict(zip(c.value[::2], (_unquote(v) for v in c.value[1::2]), strict=True)))
     assert env["PREFTUNE_HOME"] == "/var/lib/preftune"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1", "a read-only root filesystem cannot take .pyc files"
-    assert "chown 10001:10001 /var/lib/preftune" in run_text(final)
+    # group 0 and group-writable: OpenShift's arbitrary UIDs are always in group 0 (issue 16)
+    assert "chown 10001:0 /var/lib/preftune" in run_text(final)
+    assert re.search(r"chmod 0?77\d /var/lib/preftune", run_text(final))
 
 
 def test_no_add_and_no_remote_sources(parsed):
@@ -249,7 +251,16 @@ def test_the_build_context_holds_only_what_the_build_copies():
     from docker.utils.build import exclude_paths
 
     context = {p for p in exclude_paths(str(REPO), _ignore_patterns()) if (REPO / p).is_file()}
-    allowed_top = {"pyproject.toml", "README.md", "Dockerfile", ".dockerignore", "preftune", "components", "pipelines"}
+    allowed_top = {
+        "pyproject.toml",
+        "README.md",
+        "Dockerfile",
+        ".dockerignore",
+        "preftune",
+        "components",
+        "pipelines",
+        "requirements",
+    }
     stray = sorted(p for p in context if p.split("/")[0] not in allowed_top)
     assert not stray, f"files in the build context that the build does not need: {stray[:20]}"
     junk = sorted(p for p in context if "__pycache__" in p or p.endswith((".pyc", ".db", ".log")) or "/.env" in p)
@@ -400,3 +411,23 @@ def test_shell_in_run_instructions_is_valid(parsed):
         for c in s.cmds("RUN"):
             proc = subprocess.run(["sh", "-n"], input=c.value[0], capture_output=True, text=True, timeout=10)
             assert proc.returncode == 0, f"stage {s.name} line {c.start_line}: {proc.stderr}"
+
+
+def test_the_cpu_image_installs_the_lock_with_hashes_and_the_wheel_without_deps(parsed):
+    """Issue 16: the CPU image installs exactly requirements/cpu.lock (hashes required)."""
+    _, stages = parsed
+    base = stage_named(stages, "base-cpu")
+    (install,) = [c for c in base.cmds("RUN") if any("source=requirements/cpu.lock" in f for f in c.flags)]
+    assert "type=bind" in install.flags[0]  # read from the context, never stored in a layer
+    assert (REPO / "requirements" / "cpu.lock").is_file()
+    assert not _ignore_matcher().matches("requirements/cpu.lock"), "the lock must be in the build context"
+    assert re.search(r"pip install --no-cache-dir --require-hashes .*-r /tmp/requirements\.lock", run_text(base))
+    assert "--no-deps" in run_text(stages[-1])
+
+
+def test_an_sbom_is_written_into_the_image_by_cyclonedx(parsed):
+    _, stages = parsed
+    text = run_text(stages[-1])
+    assert re.search(r"pip install --no-cache-dir cyclonedx-bom==\d+\.\d+\.\d+", text)
+    assert "cyclonedx-py environment" in text and "/usr/share/preftune/sbom.cdx.json" in text
+    assert "rm -rf /tmp/sbom" in text  # the tool does not stay in the image

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Regenerate the lock files from pyproject.toml (pip-tools, with hashes). Run from the repo root:
+#   bash requirements/compile.sh
+# cpu.lock       the package's dependencies, CPU torch          (the image, `pip install .`)
+# cpu-dev.lock   the same plus the `dev` extra                  (the README's commands, .ci/run)
+# cuda.lock      the dependencies plus the `gpu` extra, CUDA torch from PyPI (the -cuda image)
+# Each lock's header records the sha256 of pyproject.toml's dependency lists it was made from;
+# tests/test_repo.py fails when pyproject changes and the locks are not regenerated.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip_compile="${PREFTUNE_PIP_COMPILE:-pip-compile}"
+stamp="$(python3 requirements/deps_digest.py)"
+common=(--quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+        --no-emit-trusted-host --newline LF --annotation-style line)
+compile() {  # out, then pip-compile arguments
+  local out="$1"; shift
+  CUSTOM_COMPILE_COMMAND="bash requirements/compile.sh" "$pip_compile" "${common[@]}" -o "$out.tmp" "$@" pyproject.toml
+  { echo "# pyproject-deps-sha256: $stamp"; cat "$out.tmp"; } > "$out"
+  rm -f "$out.tmp"
+}
+compile requirements/cpu.lock requirements/cpu.in
+compile requirements/cpu-dev.lock --extra dev requirements/cpu.in
+# CUDA: PyPI only (no local CPU wheel, no local indexes), so torch is the CUDA build.
+PIP_CONFIG_FILE=/dev/null compile requirements/cuda.lock --extra gpu requirements/cuda.in
