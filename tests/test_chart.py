@@ -354,6 +354,7 @@ def test_no_secret_objects_and_only_the_configured_secrets_are_referenced(helm: 
         v["tracking"]["existingSecret"] if v["schedule"]["enabled"] else "",
         *(v["feedback"]["extraEnvFromSecrets"] if v["feedback"]["enabled"] else []),
         *(v["schedule"]["extraEnvFromSecrets"] if v["schedule"]["enabled"] else []),
+        *(v["observe"]["extraEnvFromSecrets"] if v["observe"]["enabled"] else []),
     } - {""}
     assert referenced == configured
 
@@ -904,6 +905,7 @@ def test_schedule_job_ttl_comment_says_what_the_ttl_does():
         (
             "all-enabled",
             {
+                "CronJob",
                 "Deployment",
                 "Service",
                 "Ingress",
@@ -1043,3 +1045,51 @@ def test_notes_tell_the_operator_what_to_do_next(helm: Helm, value_set: str):
     if v["schedule"]["enabled"]:
         assert f"logs job/{RELEASE}-preftune-schedule" in notes
     assert "ServiceMonitor" in notes or "serviceMonitor.enabled=true" in notes
+
+
+# ---------------------------------------------------------------------------------------------
+# observe (issue 15 item 6): the CronJob
+
+
+def test_observe_cronjob_runs_preftune_observe_and_passes_verdict_exit_codes(helm: Helm, tmp_path: Path):
+    """The CronJob's script, run with sh and a stand-in `preftune` exiting with each code: the Job
+    fails only for 1-5; 20 (drift) and 21 (regression) are verdicts, not failures."""
+    import typer
+
+    from preftune.cli import app
+
+    assert not find(render(helm, "default"), "CronJob")
+    objs = render(helm, "all-enabled")
+    cron = one(objs, "CronJob", "-observe")
+    v = values_of("all-enabled")["observe"]
+    assert cron["spec"]["schedule"] == v["schedule"] and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [1, 2, 3, 5]
+    c = job["template"]["spec"]["containers"][0]
+    assert c["command"][:2] == ["/bin/sh", "-c"]
+    script, argv0, *args = c["command"][2:]
+    assert args == ["--source", v["source"]]
+    # the arguments parse with the real CLI
+    group = typer.main.get_command(app)
+    observe = group.get_command(group.context_class(group, info_name="preftune"), "observe")
+    run = observe.get_command(observe.context_class(observe, info_name="observe"), "run")
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(one(objs, "ConfigMap", "-observe")["data"]["run.yaml"])
+    ctx = run.make_context("run", ["--config", str(run_yaml), *args])
+    assert ctx.params["source"] == v["source"]
+    # exit codes, with a stand-in preftune on PATH
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "preftune"
+    for code, expected in [(0, 0), (20, 0), (21, 0), (1, 1), (2, 2), (4, 4), (5, 5)]:
+        fake.write_text(f"#!/bin/sh\nexit {code}\n")
+        fake.chmod(0o755)
+        proc = subprocess.run(
+            ["/bin/sh", "-c", script, argv0, *args],
+            env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert proc.returncode == expected, (code, proc.stdout, proc.stderr)
