@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes.client import ApiClient
-from support.helm import REPO, Helm, HelmError, in_ci, require_helm
+from support.helm import REPO, Helm, HelmError, in_ci, require_helm, unavailable
 from support.podsecurity import restricted_problems
 
 if sys.version_info >= (3, 11):
@@ -52,7 +53,7 @@ RELEASE = "rel"
 NAMESPACE = "preftune"
 
 #: Kinds Kubernetes itself does not define: kubernetes-validate has no schema for them.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 #: Workloads that run until stopped: they need liveness and readiness probes.
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}
 #: Env names that carry credentials and so must come from a Secret.
@@ -906,6 +907,7 @@ def test_schedule_job_ttl_comment_says_what_the_ttl_does():
             "all-enabled",
             {
                 "CronJob",
+                "PrometheusRule",
                 "Deployment",
                 "Service",
                 "Ingress",
@@ -1093,3 +1095,44 @@ def test_observe_cronjob_runs_preftune_observe_and_passes_verdict_exit_codes(hel
             timeout=10,
         )
         assert proc.returncode == expected, (code, proc.stdout, proc.stderr)
+
+
+OBSERVE_METRICS = {
+    "preftune_observed_behaviour_share",
+    "preftune_observe_drift_score",
+    "preftune_observe_records_judged_total",
+    "preftune_observe_judge_errors_total",
+    "preftune_observe_window_lag_seconds",
+    "preftune_observe_last_success_timestamp_seconds",
+}
+
+
+def test_prometheus_rule_passes_promtool_and_alerts_on_observe_metrics(helm: Helm, tmp_path: Path):
+    """The PrometheusRule's groups, checked by promtool (Debian's `prometheus` package; .ci/run installs it)."""
+    objs = render(helm, "all-enabled")
+    rule = one(objs, "PrometheusRule", "-observe")
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"} and set(rule["spec"]) == {"groups"}
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {
+        "PreftuneBehaviourDrift",
+        "PreftuneForbiddenShareOverGate",
+        "PreftuneObserveJudgeFailures",
+        "PreftuneObserveNoData",
+    } <= set(alerts)
+    used = {m for r in alerts.values() for m in OBSERVE_METRICS if m in r["expr"]}
+    assert used == OBSERVE_METRICS
+    assert 'behaviour="unsafe_compliance"' in alerts["PreftuneForbiddenShareOverGate"]["expr"]
+    assert not find(render(helm, "default"), "PrometheusRule")
+    promtool = shutil.which("promtool")
+    if not promtool:
+        unavailable("promtool is not installed (apt-get install prometheus)")
+    f = tmp_path / "rules.yaml"
+    f.write_text(yaml.safe_dump(rule["spec"]))
+    proc = subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # promtool can fail: a broken expression is refused
+    broken = yaml.safe_load(yaml.safe_dump(rule["spec"]))
+    broken["groups"][0]["rules"][0]["expr"] = "max by (family (preftune_observe_drift_score)"
+    f.write_text(yaml.safe_dump(broken))
+    assert subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, timeout=60).returncode != 0
