@@ -98,3 +98,14 @@ def test_the_default_demo_promotes_its_candidate_with_every_gate_passed(tmp_path
     assert "8/8 gates passed" in out and "promoted as preftune-policy version 1" in out, out[-3000:]
     client = MlflowClient(uri)
     assert str(client.get_model_version_by_alias("preftune-policy", "champion").version) == "1"
+    # one LoggedModel per candidate: ppo logged it, evaluate put its metrics on it, promote registered it
+    exp = client.get_experiment_by_name("preftune")
+    ppo_run = client.search_runs([exp.experiment_id], "tags.`preftune.step` = 'ppo'")[0]
+    model_id = ppo_run.data.tags["preftune.logged_model_id"]
+    assert client.get_model_version("preftune-policy", "1").source == f"models:/{model_id}"
+    eval_run = client.search_runs([exp.experiment_id], "tags.`preftune.step` = 'evaluate'")[0]
+    assert [m.model_id for m in eval_run.inputs.model_inputs] == [model_id]
+    on_model = {m.key for m in client.get_logged_model(model_id).metrics}
+    assert "eval.safety.preferred_share" in on_model
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert [m.model_id for m in models if m.name == "policy"] == [model_id]  # not a second copy from promote

@@ -11,77 +11,18 @@ how docs/img/rater-page.png is made. Without /usr/bin/chromium the test skips on
 from __future__ import annotations
 
 import os
-import shutil
-import time
 from pathlib import Path
 
 import pytest
+from support.browser import wait_for as _wait
 from support.serve import ADMIN_TOKEN, candidates, jsonl, make_settings, running_server
-
-CHROMIUM = Path(os.environ.get("PREFTUNE_CHROMIUM", "/usr/bin/chromium"))
-CHROMEDRIVER = Path(os.environ.get("PREFTUNE_CHROMEDRIVER", "/usr/bin/chromedriver"))
 
 pytestmark = pytest.mark.slow
 
 
-def _require(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"required in CI: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture
-def browser(tmp_path):
-    _require(CHROMIUM.exists(), f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)")
-    _require(
-        CHROMEDRIVER.exists() or shutil.which("chromedriver") is not None,
-        f"{CHROMEDRIVER} is missing (apt-get install chromium-driver)",
-    )
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _require(False, "selenium is not installed (pip install selenium)")
-        raise
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,900",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        opts.add_argument(flag)
-    driver_path = str(CHROMEDRIVER) if CHROMEDRIVER.exists() else shutil.which("chromedriver")
-    driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _wait(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as err:  # noqa: BLE001 - the page is changing under us; retry
-            last = err
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+def browser(chromium):  # the shared headless Chromium (tests/support/browser.py)
+    return chromium
 
 
 def test_rater_judges_with_the_keyboard_in_headless_chromium(browser, tmp_path):
