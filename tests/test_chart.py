@@ -19,6 +19,7 @@ For the default values and every value set in ``charts/preftune/ci/*-values.yaml
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -1136,3 +1137,27 @@ def test_prometheus_rule_passes_promtool_and_alerts_on_observe_metrics(helm: Hel
     broken["groups"][0]["rules"][0]["expr"] = "max by (family (preftune_observe_drift_score)"
     f.write_text(yaml.safe_dump(broken))
     assert subprocess.run([promtool, "check", "rules", str(f)], capture_output=True, timeout=60).returncode != 0
+
+
+def test_grafana_dashboard_configmap_queries_the_observe_metrics(helm: Helm):
+    objs = render(helm, "all-enabled")
+    cm = one(objs, "ConfigMap", "-dashboards")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dash = json.loads(cm["data"]["preftune-observe.json"])
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for metric in ("preftune_observed_behaviour_share", "preftune_observe_drift_score", "preftune_tasks_pending"):
+        assert metric in exprs
+    assert not find(render(helm, "default"), "ConfigMap", "-dashboards")
+    promtool = shutil.which("promtool")
+    if promtool:  # every panel query parses as PromQL (promtool checks it as a rule expression)
+        for p in dash["panels"]:
+            for t in p["targets"]:
+                expr = t["expr"].replace("$family", ".*")
+                proc = subprocess.run(
+                    [promtool, "check", "rules", "/dev/stdin"],
+                    input=yaml.safe_dump({"groups": [{"name": "g", "rules": [{"record": "x", "expr": expr}]}]}),
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert proc.returncode == 0, (expr, proc.stdout + proc.stderr)

@@ -18,7 +18,6 @@ import pytest
 import yaml
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from kubernetes.client import ApiClient
-
 from support.podsecurity import restricted_problems
 
 from preftune.cli import main
@@ -104,7 +103,12 @@ def node_pod(m: dict[str, Any]) -> dict[str, Any]:
         **{k: v for k, v in patched.items() if k != "name"},
     }
     pod_spec = {k: v for k, v in pod_patch.items() if k != "containers"}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "n"}, "spec": {**pod_spec, "containers": [container]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "n"},
+        "spec": {**pod_spec, "containers": [container]},
+    }
 
 
 def test_full_manifest_matches_the_trainer_schema():

@@ -80,7 +80,9 @@ def check_cluster(cfg: RunConfig, *, apiext: Any, custom: Any, namespace: str) -
         crd = apiext.read_custom_resource_definition(CRD_NAME)
     except Exception as err:  # the client's ApiException
         if getattr(err, "status", None) == 404:
-            checks.append(Check("TrainJob CRD", False, f"{CRD_NAME} is not installed: install Kubeflow Trainer >= v2.2"))
+            checks.append(
+                Check("TrainJob CRD", False, f"{CRD_NAME} is not installed: install Kubeflow Trainer >= v2.2")
+            )
             return checks
         if getattr(err, "status", None) in (401, 403):
             checks.append(Check("TrainJob CRD", False, f"not allowed to read {CRD_NAME}: {err}"))
@@ -92,7 +94,7 @@ def check_cluster(cfg: RunConfig, *, apiext: Any, custom: Any, namespace: str) -
         checks.append(Check("TrainJob version", False, f"{CRD_NAME} does not serve {tj.VERSION}"))
     else:
         missing = sorted(set(tj.REQUIRED_SPEC_FIELDS) - fields)
-        need = "v%d.%d" % tj.TRAINER_MIN_VERSION
+        need = "v{}.{}".format(*tj.TRAINER_MIN_VERSION)
         checks.append(
             Check(
                 "TrainJob fields",
@@ -127,7 +129,9 @@ def require_ready(checks: list[Check]) -> None:
     """ConfigError listing the failed checks, if any."""
     failed = [c for c in checks if not c.ok]
     if failed:
-        raise ConfigError("the cluster is not ready for the TrainJob: " + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+        raise ConfigError(
+            "the cluster is not ready for the TrainJob: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+        )
 
 
 def clients() -> tuple[Any, Any]:
