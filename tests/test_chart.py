@@ -1161,3 +1161,32 @@ def test_grafana_dashboard_configmap_queries_the_observe_metrics(helm: Helm):
                     timeout=30,
                 )
                 assert proc.returncode == 0, (expr, proc.stdout + proc.stderr)
+
+
+def test_the_readme_values_table_is_generated_from_the_schema_and_in_sync(tmp_path: Path):
+    """charts/preftune/README.md's table comes from values.schema.json (scripts/values_table.py --check)."""
+    script = CHART / "scripts" / "values_table.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(schema: dict[str, Any], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for key, sub in (schema.get("properties") or {}).items():
+            if sub.get("type") == "object" and sub.get("properties"):
+                out |= leaves(sub, f"{prefix}{key}.")
+            else:
+                out.add(f"{prefix}{key}")
+        return out
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for key in leaves(schema):
+        assert f"| `{key}` |" in readme, f"{key} is not in the values table"
+    # a stale table is caught: the check fails on a README whose table lost a row
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("values_table", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    stale = readme.replace("| `observe.schedule` |", "| `observe.cron` |")
+    assert mod.render(stale) != stale
