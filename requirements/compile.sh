@@ -20,5 +20,16 @@ compile() {  # out, then pip-compile arguments
 }
 compile requirements/cpu.lock requirements/cpu.in
 compile requirements/cpu-dev.lock --extra dev requirements/cpu.in
+# pip's --require-hashes mode treats selenium's `urllib3[socks]` as a requirement of its own, unpinned
+# unless the lock spells it out: repeat urllib3's entry (same version and hashes) with the extra.
+python3 - requirements/cpu-dev.lock <<'PY'
+import re, sys
+path = sys.argv[1]
+text = open(path).read()
+m = re.search(r"^urllib3==.*?\n(?=\S)", text, flags=re.M | re.S)
+if m and "urllib3[socks]==" not in text:
+    text = text[: m.end()] + m.group(0).replace("urllib3==", "urllib3[socks]==", 1) + text[m.end():]
+    open(path, "w").write(text)
+PY
 # CUDA: PyPI only (no local CPU wheel, no local indexes), so torch is the CUDA build.
 PIP_CONFIG_FILE=/dev/null compile requirements/cuda.lock --extra gpu requirements/cuda.in

@@ -24,8 +24,8 @@ def test_readme_opens_with_exactly_two_setup_commands_and_ci_runs_the_test_one()
     assert len(blocks) == 2, "the README's opening must give exactly two set-up commands"
     install_and_demo, tests = blocks
     assert "\n" not in install_and_demo and "\n" not in tests
-    assert "torch==2.13.0" in install_and_demo and install_and_demo.endswith("preftune demo")
-    assert "torch==2.13.0" in tests and "pytest" in tests
+    assert "requirements/cpu.lock" in install_and_demo and install_and_demo.endswith("preftune demo")
+    assert "requirements/cpu-dev.lock" in tests and "pytest" in tests
     ci = (REPO / ".ci" / "run").read_text()
     m = re.search(r"^TEST_CMD='(.*)'$", ci, flags=re.M)
     assert m, ".ci/run must define TEST_CMD"
@@ -66,3 +66,83 @@ def test_wheel_installs_everything_under_the_preftune_namespace(tmp_path):
     }
     missing_data = sorted(data - set(names))
     assert not missing_data, f"package data missing from the wheel: {missing_data}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock files (issue 16): generated from pyproject.toml by requirements/compile.sh (pip-tools, hashes)
+
+LOCKS = {"cpu.lock": (), "cpu-dev.lock": ("dev",)}
+
+
+def _pins(lock: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of a pip-compile lock file."""
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, tuple[str, list[str]]] = {}
+    current = None
+    for line in lock.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s\\]+)", line)
+        if m:
+            current = canonicalize_name(m.group(1))
+            pins[current] = (m.group(2), [])
+        elif current and "--hash=sha256:" in line:
+            pins[current][1].append(line.split("--hash=sha256:")[1].split()[0])
+    return pins
+
+
+@pytest.mark.parametrize("lock_name,extras", list(LOCKS.items()))
+def test_lock_files_are_in_sync_with_pyproject(lock_name: str, extras: tuple[str, ...]):
+    import importlib.util
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = REPO / "requirements" / lock_name
+    assert lock.is_file(), f"{lock} is missing: bash requirements/compile.sh"
+    spec = importlib.util.spec_from_file_location("deps_digest", REPO / "requirements" / "deps_digest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    header = lock.read_text().splitlines()[0]
+    assert header == f"# pyproject-deps-sha256: {mod.digest()}", (
+        f"{lock_name} was made from other dependencies than pyproject.toml lists now: bash requirements/compile.sh"
+    )
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    for extra in extras:
+        wanted += [Requirement(r) for r in project["optional-dependencies"][extra]]
+    pins = _pins(lock)
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{lock_name} does not pin {req.name}"
+        version, hashes = pins[name]
+        assert req.specifier.contains(version, prereleases=True), f"{lock_name}: {req.name}=={version} not in {req}"
+    for name, (version, hashes) in pins.items():
+        assert hashes, f"{lock_name}: {name}=={version} has no hash (pip --require-hashes would refuse it)"
+    # the CPU build of torch, never the multi-GB CUDA one
+    assert pins["torch"][0] == "2.13.0+cpu"
+
+
+def test_the_digest_changes_when_a_dependency_changes(tmp_path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deps_digest", REPO / "requirements" / "deps_digest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (REPO / "pyproject.toml").read_text()
+    changed = tmp_path / "pyproject.toml"
+    changed.write_text(text.replace('"scipy>=1.11"', '"scipy>=1.12"'))
+    assert mod.digest(changed) != mod.digest()
+
+
+def test_readme_ci_and_dockerfile_install_from_the_lock():
+    readme = (REPO / "README.md").read_text()
+    install_and_demo, tests = _bash_blocks(readme.split("\n## ", 1)[0])
+    assert "--require-hashes -r requirements/cpu.lock" in install_and_demo
+    assert "--require-hashes -r requirements/cpu-dev.lock" in tests
+    for cmd in (install_and_demo, tests):
+        assert "--no-deps" in cmd, "the package itself must not pull unlocked dependencies"
+    assert "requirements/cpu-dev.lock" in (REPO / ".ci" / "run").read_text()
