@@ -31,5 +31,14 @@ if m and "urllib3[socks]==" not in text:
     text = text[: m.end()] + m.group(0).replace("urllib3==", "urllib3[socks]==", 1) + text[m.end():]
     open(path, "w").write(text)
 PY
-# CUDA: PyPI only (no local CPU wheel, no local indexes), so torch is the CUDA build.
-PIP_CONFIG_FILE=/dev/null compile requirements/cuda.lock --extra gpu requirements/cuda.in
+# CUDA: PyPI only (no pip config, no local find-links or indexes from the environment either), so
+# torch is the CUDA build; refuse a lock that still pinned the local CPU wheel.
+(
+  unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_INDEX_URL PIP_CONSTRAINT
+  export PIP_CONFIG_FILE=/dev/null
+  compile requirements/cuda.lock --extra gpu requirements/cuda.in
+)
+if grep -q '^torch==.*+cpu' requirements/cuda.lock; then
+  echo "requirements/cuda.lock pinned the CPU torch: pip still saw a local wheel" >&2
+  exit 1
+fi
