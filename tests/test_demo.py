@@ -103,7 +103,8 @@ def test_the_default_demo_promotes_its_candidate_with_every_gate_passed(tmp_path
     ppo_run = client.search_runs([exp.experiment_id], "tags.`preftune.step` = 'ppo'")[0]
     model_id = ppo_run.data.tags["preftune.logged_model_id"]
     assert client.get_model_version("preftune-policy", "1").source == f"models:/{model_id}"
-    eval_run = client.search_runs([exp.experiment_id], "tags.`preftune.step` = 'evaluate'")[0]
+    eval_id = client.search_runs([exp.experiment_id], "tags.`preftune.step` = 'evaluate'")[0].info.run_id
+    eval_run = client.get_run(eval_id)  # search results carry no model inputs
     assert [m.model_id for m in eval_run.inputs.model_inputs] == [model_id]
     on_model = {m.key for m in client.get_logged_model(model_id).metrics}
     assert "eval.safety.preferred_share" in on_model
