@@ -12,6 +12,16 @@ import tempfile
 
 # Isolate every test run from the user's ~/.preftune and MLflow settings, before anything imports preftune.
 os.environ["PREFTUNE_HOME"] = os.environ.get("PREFTUNE_TEST_HOME") or tempfile.mkdtemp(prefix="preftune-test-home-")
+# Under pytest-xdist each worker has its own home (its own MLflow stores), but the expensive, build-once
+# caches -- the demo world and the toy models -- are shared by the workers of one run: both are built
+# under a lock or in a temporary folder renamed into place, so concurrent builders are safe.
+if os.environ.get("PYTEST_XDIST_TESTRUNUID") and not os.environ.get("PREFTUNE_TEST_HOME"):
+    _shared = os.path.join(tempfile.gettempdir(), "preftune-test-shared-" + os.environ["PYTEST_XDIST_TESTRUNUID"])
+    for _name in ("world", "test-cache"):
+        os.makedirs(os.path.join(_shared, _name), exist_ok=True)
+        _link = os.path.join(os.environ["PREFTUNE_HOME"], _name)
+        if not os.path.lexists(_link):
+            os.symlink(os.path.join(_shared, _name), _link)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFTUNE_PARENT_RUN_ID", None)
 os.environ.pop("PREFTUNE_PIPELINE_RUN_ID", None)

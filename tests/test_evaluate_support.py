@@ -219,7 +219,10 @@ def toy_world() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def toy_store() -> str:
     """One SQLite MLflow store for the toy tests of the session (creating its tables costs seconds)."""
-    folder = _session_dir("toy-mlflow")
+    import os
+
+    # one store per xdist worker: the test cache is shared by the workers, SQLite writers are not
+    folder = _session_dir("toy-mlflow-" + os.environ.get("PYTEST_XDIST_WORKER", "main"))
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder}/mlflow.db"
 
