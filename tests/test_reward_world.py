@@ -105,7 +105,11 @@ def test_reward_model_learns_the_rubric_on_the_demo_world(world_dataset, tmp_pat
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = parse_config({})  # the defaults: models.reward_base = demo:reward-base
+        # The defaults (models.reward_base = demo:reward-base), but the calibrated gate measures without
+        # stopping: this hand-made dataset has no measured agreement, and on the demo world's templated
+        # answers a bag-of-words model is as good as the reward model -- which the gate rightly reports
+        # (its decisions are tested in test_reward_gate.py and, on the real pipeline, by the demo test).
+        cfg = parse_config({"reward": {"gate": {"enabled": False}}})
         res = train_reward(cfg, world_dataset["dataset"], tmp_path / "rm", progress=False)
         scorer = RewardScorer.load(tmp_path / "rm")
         rubric = rubric_accuracy(scorer, world_dataset["corpus"])
