@@ -26,27 +26,15 @@ import uuid
 RATINGS = 3
 
 
-def _fresh_pg(prefix: str) -> tuple[str, object]:
-    import psycopg2
+def _fresh_pg() -> tuple[str, object]:
+    """A fresh PostgreSQL database and its drop function (the load benchmark's, on the test server)."""
+    from serve_load import _fresh_database  # beside this script
 
-    host = os.environ.get("PREFTUNE_TEST_PG_HOST", "127.0.0.1")
-    port = int(os.environ.get("PREFTUNE_TEST_PG_PORT", "5432"))
-    user = os.environ.get("PREFTUNE_TEST_PG_USER", "postgres")
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=5)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-
-    def drop() -> None:
-        c = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=5)
-        c.autocommit = True
-        with c.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        c.close()
-
-    return f"postgresql+psycopg2://{user}@{host}:{port}/{name}", drop
+    return _fresh_database(
+        os.environ.get("PREFTUNE_TEST_PG_HOST", "127.0.0.1"),
+        int(os.environ.get("PREFTUNE_TEST_PG_PORT", "5432")),
+        os.environ.get("PREFTUNE_TEST_PG_USER", "postgres"),
+    )
 
 
 class Counter:
@@ -161,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     drop = None
     url = args.database_url
     if not url:
-        url, drop = _fresh_pg("preftune_profile")
+        url, drop = _fresh_pg()
     try:
         result = profile(url, args.cycles)
     finally:
