@@ -140,22 +140,9 @@ def build_judge_lm(folder: Path, *, steps: int = 300, train: bool = True) -> Pat
             c = tok(ctx, add_special_tokens=False)["input_ids"]
             a = tok(" " + label, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             pairs.append((c + a, [-100] * len(c) + a))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        model.train()
-        for _ in range(steps):
-            batch = [rng.choice(pairs) for _ in range(16)]
-            width = max(len(x) for x, _ in batch)
-            ids = torch.full((len(batch), width), 0)
-            lab = torch.full((len(batch), width), -100)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (x, y) in enumerate(batch):
-                ids[i, : len(x)] = torch.tensor(x)
-                lab[i, : len(y)] = torch.tensor(y)
-                mask[i, : len(x)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        from test_evaluate_support import train_on_examples
+
+        train_on_examples(model, pairs, 0, steps, rng)
     model.eval()
     torch.set_num_threads(threads)
     model.save_pretrained(folder)

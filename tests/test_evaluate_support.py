@@ -116,6 +116,30 @@ def _tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+def train_on_examples(model, examples, pad_id: int, steps: int, rng) -> None:  # noqa: ANN001
+    """A few AdamW steps of a tiny causal LM on (token ids, labels) examples, 16 a batch, right-padded;
+    leaves the model in eval mode."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        batch = [rng.choice(examples) for _ in range(16)]
+        width = max(len(x) for x, _ in batch)
+        ids = torch.full((len(batch), width), pad_id)
+        lab = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (x, y) in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x)
+            lab[i, : len(y)] = torch.tensor(y)
+            mask[i, : len(x)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def build_toy_world(root: Path, steps: int = 150) -> dict[str, Path]:
     """Train the toy policies into ``root/<name>`` (deterministic, ~2 s each on a laptop CPU)."""
     import torch
@@ -154,23 +178,7 @@ def build_toy_world(root: Path, steps: int = 150) -> dict[str, Path]:
                 for b in choice[family]:
                     r_ids = tok(" " + RESPONSES[b])["input_ids"] + [tok.eos_token_id]
                     examples.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        model.train()
-        for _ in range(steps):
-            batch = [rng.choice(examples) for _ in range(16)]
-            width = max(len(x) for x, _ in batch)
-            ids = torch.full((len(batch), width), tok.pad_token_id)
-            lab = torch.full((len(batch), width), -100)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (x, y) in enumerate(batch):
-                ids[i, : len(x)] = torch.tensor(x)
-                lab[i, : len(y)] = torch.tensor(y)
-                mask[i, : len(x)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
+        train_on_examples(model, examples, tok.pad_token_id, steps, rng)
         folder = root / name
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
