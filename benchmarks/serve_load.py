@@ -17,7 +17,8 @@ worker processes.
 
 Starts ``python -m preftune.serve`` as a separate process on 127.0.0.1 (a fresh PostgreSQL
 database on 127.0.0.1:5432 unless ``--database-url`` is given), imports tasks and raters
-through the admin API, then runs N simulated raters (httpx, asyncio) in a bounded loop:
+through the admin API, then runs N simulated raters (asyncio, one keep-alive connection each:
+``serve_client.py``) in a bounded loop:
 next task -> judgement (best pick, sometimes a full ranking, all-unacceptable or a skip),
 and sometimes posts the same judgement again to check idempotency. A send that fails on
 the network is retried with the same judgement id until acknowledged.
@@ -45,6 +46,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+from serve_client import Connection, NetworkError, event_loop_runner  # beside this script
 
 ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex
 RATINGS_PER_TASK = 3
@@ -165,7 +167,7 @@ async def _timed(stats: Stats, kind: str, coro):
 
 
 async def _rater(
-    client: httpx.AsyncClient,
+    client: Connection,
     name: str,
     token: str,
     deadline: float,
@@ -196,7 +198,7 @@ async def _rater(
         if task is None:
             try:
                 r = await _timed(stats, "next", client.get("/api/tasks/next", headers=headers))
-            except httpx.HTTPError as err:
+            except NetworkError as err:
                 stats.error(f"next:{type(err).__name__}")
                 continue
             if r.status_code == 204:
@@ -211,7 +213,7 @@ async def _rater(
         if roll < 0.05:
             try:
                 r = await _timed(stats, "skip", client.post(f"/api/tasks/{task['task_id']}/skip", headers=headers))
-            except httpx.HTTPError as err:  # the next request gets the same open task again
+            except NetworkError as err:  # the next request gets the same open task again
                 stats.error(f"skip:{type(err).__name__}")
                 continue
             stats.skips += 1
@@ -235,7 +237,7 @@ async def _rater(
         for attempt in range(6):  # a lost response is retried with the same id: idempotent
             try:
                 r = await _timed(stats, "submit", client.post(path, json=body, headers=headers))
-            except httpx.HTTPError as err:
+            except NetworkError as err:
                 stats.error(f"submit:{type(err).__name__}")
                 stats.retries += 1
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -261,7 +263,7 @@ async def _rater(
         if body["judgement_id"] in stats.acked and rng.random() < 0.10:
             try:
                 again = await _timed(stats, "resubmit", client.post("/api/judgements", json=body, headers=headers))
-            except httpx.HTTPError as err:
+            except NetworkError as err:
                 stats.error(f"resubmit:{type(err).__name__}")
                 continue
             if again.status_code == 200 and again.json().get("judgement_id") == body["judgement_id"]:
@@ -295,8 +297,9 @@ async def _run_load(
     combined: bool = False,
     rates: list[float] | None = None,
 ) -> tuple[float, float]:
-    limits = httpx.Limits(max_connections=len(tokens) + 10, max_keepalive_connections=len(tokens) + 10)
-    async with httpx.AsyncClient(base_url=base, timeout=30.0, limits=limits) as client:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    clients = [Connection(host, int(port)) for _ in tokens]  # one keep-alive connection per rater
+    try:
         start = time.monotonic()
         deadline = start + seconds
         tickets: asyncio.Queue | None = asyncio.Queue() if rates else None
@@ -321,7 +324,7 @@ async def _run_load(
         await asyncio.gather(
             *(
                 _rater(
-                    client,
+                    clients[i],
                     name,
                     token,
                     deadline,
@@ -337,6 +340,9 @@ async def _run_load(
             *([arrivals()] if rates else []),
         )
         return start, time.monotonic() - start
+    finally:
+        for c in clients:
+            c.close()
 
 
 def _steps(stats: Stats, start: float, seconds: float, rates: list[float], slo_ms: float) -> dict:
@@ -476,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 r.raise_for_status()
                 tokens[f"load-{i}"] = r.json()["token"]
         stats = Stats()
-        start, elapsed = asyncio.run(
+        start, elapsed = event_loop_runner()(
             _run_load(
                 base,
                 tokens,
