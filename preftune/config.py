@@ -100,8 +100,8 @@ class ImportOptionsSection(Section):
         "the best against each lower-scored one. Either way an item's pairs weigh 1 in total.",
     )
 
-    def options(self):  # -> preftune.collect.formats.FormatOptions
-        from preftune.collect.formats import FormatOptions
+    def options(self):  # -> preftune.data.formats.FormatOptions
+        from preftune.data.formats import FormatOptions
 
         return FormatOptions(pku_axis=self.pku_axis, score_field=self.score_field, score_pairs=self.score_pairs)
 

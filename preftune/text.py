@@ -14,7 +14,7 @@ from typing import Any
 PLAIN_PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
 
 
-# A later turn of a multi-turn prompt, as preftune.collect.formats.flatten_turns writes it.
+# A later turn of a multi-turn prompt, as preftune.data.formats.flatten_turns writes it.
 _TURN_LINE = re.compile(r"\n(User|Assistant|System): ")
 _ROLES = {"User": "user", "Assistant": "assistant", "System": "system"}
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from preftune.collect.dataset import build_dataset, load_dataset, publish
-from preftune.collect.records import Pair, short_hash
 from preftune.config import parse_config
+from preftune.data.dataset import build_dataset, load_dataset, publish
+from preftune.data.records import Pair, short_hash
 from preftune.errors import ExitCode, InputError
 from preftune.fit import CONTESTED, FIT, NEEDS_DATA, NOT_MEASURED, UNAUDITED, NotFitError, check_fit, run_check_fit
 from preftune.fit.audit import (

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from preftune.collect import collect_from_file
-from preftune.collect.dataset import content_hash, split_by_prompt
-from preftune.collect.formats import Importer, detect_format, flatten_turns
 from preftune.collect.pairs import ExpansionStats, expand_judgements
-from preftune.collect.records import Pair, prompt_key
-from preftune.collect.validation import ValidationReport
 from preftune.config import parse_config
+from preftune.data.dataset import content_hash, split_by_prompt
+from preftune.data.formats import Importer, detect_format, flatten_turns
+from preftune.data.records import Pair, prompt_key
+from preftune.data.validation import ValidationReport
 from preftune.errors import ExitCode, InputError, PreftuneError
 
 DATA = Path(__file__).parent / "data"

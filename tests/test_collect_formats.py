@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from preftune.collect import collect_from_file
-from preftune.collect.formats import FORMATS, FormatOptions, Importer
-from preftune.collect.validation import ValidationReport
 from preftune.config import parse_config
+from preftune.data.formats import FORMATS, FormatOptions, Importer
+from preftune.data.validation import ValidationReport
 from preftune.errors import InputError
 from preftune.storage import Storage
 

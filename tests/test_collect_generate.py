@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from preftune.collect.generate import PromptRecord, cut_at_eos, load_prompts, sample_candidates, select_fraction
-from preftune.collect.validation import ValidationReport
 from preftune.config import parse_config
+from preftune.data.validation import ValidationReport
 from preftune.storage import Storage
 
 EOS = "<|endoftext|>"

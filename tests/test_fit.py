@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from preftune.collect.dataset import build_dataset, publish
 from preftune.collect.pairs import expand_judgements
-from preftune.collect.records import Judgement
 from preftune.config import parse_config
+from preftune.data.dataset import build_dataset, publish
+from preftune.data.records import Judgement
 from preftune.errors import ExitCode
 from preftune.fit import (
     CAPABILITY_GAP,

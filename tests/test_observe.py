@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from preftune.collect.validation import ValidationReport
 from preftune.config import parse_config
+from preftune.data.validation import ValidationReport
 from preftune.observe import sources, stats
 from preftune.observe.simulate import CHAMPION_MIX, simulate_day, to_jsonl
 from preftune.storage import Storage

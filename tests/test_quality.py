@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from preftune.collect.dataset import build_dataset, publish
-from preftune.collect.records import Pair, short_hash
 from preftune.config import parse_config
+from preftune.data.dataset import build_dataset, publish
+from preftune.data.records import Pair, short_hash
 from preftune.errors import ExitCode
 from preftune.fit import NotFitError, check_fit, run_check_fit
 from preftune.fit.config import QualitySection
@@ -132,7 +132,7 @@ def test_large_datasets_use_a_seeded_sample():
 @pytest.fixture
 def longer_wins(tmp_path) -> str:
     """A judged dataset (every item rated twice, raters agree) whose chosen answers are always longer."""
-    from preftune.collect.records import Judgement
+    from preftune.data.records import Judgement
 
     judgements = []
     for i in range(30):

@@ -75,7 +75,7 @@ def test_hh_import_maps_families_and_check_fit_says_not_measured(hh_dataset, tmp
 
 
 def test_hh_audit_with_simulated_re_raters(hh_dataset):
-    from preftune.collect.dataset import load_dataset
+    from preftune.data.dataset import load_dataset
     from preftune.fit import CONTESTED, FIT, check_fit
     from preftune.fit.audit import plan_audit, simulate_audit
     from preftune.storage import Storage

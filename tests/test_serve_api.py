@@ -572,8 +572,8 @@ def test_server_process_logs_json_and_stops_gracefully_on_sigterm(tmp_path):
 
 def test_collect_reads_the_export_strictly(client, tmp_path):
     """The export is what `preftune collect --format preftune` reads: strict import keeps every record."""
-    from preftune.collect.formats import Importer
-    from preftune.collect.validation import ValidationReport
+    from preftune.data.formats import Importer
+    from preftune.data.validation import ValidationReport
 
     import_records(client, candidates(3, family="safety") + candidates(2, family="high_risk", n_candidates=4))
     tokens = add_raters(client, 2)

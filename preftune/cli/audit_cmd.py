@@ -48,7 +48,7 @@ def create(
     token: str | None = typer.Option(None, "--token", envvar="PREFTUNE_ADMIN_TOKEN", help=_TOKEN_HELP),
 ) -> None:
     """Sample pairs per family as rating tasks for K raters (original choice hidden, order randomised)."""
-    from preftune.collect.dataset import load_dataset
+    from preftune.data.dataset import load_dataset
     from preftune.errors import ConfigError
     from preftune.fit.audit import import_tasks_over_http, import_tasks_to_database, plan_audit, write_plan
 
@@ -143,7 +143,7 @@ def simulate(
     """The demo world's simulated re-raters judge the audit's tasks (for tests and demos; no service)."""
     import json
 
-    from preftune.collect.dataset import load_dataset
+    from preftune.data.dataset import load_dataset
     from preftune.errors import ConfigError
     from preftune.fit.audit import read_manifest, simulate_audit
 

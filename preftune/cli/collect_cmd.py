@@ -20,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-# The names of preftune.collect.formats.FORMATS (kept literal so that --help needs no import).
+# The names of preftune.data.formats.FORMATS (kept literal so that --help needs no import).
 ImportFormat = Enum(  # type: ignore[misc]
     "ImportFormat",
     {

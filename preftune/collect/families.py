@@ -37,9 +37,9 @@ from pydantic import Field, field_validator, model_validator
 from preftune.configbase import Section
 
 if TYPE_CHECKING:  # pragma: no cover
-    from preftune.collect.formats import FormatOptions
-    from preftune.collect.records import Judgement, Pair
-    from preftune.collect.validation import ValidationReport
+    from preftune.data.formats import FormatOptions
+    from preftune.data.records import Judgement, Pair
+    from preftune.data.validation import ValidationReport
 
 MAPPING_FORMAT = "preftune.families"
 METHODS = ("field", "rule", "classifier", "default")
@@ -245,12 +245,12 @@ def make_importer(
     families: FamiliesSection,
     storage: Any = None,
 ):
-    """An :class:`~preftune.collect.formats.Importer` that also applies ``families`` to every kept record.
+    """An :class:`~preftune.data.formats.Importer` that also applies ``families`` to every kept record.
 
     Its ``families_meta()`` is what the dataset stores (``None`` for the default mapping, which is
     the format's own ``family`` field: older datasets keep their hash).
     """
-    from preftune.collect.formats import Importer
+    from preftune.data.formats import Importer
 
     mapper = FamilyMapper(families, storage)
 

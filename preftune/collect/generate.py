@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from preftune.collect.formats import _created_at, _family, _opt_str, _prompt_text, _tags, read_raw_records
-from preftune.collect.records import CANDIDATES_FORMAT, FORMAT_VERSION, prompt_key, short_hash, utc_now
-from preftune.collect.validation import RecordError, ValidationReport
 from preftune.common.device import select_device
+from preftune.data.formats import _created_at, _family, _opt_str, _prompt_text, _tags, read_raw_records
+from preftune.data.records import CANDIDATES_FORMAT, FORMAT_VERSION, prompt_key, short_hash, utc_now
+from preftune.data.validation import RecordError, ValidationReport
 from preftune.errors import ConfigError, InputError
 from preftune.text import render_prompt
 

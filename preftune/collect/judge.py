@@ -1,7 +1,7 @@
 """Who judges the candidates: the simulated panel, the feedback service's export, or a file.
 
 Every source ends as ``preftune.judgement`` v1 records fed through the same
-:class:`~preftune.collect.formats.Importer` (so the simulated panel's output gets the same
+:class:`~preftune.data.formats.Importer` (so the simulated panel's output gets the same
 truncation, empty-text and duplicate checks as a file), with provenance: ``source``
 (``simulated``, ``service``, ``judge`` or the import format), ``rater_id`` and ``created_at``.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from preftune.collect.formats import Importer
 from preftune.collect.generate import PromptRecord, item_id_for
-from preftune.collect.records import utc_now
+from preftune.data.formats import Importer
+from preftune.data.records import utc_now
 from preftune.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from preftune.collect.records import Judgement, Pair, short_hash
+from preftune.data.records import Judgement, Pair, short_hash
 
 WEIGHTING = (
     "each judgement has total weight 1: a full ranking gives all N(N-1)/2 ordered pairs with weight "

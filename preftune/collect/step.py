@@ -1,6 +1,6 @@
 """The collect step: typed entry points for the CLI and the kfp component.
 
-- :func:`collect_from_file`: import an existing preference file (any format of :mod:`preftune.collect.formats`, or a
+- :func:`collect_from_file`: import an existing preference file (any format of :mod:`preftune.data.formats`, or a
   feedback-service export) into a dataset.
 - :func:`collect_from_config`: what ``preftune collect --config run.yaml`` does: per
   ``data.judgements``, either sample candidates from the policy and have the simulated panel
@@ -19,12 +19,12 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from preftune.collect.dataset import BuiltDataset, build_dataset, log_dataset_input, publish, resolve_output
 from preftune.collect.families import make_importer
-from preftune.collect.formats import Importer, nothing_kept_message
 from preftune.collect.pairs import WEIGHTING, ExpansionStats, expand_judgements
-from preftune.collect.records import metric_key, prompt_key
-from preftune.collect.validation import ValidationReport
+from preftune.data.dataset import BuiltDataset, build_dataset, log_dataset_input, publish, resolve_output
+from preftune.data.formats import Importer, nothing_kept_message
+from preftune.data.records import metric_key, prompt_key
+from preftune.data.validation import ValidationReport
 from preftune.errors import ConfigError, InputError, PreftuneError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from preftune.collect.records import CANDIDATES_FORMAT, FORMAT_VERSION, short_hash, utc_now
+from preftune.data.records import CANDIDATES_FORMAT, FORMAT_VERSION, short_hash, utc_now
 from preftune.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from preftune.collect.dataset import LoadedDataset
     from preftune.config import RunConfig
+    from preftune.data.dataset import LoadedDataset
 
 AUDIT_FORMAT = "preftune.audit"
 AUDIT_TAG = "audit"

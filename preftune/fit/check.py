@@ -38,8 +38,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preftune.collect.dataset import LoadedDataset, build_dataset, load_dataset, log_dataset_input, publish
-from preftune.collect.records import Judgement, Pair, metric_key, utc_now
+from preftune.data.dataset import LoadedDataset, build_dataset, load_dataset, log_dataset_input, publish
+from preftune.data.records import Judgement, Pair, metric_key, utc_now
 from preftune.errors import ExitCode, PreftuneError
 from preftune.fit.report import FamilyFit, FitReport
 from preftune.fit.verdict import CONTESTED, FIT, coverage_by_family, decide

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from preftune.collect.records import prompt_key
+from preftune.data.records import prompt_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.fit.config import QualitySection

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from preftune.collect.records import short_hash
+from preftune.data.records import short_hash
 from preftune.errors import ConfigError, UnreachableError
 
 

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from preftune.collect.records import metric_key
+from preftune.data.records import metric_key
 
 ARTIFACTS = "observe"
 

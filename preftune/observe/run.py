@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.collect.validation import ValidationReport
+from preftune.data.validation import ValidationReport
 from preftune.errors import ExitCode, PreftuneError
 from preftune.observe import baselines, novelty, sources, stats
 from preftune.observe.state import ObserveState

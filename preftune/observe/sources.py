@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from preftune.collect.formats import expand_inputs, read_raw_records
-from preftune.collect.formats.fields import _content, flatten_turns
-from preftune.collect.validation import RecordError, ValidationReport
 from preftune.common.timestamps import utc_stamp
+from preftune.data.formats import expand_inputs, read_raw_records
+from preftune.data.formats.fields import _content, flatten_turns
+from preftune.data.validation import RecordError, ValidationReport
 from preftune.errors import ConfigError, InputError
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}

@@ -125,7 +125,7 @@ def load_prompt_items(
 ) -> tuple[list[Any], dict[str, int]]:
     """The rollout prompts (families in ``excluded``, or not in ``allowed``, left out) and counts per family."""
     from preftune.collect.generate import load_prompts
-    from preftune.collect.validation import ValidationReport
+    from preftune.data.validation import ValidationReport
     from preftune.ppo.trainer import PromptItem
 
     spec = cfg.ppo.prompts or cfg.data.prompts

@@ -8,7 +8,7 @@ compare against these two baselines instead.
 Pairs
     Every function takes a sequence of pairs, each either an object with ``prompt``,
     ``chosen`` and ``rejected`` string attributes (:class:`preftune.reward.data.PreferencePair`,
-    :class:`preftune.collect.records.Pair`), a mapping with those keys (a dataset record), or a
+    :class:`preftune.data.records.Pair`), a mapping with those keys (a dataset record), or a
     ``(prompt, chosen, rejected)`` tuple. Only the two response texts are used: the prompt is
     the same on both sides of a pair, so it cancels out of both baselines.
 

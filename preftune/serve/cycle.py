@@ -45,6 +45,7 @@ from preftune.serve.models import (
     Task,
 )
 from preftune.serve.schemas import FORMAT_VERSION, JUDGEMENT_FORMAT, JudgementIn
+from preftune.serve.support import InvalidError, clean_judgement, iso_utc
 
 A = Assignment.__table__
 J = Judgement.__table__
@@ -92,8 +93,6 @@ class Reserved:
         return order
 
     def view(self) -> dict[str, Any]:
-        from preftune.serve.service import iso_utc
-
         return {
             "task_id": self.task_id,
             "item_id": self.item_id,
@@ -341,8 +340,6 @@ class Normalised:
 
 def normalise(payload: JudgementIn) -> Normalised:
     """The stored form of a judgement, before the task is known (the index checks come after)."""
-    from preftune.serve.service import InvalidError
-
     best, ranking = payload.best, payload.ranking
     if payload.all_unacceptable:
         if best is not None:
@@ -376,8 +373,6 @@ def store(session: Session, rater: RaterRef, payload: JudgementIn, *, now: datet
     against the task after the insert, which saves a round trip in the common case). When
     the rater already judged the task, nothing is written and ``existing_uid`` is set.
     """
-    from preftune.serve.service import clean_judgement, iso_utc
-
     norm = normalise(payload)
     uid = payload.judgement_id or str(uuid.uuid4())
     values = {

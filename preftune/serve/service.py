@@ -9,105 +9,51 @@ the candidate row with ``FOR NO KEY UPDATE SKIP LOCKED``, SQLite serialises writ
 ``BEGIN IMMEDIATE``). The rules: a task wants ``ratings_per_task`` judgements; a slot is
 taken by a judgement or by an open assignment; a rater never gets a task they were ever
 assigned and holds at most one open task. Unique constraints back every rule up.
+
+This module keeps raters, the hand-out and the judgements; it re-exports the rest so callers
+use one name: :mod:`preftune.serve.support` (errors, UTC time, tokens, the judgement rules),
+:mod:`preftune.serve.imports` (tasks in) and :mod:`preftune.serve.exports` (judgements out).
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import json
 import random
-import secrets
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from preftune.errors import ExitCode, InputError, PreftuneError
 from preftune.serve import cycle
 from preftune.serve.cycle import RaterRef
-from preftune.serve.models import (
-    ASSIGNMENT_OPEN,
-    Assignment,
-    Judgement,
-    Rater,
-    Task,
+from preftune.serve.exports import (  # noqa: F401 - re-exported: the API, CLI and tests call service.*
+    EXPORT_BATCH,
+    agreement,
+    iter_export,
+    judgement_record,
+    pending_tasks,
+    stats,
 )
-from preftune.serve.schemas import (
-    FORMAT_VERSION,
-    JUDGEMENT_FORMAT,
-    CandidatesRecord,
-    JudgementIn,
+from preftune.serve.imports import ImportResult, import_tasks, parse_candidates_jsonl  # noqa: F401
+from preftune.serve.models import Assignment, Judgement, Rater
+from preftune.serve.schemas import JudgementIn
+from preftune.serve.support import (  # noqa: F401
+    TOKEN_PREFIX,
+    CleanJudgement,
+    ConflictError,
+    InvalidError,
+    NotFoundError,
+    ServiceError,
+    clean_judgement,
+    hash_token,
+    iso_utc,
+    new_token,
+    parse_iso,
+    to_naive_utc,
+    token_matches,
+    utcnow,
 )
-
-TOKEN_PREFIX = "ptr_"
-EXPORT_BATCH = 1000
-
-
-class ServiceError(PreftuneError):
-    """A request the service refuses, with the HTTP status the API answers with."""
-
-    status: int = 400
-    exit_code = ExitCode.INPUT
-
-
-class NotFoundError(ServiceError):
-    status = 404
-
-
-class ConflictError(ServiceError):
-    status = 409
-
-
-class InvalidError(ServiceError):
-    status = 422
-
-
-# ----------------------------------------------------------------------------- time and tokens
-
-
-def utcnow() -> datetime:
-    """Naive UTC: the database columns hold UTC without a zone (the same on SQLite and PostgreSQL)."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-def to_naive_utc(value: datetime) -> datetime:
-    """A datetime in naive UTC; naive input is taken to be UTC already."""
-    if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
-    return value
-
-
-def iso_utc(value: datetime) -> str:
-    return to_naive_utc(value).isoformat(timespec="microseconds") + "Z"
-
-
-def parse_iso(value: str, what: str) -> datetime:
-    """Parse an ISO 8601 time (``Z`` or an offset; no zone means UTC) for filters given on the CLI."""
-    try:
-        return to_naive_utc(datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00")))
-    except ValueError:
-        raise InputError(f"{what}: expected an ISO 8601 time such as 2025-01-31T12:00:00Z, got {value!r}") from None
-
-
-def hash_token(token: str) -> str:
-    """The sha256 hex digest of a token: what the database (and memory, for the admin token) keeps."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def token_matches(token: str, expected_hash: str) -> bool:
-    """Constant-time comparison of a presented token with a stored hash."""
-    return hmac.compare_digest(hash_token(token), expected_hash)
-
-
-def new_token() -> str:
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
 
 # ----------------------------------------------------------------------------- raters
 
@@ -161,149 +107,6 @@ def list_raters(session: Session) -> list[dict[str, Any]]:
         {"name": r.name, "created_at": iso_utc(r.created_at), "disabled": r.disabled, "judgements": counts.get(r.id, 0)}
         for r in session.scalars(select(Rater).order_by(Rater.id))
     ]
-
-
-# ----------------------------------------------------------------------------- import
-
-
-@dataclass
-class ImportResult:
-    received: int
-    imported: int
-    unchanged: int
-
-    def to_dict(self) -> dict[str, int]:
-        return {"received": self.received, "imported": self.imported, "unchanged": self.unchanged}
-
-
-def parse_candidates_jsonl(lines: Iterable[str], *, source: str, max_text_chars: int) -> list[CandidatesRecord]:
-    """Validate every line of a candidates JSONL; the first bad line fails the whole import.
-
-    Errors name the source and line, e.g. ``tasks.jsonl:12: candidates.1.text: 9000 characters,
-    the limit is 8000``.
-    """
-    records: list[CandidatesRecord] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{source}:{lineno}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{where}: expected a JSON object (a preftune.candidates record)")
-        if raw.get("format") != "preftune.candidates" or raw.get("version") != FORMAT_VERSION:
-            raise InputError(
-                f"{where}: expected format 'preftune.candidates' version 1, "
-                f"got format {raw.get('format')!r} version {raw.get('version')!r}"
-            )
-        try:
-            rec = CandidatesRecord.model_validate(raw)
-        except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise InputError(f"{where}: {field}: {first['msg']}") from None
-        _check_lengths(rec, where, max_text_chars)
-        records.append(rec)
-    if not records:
-        raise InputError(f"{source}: no candidates records (the file is empty)")
-    return records
-
-
-def _check_lengths(rec: CandidatesRecord, where: str, max_chars: int) -> None:
-    if len(rec.prompt) > max_chars:
-        raise InputError(
-            f"{where}: prompt: {len(rec.prompt)} characters, the limit is {max_chars} (PREFTUNE_MAX_TEXT_CHARS)"
-        )
-    for i, cand in enumerate(rec.candidates):
-        if len(cand.text) > max_chars:
-            raise InputError(
-                f"{where}: candidates.{i}.text: {len(cand.text)} characters, the limit is {max_chars} "
-                "(PREFTUNE_MAX_TEXT_CHARS)"
-            )
-    ids = [c.id for c in rec.candidates]
-    if len(set(ids)) != len(ids):
-        raise InputError(f"{where}: candidates: ids must be unique within a record, got {ids}")
-    for i, tag in enumerate(rec.tags):
-        if len(tag) > 100:
-            raise InputError(f"{where}: tags.{i}: longer than 100 characters")
-
-
-def _task_content(rec: CandidatesRecord) -> dict[str, Any]:
-    return {
-        "prompt_id": rec.prompt_id,
-        "family": rec.family,
-        "tags": list(rec.tags),
-        "prompt": rec.prompt,
-        "candidates": [{"id": c.id, "text": c.text} for c in rec.candidates],
-        "policy": rec.policy,
-    }
-
-
-def _same_content(task: Task, content: dict[str, Any]) -> bool:
-    return (
-        task.prompt_id == content["prompt_id"]
-        and task.family == content["family"]
-        and list(task.tags) == content["tags"]
-        and task.prompt == content["prompt"]
-        and list(task.candidates) == content["candidates"]
-    )
-
-
-def import_tasks(session: Session, records: list[CandidatesRecord], *, source: str = "import") -> ImportResult:
-    """Add the records as tasks in one transaction; records already present unchanged are skipped.
-
-    Re-importing a file is therefore harmless; an ``item_id`` that exists with different
-    content is refused (ids are stable ids of a prompt and candidate set), and nothing is
-    imported then.
-    """
-    now = utcnow()
-    seen: dict[str, dict[str, Any]] = {}
-    new: list[Task] = []
-    unchanged = 0
-    for start in range(0, len(records), 500):
-        chunk = records[start : start + 500]
-        existing = {
-            t.item_id: t for t in session.scalars(select(Task).where(Task.item_id.in_([r.item_id for r in chunk])))
-        }
-        for offset, rec in enumerate(chunk):
-            content = _task_content(rec)
-            if rec.item_id in seen:
-                if seen[rec.item_id] != content:
-                    raise ConflictError(
-                        f"{source}: record {start + offset + 1}: item_id {rec.item_id!r} appears twice "
-                        "with different content"
-                    )
-                unchanged += 1
-                continue
-            seen[rec.item_id] = content
-            old = existing.get(rec.item_id)
-            if old is not None:
-                if not _same_content(old, content):
-                    raise ConflictError(
-                        f"{source}: record {start + offset + 1}: item_id {rec.item_id!r} is already imported with "
-                        "different content; item ids must identify one prompt and candidate set"
-                    )
-                unchanged += 1
-                continue
-            new.append(
-                Task(
-                    item_id=rec.item_id,
-                    n_candidates=len(rec.candidates),
-                    created_at=to_naive_utc(rec.created_at) if rec.created_at else None,
-                    imported_at=now,
-                    n_done=0,
-                    **content,
-                )
-            )
-    session.add_all(new)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        raise ConflictError(f"{source}: another import added some of these items at the same time; retry") from None
-    return ImportResult(received=len(records), imported=len(new), unchanged=unchanged)
 
 
 # ----------------------------------------------------------------------------- handing out tasks
@@ -421,51 +224,6 @@ def _service_error(err: cycle.CycleError) -> ServiceError:
     return ConflictError(err.message)
 
 
-# ----------------------------------------------------------------------------- judgements
-
-
-@dataclass
-class CleanJudgement:
-    best: int | None
-    ranking: list[int] | None
-    all_unacceptable: bool
-    unsafe: list[int]
-
-    def same_as(self, j: Judgement) -> bool:
-        return (
-            self.best == j.best
-            and (self.ranking or None) == (list(j.ranking) if j.ranking else None)
-            and self.all_unacceptable == j.all_unacceptable
-            and self.unsafe == sorted(j.unsafe or [])
-        )
-
-
-def clean_judgement(payload: JudgementIn, n_candidates: int) -> CleanJudgement:
-    """Check the indexes against the task and the rules of the judgement format (422 otherwise)."""
-    n = n_candidates
-    best, ranking = payload.best, payload.ranking
-    if payload.all_unacceptable:
-        if best is not None:
-            raise InvalidError("best must be null when all_unacceptable is true")
-    elif best is None:
-        if not ranking:
-            raise InvalidError("pick the best candidate (best), rank them all (ranking) or set all_unacceptable")
-        best = ranking[0]
-    if best is not None and not 0 <= best < n:
-        raise InvalidError(f"best: {best} is not a candidate index of this task (0..{n - 1})")
-    if ranking is not None:
-        if sorted(ranking) != list(range(n)):
-            raise InvalidError(f"ranking: must list every candidate index 0..{n - 1} exactly once, best first")
-        if best is not None and ranking[0] != best:
-            raise InvalidError(f"ranking: starts with {ranking[0]} but best is {best}; the best must come first")
-    unsafe = sorted(set(payload.unsafe))
-    if len(unsafe) != len(payload.unsafe) or any(not 0 <= i < n for i in unsafe):
-        raise InvalidError(f"unsafe: candidate indexes 0..{n - 1}, each at most once")
-    return CleanJudgement(
-        best=best, ranking=list(ranking) if ranking else None, all_unacceptable=payload.all_unacceptable, unsafe=unsafe
-    )
-
-
 def submit_and_next(
     session: Session,
     rater: Rater | RaterRef,
@@ -557,32 +315,6 @@ def _check_resubmission(existing: Judgement, payload: JudgementIn) -> None:
         )
 
 
-def judgement_record(j: Judgement, *, with_uid: bool = False) -> dict[str, Any]:
-    """A judgement in the ``preftune.judgement`` v1 exchange format (what collect reads)."""
-    task = j.task
-    rec: dict[str, Any] = {
-        "format": JUDGEMENT_FORMAT,
-        "version": FORMAT_VERSION,
-        "item_id": task.item_id,
-        "prompt_id": task.prompt_id,
-        "family": task.family,
-        "tags": list(task.tags),
-        "prompt": task.prompt,
-        "candidates": [{"id": c["id"], "text": c["text"]} for c in task.candidates],
-        "rater_id": j.rater.name,
-        "best": j.best,
-        "ranking": list(j.ranking) if j.ranking is not None else None,
-        "all_unacceptable": bool(j.all_unacceptable),
-        "unsafe": list(j.unsafe or []),
-        "source": j.source,
-        "created_at": iso_utc(j.created_at),
-    }
-    if with_uid:
-        rec["judgement_id"] = j.uid
-        rec["task_id"] = j.task_id
-    return rec
-
-
 def get_own_judgement(session: Session, rater: Rater, uid: str) -> Judgement:
     j = session.scalar(select(Judgement).where(Judgement.uid == uid, Judgement.rater_id == rater.id))
     if j is None:
@@ -604,93 +336,3 @@ def list_own_judgements(session: Session, rater: Rater, *, limit: int, offset: i
             .offset(offset)
         )
     )
-
-
-# ----------------------------------------------------------------------------- export, agreement, stats
-
-
-def iter_export(
-    factory: sessionmaker[Session],
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    family: str | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Judgement records, oldest first, read in short transactions of ``EXPORT_BATCH`` rows.
-
-    ``since`` is inclusive, ``until`` exclusive (both on the time the service stored the
-    judgement). Short batches keep a long export from holding SQLite's write lock.
-    """
-    last_id = 0
-    while True:
-        with factory() as session:
-            query = select(Judgement).where(Judgement.id > last_id)
-            if since is not None:
-                query = query.where(Judgement.created_at >= to_naive_utc(since))
-            if until is not None:
-                query = query.where(Judgement.created_at < to_naive_utc(until))
-            if family is not None:
-                query = query.join(Task, Task.id == Judgement.task_id).where(Task.family == family)
-            batch = list(session.scalars(query.order_by(Judgement.id).limit(EXPORT_BATCH)))
-            records = [judgement_record(j) for j in batch]
-            session.commit()
-        yield from records
-        if len(batch) < EXPORT_BATCH:
-            return
-        last_id = batch[-1].id
-
-
-def agreement(
-    factory: sessionmaker[Session],
-    *,
-    family: str | None = None,
-    confidence: float = 0.95,
-    n_resamples: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Agreement per family over the stored judgements: the same function (and figures) as check-fit."""
-    from preftune.agreement import agreement_by_family
-
-    records = list(iter_export(factory, family=family))
-    by_family = agreement_by_family(records, confidence=confidence, n_resamples=n_resamples, seed=seed)
-    return {
-        "n_judgements": len(records),
-        "confidence": confidence,
-        "n_resamples": n_resamples,
-        "seed": seed,
-        "families": {name: fa.to_dict() for name, fa in by_family.items()},
-    }
-
-
-def pending_tasks(session: Session, ratings_per_task: int) -> int:
-    """Tasks that still want judgements."""
-    return int(session.scalar(select(func.count(Task.id)).where(Task.n_done < ratings_per_task)) or 0)
-
-
-def stats(session: Session, ratings_per_task: int) -> dict[str, Any]:
-    now = utcnow()
-    total = int(session.scalar(select(func.count(Task.id))) or 0)
-    pending = pending_tasks(session, ratings_per_task)
-    by_family = {
-        fam: {"tasks": int(n_tasks), "judgements": int(n_j or 0)}
-        for fam, n_tasks, n_j in session.execute(
-            select(Task.family, func.count(Task.id), func.sum(Task.n_done)).group_by(Task.family).order_by(Task.family)
-        )
-    }
-    return {
-        "ratings_per_task": ratings_per_task,
-        "tasks": total,
-        "tasks_pending": pending,
-        "tasks_complete": total - pending,
-        "judgements": int(session.scalar(select(func.count(Judgement.id))) or 0),
-        "raters": int(session.scalar(select(func.count(Rater.id))) or 0),
-        "open_assignments": int(
-            session.scalar(
-                select(func.count(Assignment.id)).where(
-                    Assignment.status == ASSIGNMENT_OPEN, Assignment.expires_at > now
-                )
-            )
-            or 0
-        ),
-        "families": by_family,
-    }

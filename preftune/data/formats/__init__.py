@@ -42,8 +42,8 @@ is, later turns on their own line as ``Assistant: ...`` / ``User: ...``;
 :func:`preftune.text.render_prompt` renders with the model's chat template.
 """
 
-from preftune.collect.formats.containers import expand_inputs, read_raw_records
-from preftune.collect.formats.fields import (
+from preftune.data.formats.containers import expand_inputs, read_raw_records
+from preftune.data.formats.fields import (
     Ctx,
     FormatOptions,
     _created_at,
@@ -53,8 +53,8 @@ from preftune.collect.formats.fields import (
     _tags,
     flatten_turns,
 )
-from preftune.collect.formats.importer import Importer, nothing_kept_message
-from preftune.collect.formats.registry import BY_NAME, FORMATS, REGISTRY, describe_formats, detect_format
+from preftune.data.formats.importer import Importer, nothing_kept_message
+from preftune.data.formats.registry import BY_NAME, FORMATS, REGISTRY, describe_formats, detect_format
 
 __all__ = [
     "BY_NAME",

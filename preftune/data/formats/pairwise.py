@@ -1,7 +1,7 @@
 """Formats whose records each carry one comparison: TRL, UltraFeedback-binarized, HH-RLHF,
 OpenAI preference fine-tuning, SHP and PKU-SafeRLHF.
 
-Each converter turns one record into one :class:`~preftune.collect.records.Pair`, or raises
+Each converter turns one record into one :class:`~preftune.data.records.Pair`, or raises
 ``RecordError`` naming the field and what was expected.
 """
 
@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-from preftune.collect.formats.fields import (
+from preftune.data.formats.fields import (
     Ctx,
     _int,
     _messages,
@@ -25,7 +25,7 @@ from preftune.collect.formats.fields import (
     flatten_turns,
     make_pair,
 )
-from preftune.collect.records import Pair
+from preftune.data.records import Pair
 
 _HH_TURN = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):[ \t]?")
 

@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from preftune.collect.validation import ValidationReport
+from preftune.data.validation import ValidationReport
 from preftune.errors import InputError
 
 GZIP_MAGIC = b"\x1f\x8b"

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from preftune.collect.records import DEFAULT_FAMILY, Judgement, Pair, prompt_key, short_hash
-from preftune.collect.validation import RecordError
 from preftune.common.timestamps import utc_stamp
+from preftune.data.records import DEFAULT_FAMILY, Judgement, Pair, prompt_key, short_hash
+from preftune.data.validation import RecordError
 
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
 _ROLE_LABELS = {"user": "User", "assistant": "Assistant", "system": "System"}

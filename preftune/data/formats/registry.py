@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from preftune.collect.formats import judgements, pairwise, scored
-from preftune.collect.records import JUDGEMENT_FORMAT
+from preftune.data.formats import judgements, pairwise, scored
+from preftune.data.records import JUDGEMENT_FORMAT
 
 
 @dataclass(frozen=True)

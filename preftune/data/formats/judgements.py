@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from preftune.collect.formats.fields import (
+from preftune.data.formats.fields import (
     Ctx,
     _index,
     _opt_str,
@@ -13,7 +13,7 @@ from preftune.collect.formats.fields import (
     _schema,
     make_judgement,
 )
-from preftune.collect.records import JUDGEMENT_FORMAT, Judgement
+from preftune.data.records import JUDGEMENT_FORMAT, Judgement
 
 
 def _rater(rec: dict) -> str:

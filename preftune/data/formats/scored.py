@@ -1,7 +1,7 @@
 """Formats that score or rank several responses to one prompt: UltraFeedback (raw), per-response
 scores (HelpSteer, one response a row, grouped by prompt) and K-wise rankings (Nectar).
 
-Scores become pairs through :func:`~preftune.collect.formats.fields.pairs_from_scores` (the item
+Scores become pairs through :func:`~preftune.data.formats.fields.pairs_from_scores` (the item
 weighs 1 in total; the score difference is the margin). A ranking without scores is a judgement
 with a full ``ranking``, so the dataset keeps the ranking and the expansion is the one every
 best-of-N judgement gets.
@@ -9,7 +9,7 @@ best-of-N judgement gets.
 
 from __future__ import annotations
 
-from preftune.collect.formats.fields import (
+from preftune.data.formats.fields import (
     Ctx,
     _number,
     _opt_str,
@@ -21,8 +21,8 @@ from preftune.collect.formats.fields import (
     make_judgement,
     pairs_from_scores,
 )
-from preftune.collect.formats.pairwise import _hh_turns
-from preftune.collect.records import Judgement, Pair
+from preftune.data.formats.pairwise import _hh_turns
+from preftune.data.records import Judgement, Pair
 
 HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.collect.records import Judgement, Pair, prompt_key, short_hash, utc_now
 from preftune.common.metadata import DATASET_FORMAT, DATASET_VERSION, read_dataset_json
+from preftune.data.records import Judgement, Pair, prompt_key, short_hash, utc_now
 from preftune.errors import InputError
 
 VOLATILE_KEYS = ("created_at",)

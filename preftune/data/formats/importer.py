@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from preftune.collect.formats.containers import expand_inputs, read_raw_records
-from preftune.collect.formats.fields import Ctx, FormatOptions, _norm, _Texts
-from preftune.collect.formats.registry import BY_NAME, FORMATS, describe_formats, detect_format
-from preftune.collect.records import Judgement, Pair, prompt_key
-from preftune.collect.validation import RecordError, ValidationReport
+from preftune.data.formats.containers import expand_inputs, read_raw_records
+from preftune.data.formats.fields import Ctx, FormatOptions, _norm, _Texts
+from preftune.data.formats.registry import BY_NAME, FORMATS, describe_formats, detect_format
+from preftune.data.records import Judgement, Pair, prompt_key
+from preftune.data.validation import RecordError, ValidationReport
 from preftune.errors import InputError
 
 MAX_REJECTED = 10_000  # rejected records kept for rejected.jsonl (the counts are always complete)
