@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Regenerate the lock files from pyproject.toml (pip-tools, with hashes). Run from the repo root:
+# Regenerate the lock files from pyproject.toml (pip-tools for the CPU locks, uv for the CUDA one; hashes). Run from the repo root:
 #   bash requirements/compile.sh
 # cpu.lock       the package's dependencies, CPU torch          (the image, `pip install .`)
 # cpu-dev.lock   the same plus the `dev` extra                  (the README's commands, .ci/run)
-# cuda.lock      the dependencies plus the `gpu` extra, CUDA torch from PyPI (the -cuda image)
+# cuda.lock      the dependencies plus the `gpu` extra, CUDA torch from PyPI (the -cuda image; uv, see below)
 # Each lock's header records the sha256 of pyproject.toml's dependency lists it was made from;
 # tests/test_repo.py fails when pyproject changes and the locks are not regenerated.
 set -euo pipefail
@@ -31,14 +31,29 @@ if m and "urllib3[socks]==" not in text:
     text = text[: m.end()] + m.group(0).replace("urllib3==", "urllib3[socks]==", 1) + text[m.end():]
     open(path, "w").write(text)
 PY
-# CUDA: PyPI only (no pip config, no local find-links or indexes from the environment either), so
-# torch is the CUDA build; refuse a lock that still pinned the local CPU wheel.
+# CUDA: with uv, not pip-tools. pip-compile downloads every candidate wheel to read its metadata, and
+# torch's CUDA wheels bring their CUDA runtime as nvidia-* wheels from PyPI (several GB in all); uv
+# reads the metadata PyPI serves next to each wheel (PEP 658) and the index's hashes, so the lock is
+# made without downloading them (about 50 MB of index pages and sdists, a few seconds). The lock is
+# for the -cuda image: Python 3.11 (the CPU image's Python, from the same base) on x86_64 glibc >= 2.28.
+# uv comes from PREFTUNE_UV or PATH (e.g. `python3 -m venv /tmp/uvvenv && /tmp/uvvenv/bin/pip install uv`).
+# PyPI only: no index, find-links or pip configuration from the environment (uv reads no pip config).
+# Every package both images have stays at cpu.lock's version (constraints from cpu.lock, torch aside).
+uv="${PREFTUNE_UV:-uv}"
+sed -n -E 's/^([A-Za-z0-9_.-]+==[^ +]+) .*$/\1/p' requirements/cpu.lock | grep -v '^torch==' > requirements/cuda.constraints.tmp
 (
-  unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_INDEX_URL PIP_CONSTRAINT
-  export PIP_CONFIG_FILE=/dev/null
-  compile requirements/cuda.lock --extra gpu requirements/cuda.in
+  unset UV_INDEX UV_INDEX_URL UV_DEFAULT_INDEX UV_EXTRA_INDEX_URL UV_FIND_LINKS UV_CONSTRAINT UV_OVERRIDE
+  "$uv" pip compile --quiet --generate-hashes --no-emit-index-url --annotation-style line \
+    --custom-compile-command "bash requirements/compile.sh" --default-index https://pypi.org/simple \
+    --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+    --constraint requirements/cuda.constraints.tmp --extra gpu -o requirements/cuda.lock.tmp requirements/cuda.in pyproject.toml
+  # (the constraints are a means, not a reason a package is there: drop them from the annotations)
+  { echo "# pyproject-deps-sha256: $stamp"
+    sed -e 's/, -c requirements\/cuda.constraints.tmp//; s/-c requirements\/cuda.constraints.tmp, //' requirements/cuda.lock.tmp
+  } > requirements/cuda.lock
+  rm -f requirements/cuda.lock.tmp requirements/cuda.constraints.tmp
 )
 if grep -q '^torch==.*+cpu' requirements/cuda.lock; then
-  echo "requirements/cuda.lock pinned the CPU torch: pip still saw a local wheel" >&2
+  echo "requirements/cuda.lock pinned the CPU torch" >&2
   exit 1
 fi

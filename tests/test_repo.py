@@ -71,7 +71,7 @@ def test_wheel_installs_everything_under_the_preftune_namespace(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Lock files (issue 16): generated from pyproject.toml by requirements/compile.sh (pip-tools, hashes)
 
-LOCKS = {"cpu.lock": (), "cpu-dev.lock": ("dev",)}
+LOCKS = {"cpu.lock": (), "cpu-dev.lock": ("dev",), "cuda.lock": ("gpu",)}
 
 
 def _pins(lock: Path) -> dict[str, tuple[str, list[str]]]:
@@ -122,8 +122,12 @@ def test_lock_files_are_in_sync_with_pyproject(lock_name: str, extras: tuple[str
         assert req.specifier.contains(version, prereleases=True), f"{lock_name}: {req.name}=={version} not in {req}"
     for name, (version, hashes) in pins.items():
         assert hashes, f"{lock_name}: {name}=={version} has no hash (pip --require-hashes would refuse it)"
-    # the CPU build of torch, never the multi-GB CUDA one
-    assert pins["torch"][0] == "2.13.0+cpu"
+    if "gpu" in extras:
+        # PyPI's CUDA build of torch, with its CUDA runtime as nvidia-* wheels (uv, see compile.sh)
+        assert not pins["torch"][0].endswith("+cpu") and "nvidia-cuda-runtime" in pins
+    else:
+        # the CPU build of torch, never the multi-GB CUDA one
+        assert pins["torch"][0] == "2.13.0+cpu"
 
 
 def test_the_digest_changes_when_a_dependency_changes(tmp_path: Path):
