@@ -221,7 +221,8 @@ def worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     from preftune.reward.data import load_dataset, tokenize_pairs
     from preftune.reward.metrics import pairwise_accuracy
     from preftune.reward.model import load_sequence_classifier, load_tokenizer
-    from preftune.reward.trainer import PairwiseRewardTrainer, TrainSettings
+    from preftune.reward.config import RewardSection
+    from preftune.reward.trainer import PairwiseRewardTrainer
 
     if kind == "trl":
         from datasets import Dataset  # noqa: F401
@@ -231,13 +232,12 @@ def worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     rss_after_imports = _rss()
 
-    settings = TrainSettings(
+    settings = RewardSection(
         epochs=spec["epochs"],
         batch_size=spec["batch_size"],
         lr=spec["lr"],
         warmup_ratio=spec["warmup_ratio"],
         early_stopping_patience=0,
-        seed=spec["seed"],
     )
     dev = torch.device("cpu")
     ds = load_dataset(spec["dataset"])
@@ -248,7 +248,7 @@ def worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     evald = tokenize_pairs(ds.eval, tok, spec["max_length"])
 
     if kind == "preftune":
-        trainer = PairwiseRewardTrainer(model, tok.pad_token_id, settings, dev, progress=False)
+        trainer = PairwiseRewardTrainer(model, tok.pad_token_id, settings, dev, seed=spec["seed"], progress=False)
         t0 = time.perf_counter()
         trainer.fit(train)
         seconds = time.perf_counter() - t0

@@ -29,7 +29,8 @@ from preftune.reward.metrics import (
     pairwise_accuracy,
 )
 from preftune.reward.model import RewardScorer, add_lora, load_sequence_classifier, load_tokenizer
-from preftune.reward.trainer import PairwiseRewardTrainer, TrainSettings
+from preftune.reward.config import RewardSection
+from preftune.reward.trainer import PairwiseRewardTrainer
 
 CPU = torch.device("cpu")
 
@@ -166,7 +167,7 @@ def trainer_for(base: Path, mode: str = "full", **settings) -> tuple[PairwiseRew
         model = add_lora(model, 8, 16, 0.0)
     s = {"epochs": 3, "batch_size": 16, "lr": 3e-3, "eval_every": 5}
     s.update(settings)
-    return PairwiseRewardTrainer(model, tok.pad_token_id, TrainSettings(**s), CPU, progress=False), tok
+    return PairwiseRewardTrainer(model, tok.pad_token_id, RewardSection(**s), CPU, progress=False), tok
 
 
 # --------------------------------------------------------------------------------------
@@ -311,8 +312,8 @@ def test_gradient_accumulation_matches_one_large_batch(tiny):
         torch.manual_seed(0)
         tok = load_tokenizer(tiny["llama"])
         model = load_sequence_classifier(tiny["llama"], tok, CPU)
-        s = TrainSettings(epochs=1, batch_size=batch, grad_accum=accum, warmup_ratio=0.0, seed=3)
-        tr = SGDTrainer(model, tok.pad_token_id, s, CPU, progress=False)
+        s = RewardSection(epochs=1, batch_size=batch, grad_accum=accum, warmup_ratio=0.0)
+        tr = SGDTrainer(model, tok.pad_token_id, s, CPU, seed=3, progress=False)
         fit = tr.fit(tokenize_pairs(pairs, tok, 96))
         assert fit.optimizer_steps == 1 and fit.pairs_seen == 16
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))

@@ -208,7 +208,7 @@ def train_reward(
         load_tokenizer,
         save_reward_model,
     )
-    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, TrainSettings, disable_dropout
+    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, disable_dropout
     from preftune.storage import Storage
 
     rc = cfg.reward
@@ -261,8 +261,9 @@ def train_reward(
         trainer = PairwiseRewardTrainer(
             model,
             tokenizer.pad_token_id,
-            TrainSettings.from_config(rc, cfg.run.seed),
+            rc,
             dev,
+            seed=cfg.run.seed,
             on_metrics=on_metrics,
             progress=progress,
         )

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from preftune.reward.config import RewardSection
 from preftune.reward.data import TokenizedPairs, length_bucketed_batches, pad_right
 from preftune.reward.losses import bradley_terry_loss
 from preftune.reward.metrics import pairwise_accuracy
@@ -42,43 +43,6 @@ log = logging.getLogger(__name__)
 MAX_GRAD_NORM = 1.0
 LOG_EVERY = 10  # optimiser steps between training-metric records
 MIN_IMPROVEMENT = 1e-4  # eval-loss decrease that counts as an improvement for early stopping
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What the loop needs from ``cfg.reward`` (plus the run seed)."""
-
-    epochs: int = 3
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    margin: float = 0.0
-    label_smoothing: float = 0.0
-    early_stopping_patience: int = 2
-    eval_every: int = 50
-    seed: int = 0
-    max_tokens_per_forward: int = 2048
-    precision: str = "auto"  # auto | fp32 | bf16
-
-    @classmethod
-    def from_config(cls, reward: Any, seed: int) -> TrainSettings:
-        return cls(
-            epochs=reward.epochs,
-            batch_size=reward.batch_size,
-            grad_accum=reward.grad_accum,
-            lr=reward.lr,
-            weight_decay=reward.weight_decay,
-            warmup_ratio=reward.warmup_ratio,
-            margin=reward.margin,
-            label_smoothing=reward.label_smoothing,
-            early_stopping_patience=reward.early_stopping_patience,
-            eval_every=reward.eval_every,
-            seed=seed,
-            max_tokens_per_forward=reward.max_tokens_per_forward,
-            precision=reward.precision,
-        )
 
 
 @dataclass
@@ -173,21 +137,27 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 class PairwiseRewardTrainer:
-    """Trains a one-output sequence classifier with the (weighted, conservative) BT loss."""
+    """Trains a one-output sequence classifier with the (weighted, conservative) BT loss.
+
+    ``settings`` is the run config's ``reward`` section itself (:class:`preftune.reward.config.RewardSection`:
+    one place for the knobs and their defaults); ``seed`` (the run seed) orders the batches.
+    """
 
     def __init__(
         self,
         model: Any,
         pad_token_id: int,
-        settings: TrainSettings,
+        settings: RewardSection,
         device: torch.device,
         *,
+        seed: int = 0,
         on_metrics: MetricsCallback | None = None,
         progress: bool = True,
     ) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.s = settings
+        self.seed = seed
         self.device = device
         self.on_metrics = on_metrics
         self.progress = progress
@@ -277,7 +247,7 @@ class PairwiseRewardTrainer:
         from transformers import get_linear_schedule_with_warmup
 
         s = self.s
-        rng = np.random.default_rng(s.seed)
+        rng = np.random.default_rng(self.seed)
         lengths = train.lengths()
         batches_per_epoch = math.ceil(len(train) / s.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / s.grad_accum)
