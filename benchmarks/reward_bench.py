@@ -218,10 +218,10 @@ def worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup  # noqa: F401
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
+    from preftune.reward.config import RewardSection
     from preftune.reward.data import load_dataset, tokenize_pairs
     from preftune.reward.metrics import pairwise_accuracy
     from preftune.reward.model import load_sequence_classifier, load_tokenizer
-    from preftune.reward.config import RewardSection
     from preftune.reward.trainer import PairwiseRewardTrainer
 
     if kind == "trl":

@@ -18,6 +18,7 @@ import torch
 
 from preftune.config import parse_config
 from preftune.errors import ExitCode, InputError, PreftuneError
+from preftune.reward.config import RewardSection
 from preftune.reward.data import load_dataset, split_by_prompt, tokenize_pairs
 from preftune.reward.losses import bradley_terry_loss
 from preftune.reward.metadata import METADATA_FILE, read_metadata
@@ -29,7 +30,6 @@ from preftune.reward.metrics import (
     pairwise_accuracy,
 )
 from preftune.reward.model import RewardScorer, add_lora, load_sequence_classifier, load_tokenizer
-from preftune.reward.config import RewardSection
 from preftune.reward.trainer import PairwiseRewardTrainer
 
 CPU = torch.device("cpu")
