@@ -8,13 +8,16 @@ anything is kept.
 Log records (JSONL or Parquet, optionally compressed; one file, a folder or an s3:// prefix) are
 in OpenAI chat format, either ``{"messages": [..., {"role": "assistant", ...}]}`` (the last
 assistant message is the answer) or ``{"request": {"messages": [...]}, "response": {"choices":
-[{"message": {...}}]}}``. The watermark remembers, per file, how many records were read, so each
-record is judged once however often observe runs (log files are append-only).
+[{"message": {...}}]}}``. The watermark remembers, per file, the byte offset read up to (and what
+identifies the file, so a rotated or truncated file is read from the start again): each record is
+judged once however often observe runs, and a window reads only the appended bytes
+(:mod:`.tail`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,6 +27,9 @@ from preftune.data.formats import expand_inputs, read_raw_records
 from preftune.data.formats.fields import _content, flatten_turns
 from preftune.data.validation import RecordError, ValidationReport
 from preftune.errors import ConfigError, InputError
+from preftune.observe import tail
+
+log = logging.getLogger(__name__)
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
 
@@ -109,26 +115,54 @@ def _get(rec: dict, dotted: str) -> Any:
     return node
 
 
+def _chunk_records(chunk: Any, report: ValidationReport) -> Any:
+    """``(file:line, parsed value)`` of a chunk's records (JSONL lines numbered from the file's start)."""
+    if chunk.whole:
+        yield from read_raw_records(chunk.uri, chunk.data, report)
+        return
+    for lineno, raw in enumerate(chunk.data.split(b"\n"), start=chunk.first_line + 1):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
+        where = f"{chunk.uri}:{lineno}"
+        report.records_read += 1
+        try:
+            yield where, json.loads(raw.decode("utf-8").lstrip("\ufeff"))
+        except UnicodeDecodeError as err:
+            report.drop("invalid_utf8", where, f"byte {err.start} of the line: {err.reason}")
+        except json.JSONDecodeError as err:
+            report.drop("schema_error", where, f"not valid JSON ({err.msg} at column {err.colno})")
+
+
+def _count(chunk: Any, report: ValidationReport) -> int:
+    return sum(1 for _ in read_raw_records(chunk.uri, chunk.data, ValidationReport(max_chars=report.max_chars)))
+
+
 def read_logs(
     path: str,
     storage: Any,
-    watermark: dict[str, int],
+    watermark: dict[str, Any],
     *,
     pii_fields: list[str],
     version_field: str,
     family_field: str,
     report: ValidationReport,
-) -> tuple[list[Observed], dict[str, int]]:
-    """New records of every log file under ``path`` since ``watermark``; returns them and the new watermark."""
+) -> tuple[list[Observed], dict[str, Any]]:
+    """New records of every log file under ``path`` since ``watermark`` (a byte offset per file, see
+    :mod:`preftune.observe.tail`); returns them and the new watermark."""
     out: list[Observed] = []
     new_mark = dict(watermark)
     for uri in expand_inputs(path, storage):
-        seen = watermark.get(uri, 0)
-        n = 0
+        chunk = tail.next_chunk(uri, storage, watermark.get(uri))
         report.sources.append(uri)
-        for where, raw in read_raw_records(uri, storage.read_bytes(uri), report):
+        if chunk.whole and chunk.skip_records and _count(chunk, report) < chunk.skip_records:
+            chunk = tail.from_start(chunk)  # fewer records than read before: a new file under the old name
+        if chunk.reset:
+            log.warning("observe: %s was %s since the last window: read from the beginning again", uri, chunk.reset)
+        n = 0
+        for where, raw in _chunk_records(chunk, report):
             n += 1
-            if n <= seen:
+            if n <= chunk.skip_records:
                 report.records_read -= 1  # read before: not part of this window
                 continue
             rec = drop_pii(raw, pii_fields)
@@ -152,7 +186,10 @@ def read_logs(
                 )
             )
             report.records_kept += 1
-        new_mark[uri] = max(n, seen)
+        mark = dict(chunk.mark)
+        if chunk.whole:
+            mark["records"] = max(n, chunk.skip_records)
+        new_mark[uri] = mark
     return out, new_mark
 
 

@@ -1,6 +1,8 @@
 """observe's own state, kept beside the artifacts: the logs watermark and the window history.
 
-``<state>/watermark.json``: ``{"files": {uri: records read}, "last_end_ms": int | null}``.
+``<state>/watermark.json``: ``{"files": {uri: {"offset", "size", "lines", "head", "head_len", "inode"[,
+"records"]}}, "last_end_ms": int | null}`` (the byte offset read up to and what identifies the file:
+:mod:`preftune.observe.tail`).
 ``<state>/history.jsonl``: one line a window: ``{"window", "start", "end", "model_version",
 "counts": {family: {behaviour: n}}, "verdict"}`` (what the "recent windows" baseline pools).
 Both are written only after the window's MLflow run is complete, so a failed window is read again.
