@@ -72,7 +72,7 @@ def test_single_rated_data_gets_not_measured_and_a_way_on(single_rated, tmp_path
     verdicts = {f: r.verdict for f, r in report.families.items()}
     assert verdicts == {"clear": NOT_MEASURED, "murky": NOT_MEASURED, "tiny": NEEDS_DATA}
     assert "agreement not measured (one rating per item: 40 items" in report.families["clear"].reason
-    assert not report.proceed and report.fit_status == "measured"
+    assert not report.proceed and report.fit_status == "not measured"
     with pytest.raises(NotFitError) as err:
         run_check_fit(single_rated, _cfg(), str(tmp_path / "stop"))
     msg = str(err.value)

@@ -11,7 +11,9 @@ champion or the base policy (``pilot.baseline``). Nothing is registered or promo
 :func:`build_report` reads the published folders and writes ``pilot.json``, ``pilot.md`` and
 ``pilot.html``; it is also the body of the ``pilot_report`` component of the ``preference-pilot``
 pipeline. Exit codes: 0 when at least one family is 'go'; otherwise 11 when the reward model is
-near chance, 10 when check-fit found no fit family, 13 for any other no-go.
+near chance, 10 when check-fit found no fit family (single-rated data whose agreement was not
+measured: the verdict is "not measured — audit or accept", :mod:`preftune.pilot.fit_status`), 13
+for any other no-go.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from preftune import pipeline as pl
 from preftune.config import RunConfig
 from preftune.errors import PreftuneError
 from preftune.pilot import report as rep
+from preftune.pilot.fit_status import apply_fit_status
 from preftune.pipeline.records import StepResult
 
 log = logging.getLogger(__name__)
@@ -100,7 +103,7 @@ def measure_best_of_n(pcfg: RunConfig, policy_dir: str, reward_dir: str) -> dict
     from preftune.ppo import best_of_n
     from preftune.ppo.artifacts import load_policy
     from preftune.ppo.step import load_policy_model, load_prompt_items
-    from preftune.reward.model import RewardScorer
+    from preftune.scoring.model import RewardScorer
     from preftune.storage import Storage
 
     p, s = pcfg.pilot, pcfg.ppo
@@ -177,7 +180,7 @@ def build_report(
     inputs = rep.read_inputs(fit_dir, reward_dir, policy_dir, eval_dir, step_seconds, dataset_dir)
     if policy_dir and reward_dir and pcfg.pilot.best_of_n:
         inputs.best_of_n = measure_best_of_n(pcfg, policy_dir, reward_dir)
-    report = rep.analyse(cfg, inputs, pilot_batch=pcfg.ppo.batch_size, seconds=seconds)
+    report = apply_fit_status(rep.analyse(cfg, inputs, pilot_batch=pcfg.ppo.batch_size, seconds=seconds), inputs.fit)
     paths = rep.write_report(report, output)
     tags = {TAG_VERDICT: report["verdict"], TAG_GO_FAMILIES: ",".join(report["go_families"]) or "none"}
     with tracking.start_step_run(STEP, pcfg, parent_run_id=parent_run_id, tags=tags, log_config=False) as run:
