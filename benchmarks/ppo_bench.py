@@ -111,7 +111,7 @@ def import_everything() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa: F401
 
     from preftune.ppo import artifacts, policy, sampling, trainer  # noqa: F401
-    from preftune.reward import model  # noqa: F401
+    from preftune.scoring import model  # noqa: F401
 
 
 def rss_mb() -> float:
@@ -158,7 +158,7 @@ def _build_models(size: str, root: Path, seed: int = 0, fit: bool = True) -> dic
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     from preftune.ppo import toy
-    from preftune.reward.metadata import RewardModelMeta
+    from preftune.scoring.metadata import RewardModelMeta
 
     shape = SIZES[size]
     tok = toy.toy_tokenizer(texts=[*toy.TOY_TEXTS, *PROMPTS], vocab_size=min(shape["vocab"], 1024))
@@ -260,7 +260,7 @@ def _held_out_reward(model: Any, tok: Any, reward_dir: str, spec: dict[str, Any]
     import torch
 
     from preftune.ppo.artifacts import generate
-    from preftune.reward.model import RewardScorer
+    from preftune.scoring.model import RewardScorer
 
     scorer = RewardScorer.load(reward_dir, device="cpu")
     prompts = EVAL_PROMPTS * 4
@@ -313,7 +313,7 @@ def worker_preftune(spec: dict[str, Any]) -> dict[str, Any]:
 
     from preftune.ppo.config import PPOSection
     from preftune.ppo.trainer import PPOTrainer, PromptItem
-    from preftune.reward.model import RewardScorer
+    from preftune.scoring.model import RewardScorer
 
     import_everything()
     after_imports = rss_mb()
@@ -804,7 +804,7 @@ def worker_best_of_n(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preftune.ppo import best_of_n
-    from preftune.reward.model import RewardScorer
+    from preftune.scoring.model import RewardScorer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(spec["policy"])

@@ -221,8 +221,8 @@ def worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     from preftune.reward.config import RewardSection
     from preftune.reward.data import load_dataset, tokenize_pairs
     from preftune.reward.metrics import pairwise_accuracy
-    from preftune.reward.model import load_sequence_classifier, load_tokenizer
     from preftune.reward.trainer import PairwiseRewardTrainer
+    from preftune.scoring.model import load_sequence_classifier, load_tokenizer
 
     if kind == "trl":
         from datasets import Dataset  # noqa: F401

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
         return
 
-    from preftune.reward.baselines import bag_of_words_accuracy, length_bias, length_rule_accuracy
+    from preftune.scoring.baselines import bag_of_words_accuracy, length_bias, length_rule_accuracy
 
     with tempfile.TemporaryDirectory(prefix="reward-hh-bench-") as tmp_s:
         tmp = Path(tmp_s)

@@ -88,7 +88,7 @@ def _model_folder_of(downloaded: Path, ref: str) -> Path:
         from preftune.policy_model import policy_folder_of
 
         return policy_folder_of(downloaded)
-    from preftune.reward.mlflow_model import ARTIFACT_KEY as REWARD_KEY
+    from preftune.scoring.metadata import ARTIFACT_KEY as REWARD_KEY
 
     if REWARD_KEY in arts:
         return downloaded / arts[REWARD_KEY]["path"]

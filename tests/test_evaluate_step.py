@@ -200,7 +200,7 @@ def _tiny_reward_model(folder: Path, tok_source: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from preftune.reward.metadata import RewardModelMeta
+    from preftune.scoring.metadata import RewardModelMeta
 
     tok = AutoTokenizer.from_pretrained(str(tok_source))
     torch.manual_seed(3)

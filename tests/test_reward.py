@@ -21,7 +21,6 @@ from preftune.errors import ExitCode, InputError, PreftuneError
 from preftune.reward.config import RewardSection
 from preftune.reward.data import load_dataset, split_by_prompt, tokenize_pairs
 from preftune.reward.losses import bradley_terry_loss
-from preftune.reward.metadata import METADATA_FILE, read_metadata
 from preftune.reward.metrics import (
     accuracy_by_family,
     calibration_table,
@@ -29,8 +28,9 @@ from preftune.reward.metrics import (
     length_bias,
     pairwise_accuracy,
 )
-from preftune.reward.model import RewardScorer, add_lora, load_sequence_classifier, load_tokenizer
 from preftune.reward.trainer import PairwiseRewardTrainer
+from preftune.scoring.metadata import METADATA_FILE, read_metadata
+from preftune.scoring.model import RewardScorer, add_lora, load_sequence_classifier, load_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -505,6 +505,6 @@ def test_importing_the_package_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, preftune.reward.metadata; print('torch' in sys.modules, 'mlflow' in sys.modules)"
+    code = "import sys, preftune.scoring.metadata; print('torch' in sys.modules, 'mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preftune.reward.baselines import (
+from preftune.reward.data import PreferencePair
+from preftune.scoring.baselines import (
     as_triples,
     bag_of_words_accuracy,
     bag_of_words_correct,
@@ -13,7 +14,6 @@ from preftune.reward.baselines import (
     length_rule_accuracy,
     length_rule_correct,
 )
-from preftune.reward.data import PreferencePair
 
 
 def _pairs_longer_chosen(n: int) -> list[tuple[str, str, str]]:

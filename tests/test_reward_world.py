@@ -100,7 +100,8 @@ def rubric_accuracy(scorer, corpus) -> dict[str, float]:
 
 
 def test_reward_model_learns_the_rubric_on_the_demo_world(world_dataset, tmp_path):
-    from preftune.reward import RewardScorer, train_reward
+    from preftune.reward import train_reward
+    from preftune.scoring.model import RewardScorer
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -68,7 +68,7 @@ def _reward_model_info(cfg: RunConfig, results: dict[str, Any]) -> tuple[str | N
         return None, None
     dataset_hash = None
     try:
-        from preftune.reward.metadata import read_metadata
+        from preftune.scoring.metadata import read_metadata
 
         dataset_hash = read_metadata(path).dataset_hash
     except PreftuneError:

@@ -434,7 +434,7 @@ def evaluate(
         judges = load_judges(the_suite, reward_model=reward_model, device=device)
         scorer = None
         if reward_model and champ is not None:
-            from preftune.reward.model import RewardScorer
+            from preftune.scoring.model import RewardScorer
 
             scorer = RewardScorer.load(registry.resolve_model(reward_model, client, tmp).path, device=device)
 

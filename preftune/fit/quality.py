@@ -4,11 +4,11 @@ Agreement needs repeated ratings; these figures need only the pairs, so every da
 
 - **length bias**: the share of pairs whose chosen answer is longer (characters; ties apart) and
   the held-out accuracy of a length-only rule whose direction (longer or shorter wins) is fitted on
-  the training pairs (:func:`preftune.reward.baselines.length_rule_accuracy`, the same baseline the
+  the training pairs (:func:`preftune.scoring.baselines.length_rule_accuracy`, the same baseline the
   reward gate compares with). A reward model that only learns "longer wins"
   scores that much without learning the behaviour.
 - **bag-of-words baseline**: the held-out accuracy of a linear model on word counts
-  (:func:`preftune.reward.baselines.bag_of_words_accuracy`), the other trivial baseline.
+  (:func:`preftune.scoring.baselines.bag_of_words_accuracy`), the other trivial baseline.
 - **leakage**: held-out prompts with an exact (case, punctuation and whitespace ignored) or near
   duplicate among the training prompts (cosine similarity of character 3-5-gram TF-IDF vectors
   at least ``fit.quality.near_duplicate_similarity``). The split is by exact prompt text, so
@@ -293,10 +293,10 @@ def _fit_bt(diffs, c: float = 1.0) -> np.ndarray:
 def label_noise(pairs: Sequence[Record], *, folds: int, confidence: float, seed: int) -> dict[str, Any]:
     """The share of pairs a cross-fitted bag-of-words model confidently contradicts (module docstring).
 
-    Features: :func:`preftune.reward.baselines.bow_features` (the bag-of-words baseline's hashed
+    Features: :func:`preftune.scoring.baselines.bow_features` (the bag-of-words baseline's hashed
     word unigrams and bigrams); the model: :func:`_fit_bt` on the other folds' pairs.
     """
-    from preftune.reward.baselines import bow_features
+    from preftune.scoring.baselines import bow_features
 
     n = len(pairs)
     n_prompts = len({prompt_key(p["prompt"]) for p in pairs})
@@ -341,8 +341,8 @@ def label_noise(pairs: Sequence[Record], *, folds: int, confidence: float, seed:
 
 
 def _baselines(train: Sequence[Record], eval_: Sequence[Record], seed: int) -> tuple[dict[str, Any], list[str]]:
-    """The reward gate's trivial baselines (:mod:`preftune.reward.baselines`) on this split."""
-    from preftune.reward.baselines import bag_of_words_accuracy, length_rule_accuracy, length_rule_direction
+    """The reward gate's trivial baselines (:mod:`preftune.scoring.baselines`) on this split."""
+    from preftune.scoring.baselines import bag_of_words_accuracy, length_rule_accuracy, length_rule_direction
 
     notes = []
     out: dict[str, Any] = {

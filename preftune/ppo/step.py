@@ -233,7 +233,7 @@ def _run(
     from preftune.ppo.observe import MlflowLogger, PushgatewayReporter
     from preftune.ppo.policy import ActorCritic
     from preftune.ppo.trainer import PPOTrainer, install_sigterm
-    from preftune.reward.model import RewardScorer
+    from preftune.scoring.model import RewardScorer
     from preftune.storage import Storage
 
     s = cfg.ppo

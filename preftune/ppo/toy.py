@@ -159,7 +159,7 @@ def build_reward_model(
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-    from preftune.reward.metadata import RewardModelMeta
+    from preftune.scoring.metadata import RewardModelMeta
 
     out = Path(out_dir)
     tok = toy_tokenizer(vocab_size=vocab_size, padding_side="right")

@@ -4,7 +4,7 @@ An absolute accuracy bar misjudges real data (0.63 is a good reward model on HH-
 where crowdworkers agree ~63-70 %; 0.8 may be no better than "pick the longer answer" on easy
 data). The gate therefore asks, on the held-out pairs:
 
-1. **baseline** — does the reward model beat the best trivial baseline (:mod:`preftune.reward.baselines`:
+1. **baseline** — does the reward model beat the best trivial baseline (:mod:`preftune.scoring.baselines`:
    the length rule and the bag-of-words model, fitted on the training pairs)? Statistic: the
    lift ``accuracy - max(baseline accuracies)``; its one-sided lower confidence bound comes from a
    *paired cluster bootstrap*: held-out prompts are resampled with replacement (pairs of one prompt
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from preftune.reward.baselines import bag_of_words_correct, length_rule_correct
+from preftune.scoring.baselines import bag_of_words_correct, length_rule_correct
 
 FIT_REPORT_FILE = "fit_report.json"
 BASELINE_NAMES = {"length": "length rule", "bag_of_words": "bag-of-words"}

@@ -3,7 +3,7 @@
 Why pyfunc and not ``mlflow.transformers``: the transformers flavour serves pipelines, and a
 one-label "text-classification" pipeline squashes the score through a sigmoid, which is not
 a reward; it also re-validates the model against its own list of supported transformers
-versions. The pyfunc wraps :class:`~preftune.reward.model.RewardScorer` over the same folder
+versions. The pyfunc wraps :class:`~preftune.scoring.model.RewardScorer` over the same folder
 that train-reward publishes, so MLflow serving returns exactly the rewards PPO sees:
 input columns ``prompt`` and ``response``, output column ``reward`` (param ``normalize``).
 """
@@ -18,15 +18,14 @@ import mlflow
 import pandas as pd
 
 from preftune.common.requirements import pip_requirements
-
-ARTIFACT_KEY = "reward_model"
+from preftune.scoring.metadata import ARTIFACT_KEY
 
 
 class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
     """Scores prompt/response rows with the packaged reward-model folder."""
 
     def load_context(self, context: Any) -> None:
-        from preftune.reward.model import RewardScorer
+        from preftune.scoring.model import RewardScorer
 
         self.scorer = RewardScorer.load(context.artifacts[ARTIFACT_KEY])
 

@@ -31,7 +31,6 @@ from preftune.config import RunConfig
 from preftune.errors import ExitCode, PreftuneError
 from preftune.reward.data import PreferenceDataset, TokenizedPairs, load_dataset, split_by_prompt, tokenize_pairs
 from preftune.reward.gate import GateVerdict, evaluate_gate, read_fit_report
-from preftune.reward.metadata import METADATA_FILE, RewardModelMeta
 from preftune.reward.metrics import (
     CalibrationBucket,
     LengthBias,
@@ -45,6 +44,7 @@ from preftune.reward.metrics import (
     pairwise_outcomes,
     plot_calibration,
 )
+from preftune.scoring.metadata import METADATA_FILE, RewardModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def evaluate_held_out(trainer: Any, data: TokenizedPairs, eval_pairs: list[Any])
         seen.setdefault((p.prompt, p.chosen), float(c))
         seen.setdefault((p.prompt, p.rejected), float(r))
     values = np.array(list(seen.values()), dtype=np.float64)
-    from preftune.reward.model import finite_std
+    from preftune.scoring.model import finite_std
 
     table = calibration_table(chosen, rejected)
     swap_c, swap_r = trainer.predict(data.swapped())
@@ -201,14 +201,14 @@ def train_reward(
     from preftune import tracking
     from preftune.common.device import select_device
     from preftune.reward.mlflow_model import log_reward_model
-    from preftune.reward.model import (
+    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, disable_dropout
+    from preftune.scoring.model import (
         add_lora,
         enable_gradient_checkpointing,
         load_sequence_classifier,
         load_tokenizer,
         save_reward_model,
     )
-    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, disable_dropout
     from preftune.storage import Storage
 
     rc = cfg.reward

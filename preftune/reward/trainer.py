@@ -31,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from preftune.reward.config import RewardSection
-from preftune.reward.data import TokenizedPairs, length_bucketed_batches, pad_right
+from preftune.reward.data import TokenizedPairs
 from preftune.reward.losses import bradley_terry_loss
 from preftune.reward.metrics import pairwise_accuracy
-from preftune.reward.model import rewards_of
+from preftune.scoring.batching import length_bucketed_batches, pad_right
+from preftune.scoring.model import rewards_of
 
 MetricsCallback = Callable[[dict[str, float], int], None]
 

@@ -36,7 +36,7 @@ class RewardJudge:
     """The reward model's score against a threshold: above -> one behaviour, below -> another."""
 
     def __init__(self, name: str, spec: RewardJudgeSpec, path: str, device: Any):
-        from preftune.reward.model import RewardScorer
+        from preftune.scoring.model import RewardScorer
 
         self.name = name
         self.spec = spec

@@ -20,8 +20,8 @@ import torch
 
 from preftune.common.device import select_device
 from preftune.errors import InputError
-from preftune.reward.data import encode_texts, length_bucketed_batches, pad_right
-from preftune.reward.metadata import RewardModelMeta, read_metadata
+from preftune.scoring.batching import encode_texts, length_bucketed_batches, pad_right
+from preftune.scoring.metadata import RewardModelMeta, read_metadata
 from preftune.text import render_pair
 
 log = logging.getLogger(__name__)

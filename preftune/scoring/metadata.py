@@ -18,6 +18,7 @@ from preftune.common.metadata import read_metadata_json
 from preftune.errors import InputError
 
 METADATA_FILE = "reward_model.json"
+ARTIFACT_KEY = "reward_model"  # the folder's artifact name in the reward model's MLflow pyfunc (reward.mlflow_model)
 FORMAT = "preftune.reward_model"
 VERSION = 1
 
