@@ -136,3 +136,34 @@ def test_no_headroom_above_a_baseline_at_the_measured_ceiling_asks_for_the_ceili
     assert not evaluate_gate(
         accuracy_per_pair=worse, train_pairs=train, eval_pairs=held, gate=_gate(), fit_report=report
     ).passed
+
+
+def _length_world(n: int, start: int = 0) -> list[PreferencePair]:
+    """Chosen is the longer answer in 3 of every 5 pairs: the length rule scores 0.6."""
+    out = []
+    for i in range(start, start + n):
+        long, short = f"a long answer number {i} here", f"short {i}"
+        pair = (long, short) if i % 5 < 3 else (short, long)
+        out.append(PreferencePair(f"p{i}", f"q{i}", "f", f"question {i}?", *pair))
+    return out
+
+
+def test_the_same_lift_fails_on_few_held_out_pairs_passes_on_many_and_the_reason_says_how_much_is_needed() -> None:
+    """The paired bound narrows as 1/sqrt(n): a real +0.08 lift is noise on 100 pairs and clear on 2,000."""
+    train = _length_world(100, start=10_000)
+    results = {}
+    for n in (100, 2000):
+        held = _length_world(n)
+        rng = np.random.default_rng(n)
+        credit = (rng.random(n) < 0.68).astype(float)  # about 0.68 against the length rule's 0.6
+        v = evaluate_gate(
+            accuracy_per_pair=credit, train_pairs=train, eval_pairs=held, gate=_gate(baselines=["length"]), seed=0
+        )
+        assert v.baselines == {"length": pytest.approx(0.6)} and v.rule == "superiority"
+        assert v.needed_lift == pytest.approx(v.lift - v.lift_lower)  # min_lift 0: the bound's distance below the lift
+        results[n] = v
+    few, many = results[100], results[2000]
+    assert not few.passed and few.lift > 0.04 and few.lift_lower < 0 and few.needed_lift > few.lift
+    assert "a lift of about" in few.reason and f"{few.needed_lift:+.3f}" in few.reason
+    assert many.passed and many.lift_lower > 0 and many.needed_lift < few.needed_lift / 3
+    assert "reward.gate.needed_lift" in many.metrics()

@@ -109,6 +109,7 @@ class GateVerdict:
     confidence: float = 0.95
     rule: str | None = None  # "superiority", or "no headroom" (the best baseline is at the ceiling)
     required_lift: float | None = None
+    needed_lift: float | None = None  # lift at which the lower bound would clear required_lift, at this spread
     ceiling: float | None = None
     ceiling_source: str | None = None
     ceiling_accuracy: float | None = None  # accuracy on the families that have a ceiling
@@ -128,6 +129,7 @@ class GateVerdict:
             "reward.gate.lift": self.lift,
             "reward.gate.lift_lower": self.lift_lower,
             "reward.gate.required_lift": self.required_lift,
+            "reward.gate.needed_lift": self.needed_lift,
             "reward.gate.ceiling": self.ceiling,
             "reward.gate.ceiling_share": self.ceiling_share,
             "reward.gate.floor": self.floor,
@@ -257,6 +259,14 @@ def evaluate_gate(
                 f"{gate.min_lift:+.3f} required"
             )
             ok = bool(v.lift_lower > v.required_lift)
+            if math.isfinite(v.lift_lower):
+                v.needed_lift = v.required_lift + (v.lift - v.lift_lower)
+                if not ok:
+                    why += (
+                        f"; with {v.n_pairs} held-out pairs the bound sits {v.lift - v.lift_lower:.3f} below the "
+                        f"lift, so a lift of about {v.needed_lift:+.3f} would pass (a better model, or more "
+                        "held-out pairs for a narrower bound)"
+                    )
         others = ", ".join(f"{BASELINE_NAMES[k]} {a:.3f}" for k, a in v.baselines.items() if k != v.best_baseline)
         if others:
             why += f" (also: {others})"
