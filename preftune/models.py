@@ -107,8 +107,8 @@ def resolve_registry(ref: str, *, tracking_uri: str | None = None, cache: Path |
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from preftune.evaluate.registry import alias_version, parse_models_uri
     from preftune.home import preftune_home
+    from preftune.registry import alias_version, parse_models_uri
 
     name, version, alias = parse_models_uri(ref)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

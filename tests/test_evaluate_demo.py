@@ -13,8 +13,8 @@ import pytest
 from mlflow import MlflowClient
 from test_evaluate_support import DEMO_TUNINGS, tune_demo_policy
 
+from preftune import registry
 from preftune.config import parse_config
-from preftune.evaluate import registry
 from preftune.evaluate.promote import promote
 from preftune.evaluate.step import evaluate
 

@@ -12,11 +12,11 @@ from support.mlflow_server import free_port
 from test_evaluate_step import run_cli
 from test_evaluate_support import toy_config, toy_store, toy_world  # noqa: F401 (fixtures)
 
+from preftune import registry
 from preftune.errors import ConfigError, ExitCode, InputError, PreftuneError, UnreachableError
-from preftune.evaluate import registry
 from preftune.evaluate.promote import promote
-from preftune.evaluate.registry import list_versions, rollback
 from preftune.evaluate.step import evaluate
+from preftune.registry import list_versions, rollback
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """Concurrent promotions against a real ``mlflow server`` on PostgreSQL, from separate processes.
 
 The promotion lock is a registered model created with create-if-absent (see
-``preftune.evaluate.registry``). These tests start real processes that race for it: a
+``preftune.registry``). These tests start real processes that race for it: a
 read-modify-write counter that loses updates without the lock and none with it, and two
 promotions finishing together, which must leave the better model as champion and lose no version.
 """
@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 from test_evaluate_support import toy_config, toy_world  # noqa: F401 (fixture)
 from test_promote import LOOSE
 
+from preftune import registry
 from preftune.errors import UnreachableError
-from preftune.evaluate import registry
-from preftune.evaluate.registry import LockLost, PromotionLock
+from preftune.registry import LockLost, PromotionLock
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -44,7 +44,7 @@ COUNTER_WORKER = BARRIER + textwrap.dedent(
     """
     import json
     from mlflow import MlflowClient
-    from preftune.evaluate.registry import PromotionLock
+    from preftune.registry import PromotionLock
 
     uri, name, folder, me, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

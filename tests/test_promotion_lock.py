@@ -19,9 +19,9 @@ from mlflow.protos.databricks_pb2 import (
     RESOURCE_DOES_NOT_EXIST,
 )
 
+from preftune import registry
 from preftune.errors import UnreachableError
-from preftune.evaluate import registry
-from preftune.evaluate.registry import PromotionLock
+from preftune.registry import PromotionLock
 
 
 class Registry:

@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Move the champion alias back to an earlier version, recording who and why."""
         from preftune.config import load_config
-        from preftune.evaluate.registry import rollback
+        from preftune.registry import rollback
 
         _quiet_mlflow()
         cfg = load_config(config)
@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from preftune.config import load_config
-        from preftune.evaluate.registry import list_versions
+        from preftune.registry import list_versions
 
         cfg = load_config(config)
         info = list_versions(cfg)

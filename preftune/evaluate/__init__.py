@@ -6,7 +6,6 @@ Public API (imported lazily, so ``import preftune.evaluate`` costs nothing):
   gates with bootstrap confidence bounds, a Markdown/HTML report and an MLflow run.
 - :func:`promote` (``preftune.evaluate.promote``): register a passing candidate and move the
   ``champion`` alias under the promotion lock.
-- :func:`rollback`, :func:`list_versions` (``preftune.evaluate.registry``).
 - :func:`load_suite` (``preftune.evaluate.suite``): read and validate a suite file.
 """
 
@@ -16,19 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.evaluate.promote import PromoteResult, promote
-    from preftune.evaluate.registry import list_versions, rollback
     from preftune.evaluate.step import EvalResult, evaluate
     from preftune.evaluate.suite import Suite, load_suite
 
-__all__ = ["EvalResult", "PromoteResult", "Suite", "evaluate", "list_versions", "load_suite", "promote", "rollback"]
+__all__ = ["EvalResult", "PromoteResult", "Suite", "evaluate", "load_suite", "promote"]
 
 _WHERE = {
     "EvalResult": "preftune.evaluate.step",
     "evaluate": "preftune.evaluate.step",
     "PromoteResult": "preftune.evaluate.promote",
     "promote": "preftune.evaluate.promote",
-    "list_versions": "preftune.evaluate.registry",
-    "rollback": "preftune.evaluate.registry",
     "Suite": "preftune.evaluate.suite",
     "load_suite": "preftune.evaluate.suite",
 }

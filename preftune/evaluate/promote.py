@@ -6,7 +6,7 @@
 3. A failed gate registers nothing: the promote run and the evaluate run are tagged
    ``preftune.promotion.status=rejected`` with the reasons, and the CLI exits 13.
 4. Otherwise the policy is logged as an MLflow model, and under the promotion lock
-   (:class:`~preftune.evaluate.registry.PromotionLock`) the champion is re-read. If it changed
+   (:class:`~preftune.registry.PromotionLock`) the champion is re-read. If it changed
    since the evaluation (another promotion or a rollback finished meanwhile), the candidate is
    re-checked against the new champion from both evaluations' stored samples; only then is the
    version created (with its audit tags, atomically), ``previous-champion`` moved to the old
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune import registry
 from preftune.config import RunConfig
 from preftune.errors import ExitCode, InputError, PreftuneError
-from preftune.evaluate import registry
-from preftune.evaluate.registry import (
+from preftune.registry import (
     GATE_TAG_PREFIX,
     RUN_TAG_PROMOTION,
     RUN_TAG_PROMOTION_REASONS,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from preftune import registry
 from preftune.common.device import torch_threads
 from preftune.config import RunConfig
-from preftune.evaluate import registry
 from preftune.evaluate.metrics import CANDIDATE, CHAMPION, SampleRecord
 from preftune.evaluate.stored import stored_champion_samples
 from preftune.evaluate.suite import Suite

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune import registry
 from preftune.common.timestamps import utc_now
 from preftune.config import RunConfig
-from preftune.evaluate import registry
 from preftune.evaluate.gates import GateResult, absolute_gates, config_thresholds, non_regression_gates, verdict
 from preftune.evaluate.metrics import (
     CANDIDATE,

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from preftune import registry
 from preftune.config import RunConfig
-from preftune.evaluate import registry
 from preftune.evaluate.gates import GateResult, non_regression_gates, verdict
 from preftune.evaluate.metrics import (
     CANDIDATE,

@@ -8,7 +8,7 @@
   champion's answer and fresh candidates from the policy (``preftune.candidates`` v1, posted to
   ``/api/admin/tasks/import`` with ``$PREFTUNE_ADMIN_TOKEN``).
 - *Rollback* (``--on-regression rollback``): ``@champion`` goes back to ``@previous-champion``
-  through the promotion lock (:func:`preftune.evaluate.registry.rollback`).
+  through the promotion lock (:func:`preftune.registry.rollback`).
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ def _fresh_candidates(cases: list[dict[str, Any]], policy: str, cfg: Any, storag
     from pathlib import Path
 
     from preftune.collect.generate import PromptRecord, sample_candidates
-    from preftune.evaluate.registry import resolve_model
+    from preftune.registry import resolve_model
 
     client = None
     if policy.startswith("models:/"):
         from preftune import tracking
-        from preftune.evaluate.registry import mlflow_client
+        from preftune.registry import mlflow_client
 
         tracking.configure(cfg)
         client = mlflow_client(tracking.resolve_tracking_uri(cfg.tracking))
@@ -107,7 +107,7 @@ def send_to_service(result: Any, url: str | None, policy: str | None, cfg: Any, 
 
 def rollback(cfg: Any, client: Any, champion: str | None, previous: str | None, result: Any) -> dict[str, Any]:
     """Move @champion back to @previous-champion (through the promotion lock); never raises for 'nothing to do'."""
-    from preftune.evaluate.registry import rollback as registry_rollback
+    from preftune.registry import rollback as registry_rollback
 
     if champion is None or previous is None or previous == champion:
         return {"action": "rollback", "done": False, "why": "no previous champion to roll back to"}

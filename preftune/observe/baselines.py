@@ -20,7 +20,7 @@ UNKNOWN = "unknown"
 def champion_version(cfg: Any) -> tuple[Any, str | None, str | None]:
     """(client, champion version, previous-champion version) of the registered model."""
     from preftune import tracking
-    from preftune.evaluate.registry import alias_version, get_registered_model, mlflow_client
+    from preftune.registry import alias_version, get_registered_model, mlflow_client
 
     tracking.configure(cfg)
     client = mlflow_client(tracking.resolve_tracking_uri(cfg.tracking))

@@ -79,8 +79,7 @@ def pilot_config(cfg: RunConfig, *, champion_exists: bool | None = None) -> RunC
 
 
 def _champion_exists(cfg: RunConfig) -> bool:
-    from preftune import tracking
-    from preftune.evaluate import registry
+    from preftune import registry, tracking
 
     if cfg.evaluation.champion != "registry":
         return True

@@ -39,7 +39,7 @@ def promote(
     started_at: float | None = None,
 ) -> PromoteStepResult:
     """promote: register the candidate and move the champion alias; ``promoted`` is False when rejected."""
-    from preftune.evaluate import registry
+    from preftune import registry
     from preftune.evaluate.promote import promote as _promote
 
     cfg = load(config)
