@@ -47,6 +47,7 @@ from pathlib import Path
 
 import httpx
 from serve_client import Connection, NetworkError, event_loop_runner  # beside this script
+from serve_cpu import CpuMeter
 
 ADMIN_TOKEN = "bench-admin-" + uuid.uuid4().hex
 RATINGS_PER_TASK = 3
@@ -105,7 +106,7 @@ def _task_records(n: int, seed: int) -> list[dict]:
 
 
 def _start_server(
-    database_url: str, port: int, log_path: Path, workers: int = 1, pythonpath: str = ""
+    database_url: str, port: int, log_path: Path, workers: int = 1, pythonpath: str = "", pool_size: int = 20
 ) -> subprocess.Popen:
     env = dict(
         os.environ,
@@ -115,7 +116,7 @@ def _start_server(
         PREFTUNE_LOG_LEVEL="WARNING",
         PREFTUNE_AUTO_MIGRATE="true",
         PREFTUNE_AGREEMENT_REFRESH_SECONDS="0",
-        PREFTUNE_DB_POOL_SIZE="20",
+        PREFTUNE_DB_POOL_SIZE=str(pool_size),
         PREFTUNE_WORKERS=str(workers),
     )
     if pythonpath:  # e.g. an older checkout of preftune, for before/after figures
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-ms", type=float, default=100.0, help="p95 a rate must hold to count as sustainable")
     p.add_argument("--cycle", choices=["separate", "combined"], default="separate")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--pool-size", type=int, default=20, help="PREFTUNE_DB_POOL_SIZE of each worker")
     p.add_argument("--server-pythonpath", default="", help="PYTHONPATH of the server process (an older checkout)")
     p.add_argument("--database-url", default="", help="PostgreSQL URL (default: a fresh database on 127.0.0.1:5432)")
     p.add_argument("--pg-host", default=os.environ.get("PREFTUNE_TEST_PG_HOST", "127.0.0.1"))
@@ -454,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
         "cycle": args.cycle,
         "workers": args.workers,
+        "pool_size": args.pool_size,
         "raters": args.raters,
         "seconds": args.seconds,
         "think_s": args.think if args.mode == "open" and not rates else None,
@@ -461,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None,
     }
     try:
-        proc = _start_server(database_url, port, workdir / "server.log", args.workers, args.server_pythonpath)
+        proc = _start_server(
+            database_url, port, workdir / "server.log", args.workers, args.server_pythonpath, args.pool_size
+        )
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         records = _task_records(n_tasks, seed=0)
         with httpx.Client(base_url=base, timeout=60) as c:
@@ -482,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                 r.raise_for_status()
                 tokens[f"load-{i}"] = r.json()["token"]
         stats = Stats()
+        meter = CpuMeter(proc.pid, database_url.rsplit("/", 1)[-1].split("?")[0])
+        meter.start()
         start, elapsed = event_loop_runner()(
             _run_load(
                 base,
@@ -493,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                 rates=rates if args.mode == "open" else None,
             )
         )
+        cpu = meter.stop()
         loadavg_after = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
         checks = _verify(database_url, base, stats)
         proc.send_signal(signal.SIGTERM)
@@ -508,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput_judgements_per_s": round(len(stats.acked) / elapsed, 1),
                 "loadavg_after": loadavg_after,
                 "cycles_per_s": round(len(stats.cycles) / elapsed, 1),
+                # CPU seconds of the load phase per group, and per acknowledged judgement: the figure that
+                # compares versions fairly on a shared machine (see serve_cpu.py)
+                "cpu_s": {k: round(v, 2) for k, v in cpu.items()} if cpu else None,
+                "cpu_ms_per_judgement": (
+                    {k: round(1000 * v / len(stats.acked), 3) for k, v in cpu.items()} if cpu and stats.acked else None
+                ),
                 "latency": {
                     "cycle": _summary([d for _, d in stats.cycles]),
                     "all": _summary(all_latency),

@@ -22,8 +22,9 @@ def bearer(token: str) -> dict[str, str]:
 class Count:
     def __init__(self, engine) -> None:  # noqa: ANN001
         self.statements: list[str] = []
+        self.seen: list[str] = []  # every statement, never cleared
         self.commits = 0
-        event.listen(engine, "before_cursor_execute", lambda *a: self.statements.append(a[2]))
+        event.listen(engine, "before_cursor_execute", lambda *a: (self.statements.append(a[2]), self.seen.append(a[2])))
         event.listen(engine, "commit", self._commit)
 
     def _commit(self, _conn) -> None:  # noqa: ANN001
@@ -85,10 +86,50 @@ def test_a_cycle_is_few_statements_and_one_commit(serve_db):
     if serve_db.kind == "postgresql":
         assert set(combined) == {(3, 1)}, combined  # auth, store, reserve
         assert set(separate) == {(4, 2)}, separate  # (auth, reserve) + (auth, store)
+        # the hot path runs the statements prepared when the connection was opened (preftune.serve.pgsql)
+        assert all(q.startswith("EXECUTE preftune_") for q in count.seen), count.seen
     else:
         # in-process statements, BEGIN IMMEDIATE included; still one commit per cycle
         assert all(q <= 10 and c == 1 for q, c in combined), combined
         assert all(c == 2 for _, c in separate), separate
+    counters_agree(serve_db)
+
+
+def test_statements_prepared_or_plain_are_the_same_statements():
+    from preftune.serve.pgsql import PgStatement
+
+    stmt = PgStatement("t", "SELECT CAST(:b AS json), x::text FROM y WHERE a = :a OR c > :a", {"a": "int", "b": "text"})
+    assert stmt.plain == "SELECT CAST(%(b)s AS json), x::text FROM y WHERE a = %(a)s OR c > %(a)s"
+    assert stmt.prepare == "PREPARE t (int, text) AS SELECT CAST($2 AS json), x::text FROM y WHERE a = $1 OR c > $1"
+    assert stmt.execute == "EXECUTE t (%(a)s, %(b)s)"
+    with pytest.raises(ValueError, match="parameters"):
+        PgStatement("u", "SELECT :a, :c", {"a": "integer"})
+
+
+def test_a_connection_without_prepared_statements_runs_the_plain_ones(serve_db):
+    """A connection opened before the schema existed cannot prepare: the same cycle, sent as plain SQL."""
+    if serve_db.kind != "postgresql":
+        pytest.skip("prepared statements are PostgreSQL's")
+    from preftune.serve import pgsql
+    from preftune.serve.app import create_app
+
+    app = create_app(make_settings(serve_db.url))
+    with TestClient(app) as client:
+        tokens = _setup(client, 6, ["plain-a", "plain-b"])
+        engine = app.state.preftune.engine
+        event.remove(engine, "connect", pgsql.prepare_on_connect)
+        engine.dispose()
+        count = Count(engine)
+        for token in tokens:
+            task = client.get("/api/tasks/next", headers=bearer(token)).json()
+            for _ in range(2):
+                r = client.post(
+                    "/api/judgements?next=true", json={"task_id": task["task_id"], "best": 0}, headers=bearer(token)
+                )
+                assert r.status_code == 201, r.text
+                task = r.json()["next_task"]
+        assert count.seen and not any(q.startswith("EXECUTE") for q in count.seen), count.seen
+    assert serve_db.query("SELECT count(*) FROM judgements") == [(4,)]
     counters_agree(serve_db)
 
 

@@ -34,6 +34,7 @@ from sqlalchemy import delete, exists, func, insert, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from preftune.serve import pgsql
 from preftune.serve.models import (
     ASSIGNMENT_DONE,
     ASSIGNMENT_EXPIRED,
@@ -119,9 +120,17 @@ def _json(value: Any) -> Any:
 # ----------------------------------------------------------------------------- auth
 
 
+_AUTH_PG = pgsql.statement(
+    "preftune_auth", "SELECT id, name, disabled FROM raters WHERE token_hash = :token_hash", {"token_hash": "text"}
+)
+
+
 def authenticate(session: Session, token_hash: str) -> RaterRef | None:
     """The active rater whose token has this sha256 (one indexed lookup), or None."""
-    row = session.execute(select(R.c.id, R.c.name, R.c.disabled).where(R.c.token_hash == token_hash)).first()
+    if _is_pg(session):
+        row = pgsql.run(session, _AUTH_PG, {"token_hash": token_hash}).first()
+    else:
+        row = session.execute(select(R.c.id, R.c.name, R.c.disabled).where(R.c.token_hash == token_hash)).first()
     if row is None or row.disabled:
         return None
     return RaterRef(id=row.id, name=row.name)
@@ -158,8 +167,9 @@ FROM (
     SELECT 'new', ins.id, ins.task_id, ins.expires_at FROM ins JOIN bump ON bump.id = ins.task_id
 ) x JOIN tasks t ON t.id = x.tid
 """
-RESERVE_PG_SKIP = text(_RESERVE_PG.format(skip_locked="SKIP LOCKED"))
-RESERVE_PG_WAIT = text(_RESERVE_PG.format(skip_locked=""))
+_RESERVE_TYPES = {"rater": "integer", "k": "integer", "now": "timestamp", "expires": "timestamp"}
+RESERVE_PG_SKIP = pgsql.statement("preftune_reserve", _RESERVE_PG.format(skip_locked="SKIP LOCKED"), _RESERVE_TYPES)
+RESERVE_PG_WAIT = pgsql.statement("preftune_reserve_wait", _RESERVE_PG.format(skip_locked=""), _RESERVE_TYPES)
 
 _CONTENT = (T.c.id.label("task_id"), T.c.item_id, T.c.family, T.c.tags, T.c.prompt, T.c.candidates, T.c.n_candidates)
 
@@ -191,7 +201,7 @@ def _expire_one(session: Session, assignment_id: int, task_id: int) -> None:
 
 def _reserve_pg(session: Session, rater_id: int, k: int, now: datetime, expires: datetime, wait: bool):
     params = {"rater": rater_id, "k": k, "now": now, "expires": expires}
-    return session.execute(RESERVE_PG_WAIT if wait else RESERVE_PG_SKIP, params).first()
+    return pgsql.run(session, RESERVE_PG_WAIT if wait else RESERVE_PG_SKIP, params).first()
 
 
 def _reserve_generic(session: Session, rater_id: int, k: int, now: datetime, expires: datetime):
@@ -301,7 +311,8 @@ def _release_slots(session: Session, task_ids: list[int]) -> None:
 
 # ----------------------------------------------------------------------------- judgements
 
-_STORE_PG = text(
+_STORE_PG = pgsql.statement(
+    "preftune_store",
     """
 WITH old AS (
     SELECT a.id, a.status FROM assignments a
@@ -326,7 +337,17 @@ WITH old AS (
 SELECT t.item_id, t.prompt_id, t.family, t.tags, t.prompt, t.candidates, t.n_candidates,
        (SELECT status FROM old) AS old_status, (SELECT id FROM ins) AS judgement_pk
 FROM tasks t WHERE t.id = :task
-"""
+""",
+    {
+        "uid": "text",
+        "task": "integer",
+        "rater": "integer",
+        "best": "integer",
+        "ranking": "text",
+        "all_unacceptable": "boolean",
+        "unsafe": "text",
+        "now": "timestamp",
+    },
 )
 
 
@@ -384,7 +405,8 @@ def store(session: Session, rater: RaterRef, payload: JudgementIn, *, now: datet
         "now": now,
     }
     if _is_pg(session):
-        row = session.execute(
+        row = pgsql.run(
+            session,
             _STORE_PG,
             {
                 **values,

@@ -60,6 +60,10 @@ def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True, pool_ti
                 pool_timeout=pool_timeout,
                 pool_use_lifo=True,
             )
+            if parsed.get_backend_name() == "postgresql":
+                from preftune.serve import pgsql
+
+                event.listen(engine, "connect", pgsql.prepare_on_connect)
     except (NoSuchModuleError, ImportError) as err:
         raise ConfigError(f"no database driver for {redact_url(url)}: {err}") from None
     return engine
@@ -142,6 +146,8 @@ def migrate(engine: Engine, revision: str = "head") -> str:
             f"cannot migrate the feedback database {engine.url.render_as_string(hide_password=True)}: "
             f"{str(err.orig).strip().splitlines()[0] if err.orig else err}"
         ) from None
+    if engine.dialect.name == "postgresql":
+        engine.dispose()  # connections opened before the schema existed hold no prepared statements
     rev = current_revision(engine)
     log.info("database schema at revision %s", rev, extra={"revision": rev})
     return rev or ""
