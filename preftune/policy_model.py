@@ -52,7 +52,7 @@ class PolicyPyfunc(mlflow.pyfunc.PythonModel):
     """Generates a response per ``prompt`` row with the packaged policy folder."""
 
     def load_context(self, context):  # noqa: ANN001 (MLflow inspects type hints of these two)
-        from preftune.evaluate.generation import load_policy
+        from preftune.generation.policy import load_policy
 
         folder = Path(context.artifacts[ARTIFACT_KEY])
         base = context.artifacts.get(BASE_ARTIFACT_KEY)
@@ -63,7 +63,7 @@ class PolicyPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import pandas as pd
 
-        from preftune.evaluate.generation import sample
+        from preftune.generation.policy import sample
 
         params = params or {}
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

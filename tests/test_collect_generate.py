@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from preftune.collect.generate import PromptRecord, cut_at_eos, load_prompts, sample_candidates, select_fraction
 from preftune.config import parse_config
 from preftune.data.validation import ValidationReport
+from preftune.generation.candidates import PromptRecord, cut_at_eos, load_prompts, sample_candidates, select_fraction
 from preftune.storage import Storage
 
 EOS = "<|endoftext|>"

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from preftune.collect.generate import PromptRecord, item_id_for
 from preftune.data.formats import Importer
 from preftune.data.records import utc_now
 from preftune.errors import ConfigError
+from preftune.generation.candidates import PromptRecord, item_id_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.config import RunConfig

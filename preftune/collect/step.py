@@ -290,7 +290,7 @@ def collect_from_config(
 
 
 def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bool | None):
-    from preftune.collect.generate import (
+    from preftune.generation.candidates import (
         candidate_records,
         load_prompts,
         resolve_policy,
@@ -337,7 +337,7 @@ def generate_candidates(
     """
     import mlflow
 
-    from preftune.collect.generate import candidates_jsonl
+    from preftune.generation.candidates import candidates_jsonl
     from preftune.tracking import start_step_run
 
     _check_output(output)

@@ -175,7 +175,7 @@ def promote(
             else:
                 base = None
                 if cfg.promotion.package_adapter_base:
-                    from preftune.evaluate.generation import policy_layout
+                    from preftune.generation.policy import policy_layout
 
                     layout = policy_layout(cand.path, cfg.world)
                     base = layout.base if layout.adapter is not None else None

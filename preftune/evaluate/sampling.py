@@ -103,7 +103,7 @@ def _judge_and_record(
 
 
 def _capability(policy: Any, suite: Suite) -> dict[str, float]:
-    from preftune.evaluate.generation import text_logliks
+    from preftune.generation.policy import text_logliks
 
     values = text_logliks(
         policy,
@@ -126,7 +126,7 @@ def _evaluate_model(
     progress: Any,
 ) -> tuple[list[SampleRecord], dict[str, float] | None]:
     """Sample one model on every case, judge, score KL (and rewards), and measure capability."""
-    from preftune.evaluate.generation import load_policy, response_logprobs, same_vocabulary, sample
+    from preftune.generation.policy import load_policy, response_logprobs, same_vocabulary, sample
 
     gen = suite.generation
     prompts = [c.prompt for c in suite.cases]
@@ -176,7 +176,7 @@ def sample_and_judge(
     """Sample and judge the candidate and (unless its stored samples can be reused) the champion."""
     from tqdm.auto import tqdm
 
-    from preftune.evaluate.generation import load_policy
+    from preftune.generation.policy import load_policy
 
     ev = cfg.evaluation
     gen = suite.generation

@@ -54,7 +54,7 @@ def _fresh_candidates(cases: list[dict[str, Any]], policy: str, cfg: Any, storag
     import tempfile
     from pathlib import Path
 
-    from preftune.collect.generate import PromptRecord, sample_candidates
+    from preftune.generation.candidates import PromptRecord, sample_candidates
     from preftune.registry import resolve_model
 
     client = None
@@ -76,7 +76,7 @@ def send_to_service(result: Any, url: str | None, policy: str | None, cfg: Any, 
     """Post the hard cases as rating tasks; returns the action records."""
     if not url or not result.hard_cases:
         return []
-    from preftune.collect.generate import PromptRecord, candidate_records, candidates_jsonl
+    from preftune.generation.candidates import PromptRecord, candidate_records, candidates_jsonl
 
     token = os.environ.get("PREFTUNE_ADMIN_TOKEN")
     if not token:

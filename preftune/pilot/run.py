@@ -98,7 +98,7 @@ def measure_best_of_n(pcfg: RunConfig, policy_dir: str, reward_dir: str) -> dict
 
     import torch
 
-    from preftune.collect.generate import resolve_policy
+    from preftune.generation.candidates import resolve_policy
     from preftune.ppo import best_of_n
     from preftune.ppo.artifacts import load_policy
     from preftune.ppo.step import load_policy_model, load_prompt_items

@@ -124,8 +124,8 @@ def load_prompt_items(
     cfg: RunConfig, storage: Any, excluded: set[str], allowed: set[str] | None = None
 ) -> tuple[list[Any], dict[str, int]]:
     """The rollout prompts (families in ``excluded``, or not in ``allowed``, left out) and counts per family."""
-    from preftune.collect.generate import load_prompts
     from preftune.data.validation import ValidationReport
+    from preftune.generation.candidates import load_prompts
     from preftune.ppo.trainer import PromptItem
 
     spec = cfg.ppo.prompts or cfg.data.prompts
@@ -227,7 +227,7 @@ def _run(
     import torch
 
     from preftune import tracking
-    from preftune.collect.generate import resolve_policy
+    from preftune.generation.candidates import resolve_policy
     from preftune.ppo import distributed
     from preftune.ppo.checkpoint import CheckpointStore, local_scratch, remove_scratch
     from preftune.ppo.observe import MlflowLogger, PushgatewayReporter
