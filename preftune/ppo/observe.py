@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from preftune.ppo.trainer import UpdateEvent
+from preftune.ppo.reporting import UpdateEvent
 
 log = logging.getLogger(__name__)
 

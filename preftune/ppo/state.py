@@ -5,14 +5,15 @@ Three random streams per process, each seeded from ``(run seed, stream, rank)`` 
 ``torch.multinomial``), shuffling (the PPO epochs' mini-batch order), and the global generators
 (Python, numpy, torch, CUDA) that library code may touch. A checkpoint holds all of them for every
 process, with the trainable weights, optimiser, scheduler, KL controller, prompt stream and metric
-history (:meth:`preftune.ppo.trainer.PPOTrainer.state_dict`), so a run killed at update ``n`` and
-resumed produces the same figures as one that was never stopped.
+history (:class:`TrainingState`, behind :meth:`preftune.ppo.trainer.PPOTrainer.state_dict`), so a
+run killed at update ``n`` and resumed produces the same figures as one that was never stopped.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,45 @@ def write_checkpoint(
 
 def read_checkpoint(local: Path) -> dict[str, Any]:
     return torch.load(local / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class TrainingState:
+    """The stateful parts of a PPO run, saved and loaded together (the trainer adds the update and history)."""
+
+    actor: Any  # preftune.ppo.policy.ActorCritic
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kl_ctl: Any  # preftune.ppo.core.KLController
+    sampler: Any  # preftune.ppo.rollout.PromptSampler
+    streams: RandomStreams
+
+    def state_dict(self, update: int, history: list[dict[str, float]], *, with_optimizer: bool) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly at ``update`` (collective: gathers the streams)."""
+        return {
+            "update": update,
+            "trainable": self.actor.trainable_state(),
+            "optimizer": self.optimizer.state_dict() if with_optimizer else None,
+            "scheduler": self.scheduler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "per_rank": self.streams.gather(),
+            "history": [dict(h) for h in history],
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
+        """Restore every part from ``saved``; returns (update, history) for the trainer."""
+        self.actor.load_trainable_state(saved["trainable"])
+        if saved["optimizer"] is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.kl_ctl.load_state_dict(saved["kl_ctl"])
+        self.sampler.load_state_dict(saved["sampler"])
+        self.streams.load(saved["per_rank"])
+        return int(saved["update"]), [dict(h) for h in saved["history"]]
+
+    def write(self, store: CheckpointStore, update: int, saved: dict[str, Any]) -> str:
+        """Publish ``saved`` as checkpoint ``update``, with the LoRA adapter folder when the actor has one."""
+        lora = self.actor.mode == "lora"
+        save_adapter = (lambda folder: self.actor.model.save_pretrained(str(folder))) if lora else None
+        return write_checkpoint(store, update, saved, save_adapter)

@@ -12,67 +12,44 @@ iterations of
    bar), a checkpoint every ``checkpoint_every`` updates, the guards, and a checkpoint then a
    clean exit on SIGTERM.
 
-Around it, one module per concern (like OpenRLHF's ``ppo_utils``): :mod:`~preftune.ppo.rollout`
-(prompt stream, experience making, the advantage-estimator call), :mod:`~preftune.ppo.guards`
+This module keeps the update and the loop; around it, one module per concern (like OpenRLHF's
+``ppo_utils``): :mod:`~preftune.ppo.rollout` (prompt stream, experience making, the
+advantage-estimator call), :mod:`~preftune.ppo.setup` (batch layout, optimiser, schedule, KL
+controller), :mod:`~preftune.ppo.warmup` (critic warm-up), :mod:`~preftune.ppo.guards`
 (non-finite values, KL limit, drift), :mod:`~preftune.ppo.distributed` (every collective),
-:mod:`~preftune.ppo.state` (random streams, checkpoints), :mod:`~preftune.ppo.metrics`.
+:mod:`~preftune.ppo.state` (random streams, checkpoints), :mod:`~preftune.ppo.metrics`,
+:mod:`~preftune.ppo.reporting` (callbacks, progress bar) and :mod:`~preftune.ppo.sigterm`.
 Each RLHF trick is named where it happens (``# trick: ...``); every number comes from
 :class:`~preftune.ppo.config.PPOSection`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 from preftune.errors import ExitCode, PreftuneError
-from preftune.ppo import core, estimators, state
+from preftune.ppo import core, estimators, setup, state, warmup
 from preftune.ppo.checkpoint import CheckpointInfo, CheckpointStore
 from preftune.ppo.config import PPOSection
 from preftune.ppo.distributed import DistContext
 from preftune.ppo.guards import Guards, all_finite
-from preftune.ppo.metrics import sample_table, update_metrics
+from preftune.ppo.metrics import update_metrics
 from preftune.ppo.policy import ActorCritic
+from preftune.ppo.reporting import Callback, Reporter, UpdateEvent
 from preftune.ppo.rollout import JudgeFn, PromptItem, PromptSampler, RewardFn, Rollout, RolloutMaker
+from preftune.ppo.sigterm import EXIT_TERMINATED, Terminated, install_sigterm
 
-__all__ = [
-    "EXIT_TERMINATED",
-    "Callback",
-    "JudgeFn",
-    "PPOTrainer",
-    "PromptItem",
-    "PromptSampler",
-    "RewardFn",
-    "Rollout",
-    "Terminated",
-    "TrainResult",
-    "UpdateEvent",
-    "install_sigterm",
-]
+__all__ = ["EXIT_TERMINATED", "Callback", "JudgeFn", "PPOTrainer", "PromptItem", "PromptSampler", "RewardFn"]
+__all__ += ["Rollout", "Terminated", "TrainResult", "UpdateEvent", "install_sigterm"]
 
-EXIT_TERMINATED = 143
-"""Exit code after SIGTERM (128 + 15, what Kubernetes and shells expect): a checkpoint was written."""
-
-
-@dataclass
-class UpdateEvent:
-    """What callbacks get after each update."""
-
-    update: int  # 1-based
-    total: int
-    metrics: dict[str, float]
-    samples: list[dict[str, Any]] | None  # a table of generations, every ``samples_every`` updates
-
-
-class Callback(Protocol):
-    def on_update(self, event: UpdateEvent) -> None: ...
+SECONDS_PER_MINUTE = 60.0
 
 
 @dataclass
@@ -85,12 +62,6 @@ class TrainResult:
     kl_coef: float
     final: dict[str, float] = field(default_factory=dict)
     last_samples: list[dict[str, Any]] = field(default_factory=list)
-
-
-class Terminated(PreftuneError):
-    """SIGTERM arrived: a checkpoint was written, the process should exit."""
-
-    exit_code = EXIT_TERMINATED
 
 
 class PPOTrainer:
@@ -127,38 +98,16 @@ class PPOTrainer:
         self.progress = settings.progress if progress is None else progress
         self.dist = DistContext.of(rank, world_size)
         self.world_size, self.rank = world_size, rank
-        if settings.batch_size % world_size:
-            raise PreftuneError(
-                f"ppo.batch_size ({settings.batch_size}) must be divisible by the number of processes ({world_size})",
-                ExitCode.CONFIG,
-            )
         self.estimator = estimators.get(s.advantage_estimator)
-        if self.estimator.needs_critic != (actor.value_head is not None):
-            raise PreftuneError(
-                f"ppo.advantage_estimator {s.advantage_estimator!r} "
-                + (
-                    "needs a critic, but the actor has no value head"
-                    if self.estimator.needs_critic
-                    else "is critic-free, but the actor has a value head (build it with critic='none')"
-                ),
-                ExitCode.CONFIG,
-            )
-        if (s.batch_size // s.samples_per_prompt) % world_size:
-            raise PreftuneError(
-                f"ppo.batch_size / ppo.samples_per_prompt ({s.batch_size // s.samples_per_prompt} prompts) must be "
-                f"divisible by the number of processes ({world_size}): each process rolls out whole groups",
-                ExitCode.CONFIG,
-            )
-        self.local_mini = max(1, settings.mini_batch_size // world_size)
-        self.micro = max(1, self.local_mini // settings.grad_accum_steps)
+        setup.check_layout(s, self.estimator, actor, world_size)
 
         self.update_idx = 0
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: str | None = None
         self.terminate_requested = False
-        self.last_samples: list[dict[str, Any]] = []
         self.guards = Guards(settings, self.dist, lambda: self.last_checkpoint)
         self.streams = state.RandomStreams(seed, self.dist)
+        self.batches = setup.MiniBatches.of(s, world_size, device, self.streams.shuffle)
         self.sampler = PromptSampler.for_prompts(self.prompts, seed, settings.balance_families)
         self.rollouts = RolloutMaker(
             settings,
@@ -171,36 +120,16 @@ class PPOTrainer:
             reward_stats=reward_stats,
         )
         self._autocast = self.rollouts.autocast
-        self.kl_ctl: core.KLController = (
-            core.AdaptiveKLController(s.kl_coef, s.kl_target, s.kl_horizon, s.kl_error_clip)
-            if s.kl_controller == "adaptive"
-            else core.FixedKLController(s.kl_coef)
+        self.kl_ctl = setup.make_kl_controller(s)
+        self.optimizer = setup.make_optimizer(s, actor)
+        self.scheduler = setup.make_scheduler(s, self.optimizer)
+        self.training_state = state.TrainingState(
+            actor, self.optimizer, self.scheduler, self.kl_ctl, self.sampler, self.streams
         )
-        self.optimizer = self._make_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda u: core.lr_multiplier(u, s.updates, s.warmup_updates, s.lr_schedule, s.min_lr_ratio),
-        )  # trick: lr warm-up then decay, per update
+        self.reporter = Reporter(s, self.callbacks, main=rank == 0, progress=self.progress)
         self._ddp_params = [p for _, p in self.actor.trainable_named_parameters()]
         self.engine: Any = None  # DeepSpeed engine when ppo.deepspeed_config is set (attach_engine)
         self.warmup_losses: list[float] = []  # critic warm-up value losses (ppo.critic_warmup_updates)
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        s = self.s
-        decay, no_decay, head = [], [], []
-        for name, p in self.actor.trainable_named_parameters():
-            if name.startswith("value_head."):
-                head.append(p)
-            elif p.ndim < 2:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [
-            {"params": decay, "weight_decay": s.weight_decay, "lr": s.lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": s.lr},
-            {"params": head, "weight_decay": 0.0, "lr": s.lr * s.value_head_lr_ratio},
-        ]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, eps=s.adam_eps)
 
     def attach_engine(self, engine: Any) -> None:
         """Use a DeepSpeed engine (``preftune.ppo.zero``) for backward, gradient reduction, clipping and step."""
@@ -209,6 +138,10 @@ class PPOTrainer:
     def broadcast_parameters(self) -> None:
         """Data parallel: start every process from rank 0's trainable weights."""
         self.dist.broadcast_parameters(self._ddp_params)
+
+    @property
+    def last_samples(self) -> list[dict[str, Any]]:
+        return self.reporter.last_samples
 
     # -- rollout ---------------------------------------------------------------------------
 
@@ -226,64 +159,27 @@ class PPOTrainer:
         """Sample, score and compute advantages for one batch of prompts (no gradient)."""
         return self.rollouts.make(items, update, self.kl_ctl.value)
 
-    # -- critic warm-up ----------------------------------------------------------------------
-
     def warmup_critic(self) -> list[float]:
-        """``critic_warmup_updates`` critic-only updates on fresh rollouts, the policy frozen; returns the losses.
-
-        Only the critic's own parameters (the value head; the critic adapter or copy of a separate
-        critic) are in the warm-up's optimiser and get gradients, and its target is the Monte-Carlo
-        return, so the first PPO update takes its advantages against a critic that already predicts
-        the reward. The rollouts consume prompts and random streams like updates (a checkpoint after
-        update 1 resumes exactly) but do not count in ``ppo.updates``.
-        """
-        s = self.s
+        """``critic_warmup_updates`` critic-only updates, the policy frozen (:mod:`preftune.ppo.warmup`)."""
         if self.engine is not None:
             raise PreftuneError("ppo.critic_warmup_updates is not supported with ppo.deepspeed_config", ExitCode.CONFIG)
-        params = [p for _, p in self.actor.critic_named_parameters()]
-        opt = torch.optim.AdamW(params, lr=s.lr * s.value_head_lr_ratio, eps=s.adam_eps)
-        losses: list[float] = []
-        for _ in range(s.critic_warmup_updates):
-            ro = self.rollout(self._next_items(), 0)
-            rewards, _ = core.per_token_rewards(ro.scores, ro.kl, ro.mask, self.kl_ctl.value)
-            if s.whiten_rewards:
-                rewards = core.masked_whiten(rewards, ro.mask, shift_mean=False)
-            target = estimators.reward_to_go(rewards, ro.mask, s.gamma)  # trick: Monte-Carlo returns as the target
-            self.actor.train()
-            total, n = 0.0, 0
-            for _epoch in range(s.ppo_epochs):
-                perm = torch.randperm(ro.batch_size, generator=self.streams.shuffle)
-                for start in range(0, ro.batch_size, self.local_mini):
-                    mb = perm[start : start + self.local_mini].to(self.device)
-                    opt.zero_grad(set_to_none=True)
-                    for micro in mb.split(self.micro):
-                        loss = self._critic_loss(ro, target, micro)
-                        self.guards.check(0, None if all_finite(loss) else f"critic warm-up loss became {float(loss)}")
-                        (loss / s.grad_accum_steps).backward()
-                        total += float(loss.detach()) / math.ceil(len(mb) / self.micro)
-                    self.dist.average_gradients(params)
-                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                    opt.step()
-                    n += 1
-            losses.append(self.dist.mean(total / max(1, n)))
+        self.warmup_losses = warmup.warmup_critic(
+            self.s,
+            self.actor,
+            lambda: self.rollout(self._next_items(), 0),
+            self.kl_ctl.value,
+            self.batches,
+            self.guards,
+            self.dist,
+            self._autocast,
+        )
         self.optimizer.zero_grad(set_to_none=True)
-        self.warmup_losses = losses
-        return losses
-
-    def _critic_loss(self, ro: Rollout, target: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        mask = ro.mask[idx]
-        r_len = int(mask.sum(dim=1).max())
-        mask = mask[:, :r_len]
-        seq = torch.cat([ro.prompt_ids[idx], ro.response_ids[idx, :r_len]], dim=1)
-        attn = torch.cat([ro.prompt_mask[idx], mask.long()], dim=1)
-        with self._autocast():
-            values = self.actor.critic_values(seq, attn, r_len).float()  # the policy's trunk gets no gradient
-        return 0.5 * core.masked_mean((values - target[idx, :r_len]) ** 2, mask)  # trick: plain MSE in the warm-up
+        return self.warmup_losses
 
     # -- update ----------------------------------------------------------------------------
 
     def _micro_step(self, ro: Rollout, idx: torch.Tensor, update: int) -> dict[str, torch.Tensor]:
-        s, check = self.s, self.guards.check
+        s = self.s
         mask = ro.mask[idx]
         # trim columns that are padding for every row of this micro-batch (less compute, same result)
         r_len = int(mask.sum(dim=1).max())
@@ -315,79 +211,75 @@ class PPOTrainer:
             return core.value_loss(v.float(), old, ret, mask, s.clip_range_value)
 
         if self.actor.value_head is None or ro.values is None:  # no critic: the policy loss alone
-            check(update, None if all_finite(loss) else f"policy loss became {float(loss)}")
-            self._backward(loss / s.grad_accum_steps)
+            self._backward(update, loss, lambda: f"policy loss became {float(loss)}")
             return out
         if values is None:
             # separate critic: its own forward and backward (its parameters are disjoint from the policy's)
-            check(update, None if all_finite(loss) else f"policy loss became {float(loss)}")
-            self._backward(loss / s.grad_accum_steps)
+            self._backward(update, loss, lambda: f"policy loss became {float(loss)}")
             with self._autocast():
                 vf = value_loss(self.actor.critic_forward(seq, attn, r_len))
-            v_total = s.vf_coef * vf.loss
-            check(update, None if all_finite(v_total) else f"value loss became {float(vf.loss)}")
-            self._backward(v_total / s.grad_accum_steps)
+            self._backward(update, s.vf_coef * vf.loss, lambda: f"value loss became {float(vf.loss)}")
         else:
             vf = value_loss(values)
             loss = loss + s.vf_coef * vf.loss  # trick: value loss with its own coefficient
-            ok = all_finite(loss)
-            check(
-                update, None if ok else f"loss became {float(loss)} (policy {float(pg.loss)}, value {float(vf.loss)})"
+            self._backward(
+                update, loss, lambda: f"loss became {float(loss)} (policy {float(pg.loss)}, value {float(vf.loss)})"
             )
-            self._backward(loss / s.grad_accum_steps)  # trick: gradient accumulation
         out.update(value_loss=vf.loss.detach(), value_clip_frac=vf.clip_frac)
         return out
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, or the DeepSpeed engine's (the loss is already scaled for accumulation)."""
+    def _backward(self, update: int, loss: torch.Tensor, problem: Callable[[], str]) -> None:
+        """Stop on a non-finite ``loss`` (on every process), else backward its share of the accumulated mini-batch
+        (``loss.backward()`` or the DeepSpeed engine's)."""
+        self.guards.check(update, None if all_finite(loss) else problem())
+        scaled = loss / self.s.grad_accum_steps  # trick: gradient accumulation
         if self.engine is None:
-            loss.backward()
+            scaled.backward()
         else:
-            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.backward(scaled, scale_wrt_gas=False)
+
+    def _optimizer_step(self, update: int) -> float:
+        """Reduce, clip and apply one mini-batch's accumulated gradients; returns the gradient norm."""
+        if self.engine is not None:  # DeepSpeed reduced, clipped (gradient_clipping) and stepped already
+            grad_norm = torch.as_tensor(float(self.engine.get_global_grad_norm() or 0.0))
+        else:
+            params = self._ddp_params
+            self.dist.average_gradients(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm)  # trick: grad-norm clipping
+        self.guards.check(update, None if all_finite(grad_norm) else f"gradient norm became {float(grad_norm)}")
+        if self.engine is None:
+            self.optimizer.step()
+        return float(grad_norm)
 
     def update(self, ro: Rollout, update: int) -> dict[str, float]:
         """PPO epochs over shuffled mini-batches of the rollout; returns averaged statistics."""
         s = self.s
         self.actor.train()
-        params = self._ddp_params
         sums: dict[str, float] = {}
-        n_steps = 0
         grad_norms: list[float] = []
         early_stopped = 0.0
-        B = ro.batch_size
         for _epoch in range(s.ppo_epochs):
-            perm = torch.randperm(B, generator=self.streams.shuffle)  # trick: fresh shuffle of mini-batches per epoch
-            stop = False
-            for start in range(0, B, self.local_mini):
-                mb = perm[start : start + self.local_mini].to(self.device)
+            for mb in self.batches.epoch(ro.batch_size):  # trick: fresh shuffle of mini-batches per epoch
                 self.optimizer.zero_grad(set_to_none=True)
                 mb_stats: dict[str, float] = {}
-                for micro in mb.split(self.micro):
+                micros = self.batches.micro_batches(mb)
+                for micro in micros:
                     micro_stats = self._micro_step(ro, micro, update)
                     if self.engine is not None:
                         self.engine.step()  # DeepSpeed counts micro-steps; it steps at the accumulation boundary
                     for k, v in micro_stats.items():
-                        mb_stats[k] = mb_stats.get(k, 0.0) + float(v) / math.ceil(len(mb) / self.micro)
-                if self.engine is not None:  # DeepSpeed reduced, clipped (gradient_clipping) and stepped already
-                    grad_norm = torch.as_tensor(float(self.engine.get_global_grad_norm() or 0.0))
-                else:
-                    self.dist.average_gradients(params)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)  # trick: grad-norm clipping
-                self.guards.check(update, None if all_finite(grad_norm) else f"gradient norm became {float(grad_norm)}")
-                grad_norms.append(float(grad_norm))
-                if self.engine is None:
-                    self.optimizer.step()
-                n_steps += 1
+                        mb_stats[k] = mb_stats.get(k, 0.0) + float(v) / len(micros)
+                grad_norms.append(self._optimizer_step(update))
                 for k, v in mb_stats.items():
                     sums[k] = sums.get(k, 0.0) + v
-                approx_kl = self.dist.mean(mb_stats["approx_kl"])
+                approx_kl = self.dist.mean(mb_stats["approx_kl"])  # every process decides alike
                 if s.approx_kl_stop is not None and approx_kl > s.approx_kl_stop:
-                    stop = True  # trick: early stop of the PPO epochs when the policy moved too far
-                    early_stopped = 1.0
+                    early_stopped = 1.0  # trick: early stop of the PPO epochs when the policy moved too far
                     break
-            if stop:
+            if early_stopped:
                 break
         self.optimizer.zero_grad(set_to_none=True)
+        n_steps = len(grad_norms)
         stats = {k: v / max(1, n_steps) for k, v in sums.items()}
         stats["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         stats["optimizer_steps"] = float(n_steps)
@@ -398,39 +290,20 @@ class PPOTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly where this one stands (collective)."""
-        return {
-            "update": self.update_idx,
-            "trainable": self.actor.trainable_state(),
-            # under DeepSpeed the optimiser state is per-process ZeRO partitions: not kept (moments restart)
-            "optimizer": self.optimizer.state_dict() if self.engine is None else None,
-            "scheduler": self.scheduler.state_dict(),
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "per_rank": self.streams.gather(),
-            "history": [dict(h) for h in self.history],
-        }
+        # under DeepSpeed the optimiser state is per-process ZeRO partitions: not kept (moments restart)
+        return self.training_state.state_dict(self.update_idx, self.history, with_optimizer=self.engine is None)
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.actor.load_trainable_state(saved["trainable"])
-        if saved["optimizer"] is not None:
-            self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.kl_ctl.load_state_dict(saved["kl_ctl"])
-        self.sampler.load_state_dict(saved["sampler"])
-        self.streams.load(saved["per_rank"])
-        self.update_idx = int(saved["update"])
-        self.history = [dict(h) for h in saved["history"]]
+        self.update_idx, self.history = self.training_state.load_state_dict(saved)
 
     def save_checkpoint(self) -> str | None:
         if self.checkpoints is None:
             return None
         saved = self.state_dict()  # collective: every process contributes its random streams
-        if self.rank != 0:
-            return None
-        lora = self.actor.mode == "lora"
-        save_adapter = (lambda folder: self.actor.model.save_pretrained(str(folder))) if lora else None
-        self.last_checkpoint = state.write_checkpoint(self.checkpoints, self.update_idx, saved, save_adapter)
-        return self.last_checkpoint
+        if self.rank == 0:
+            self.last_checkpoint = self.training_state.write(self.checkpoints, self.update_idx, saved)
+            return self.last_checkpoint
+        return None
 
     def resume(self, info: CheckpointInfo, local: Path) -> None:
         self.load_state_dict(state.read_checkpoint(local))
@@ -444,22 +317,23 @@ class PPOTrainer:
         t_start = time.perf_counter()
         if start_update == 0 and s.critic_warmup_updates and self.actor.value_head is not None:
             self.warmup_critic()  # before update 1 only: a resumed run has the warmed-up critic in its checkpoint
-        bar = self._progress_bar(start_update)
+        self.reporter.open(start_update)
         try:
-            while self.update_idx < s.updates:
-                u = self.update_idx + 1  # 1-based, for people
+            for u in range(start_update + 1, s.updates + 1):  # 1-based, for people
+                # 1. rollout: sample, score, per-token rewards with the KL penalty, advantages (no gradient)
                 t0 = time.perf_counter()
                 ro = self.rollout(self._next_items(), u)
                 t1 = time.perf_counter()
                 mean_kl = self.dist.mean(float(ro.kl.sum(dim=1).mean()))
-                self.guards.kl_limit(u, mean_kl)
+                self.guards.kl_limit(u, mean_kl)  # guard: KL hard limit (stop, keep the last good checkpoint)
+                # 2. update: clipped PPO epochs over shuffled mini-batches
                 train_stats = self.update(ro, u)
                 t2 = time.perf_counter()
-                kl_coef_used = self.kl_ctl.value
+                # 3. bookkeeping: KL controller, lr schedule, metrics, guards, checkpoint, time budget, SIGTERM
+                kl_coef_used, lr_used = self.kl_ctl.value, self.optimizer.param_groups[0]["lr"]
                 self.kl_ctl.update(mean_kl, s.batch_size)  # trick: adaptive KL controller (Ziegler et al.)
-                lr_used = self.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
-                self.update_idx += 1
+                self.update_idx = u
                 metrics = update_metrics(
                     s,
                     self.dist,
@@ -473,23 +347,22 @@ class PPOTrainer:
                     families=self.families,
                     judge_fn=self.judge_fn,
                 )
-                if self.update_idx == 1 and self.warmup_losses:
+                if u == 1 and self.warmup_losses:
                     metrics["ppo/critic_warmup_loss_first"] = self.warmup_losses[0]
                     metrics["ppo/critic_warmup_loss_last"] = self.warmup_losses[-1]
-                self.history.append({"update": float(self.update_idx), **metrics})
-                self.guards.drift(self.update_idx, self.history)
-                out_of_time = s.max_minutes is not None and time.perf_counter() - t_start >= 60.0 * s.max_minutes
-                if self.rank == 0:
-                    self._report(ro, metrics, bar)
-                if self.update_idx % s.checkpoint_every == 0 or self.update_idx == s.updates or out_of_time:
+                self.history.append({"update": float(u), **metrics})
+                self.guards.drift(u, self.history)  # guard: length drift, repetition drift, reward divergence
+                elapsed = time.perf_counter() - t_start
+                out_of_time = s.max_minutes is not None and elapsed >= SECONDS_PER_MINUTE * s.max_minutes
+                self.reporter.report(u, ro, metrics)
+                if u % s.checkpoint_every == 0 or u == s.updates or out_of_time:
                     self.save_checkpoint()
                 if self.dist.any(out_of_time):  # time budget (ppo.max_minutes): a clean, early end
                     break
                 if self.dist.any(self.terminate_requested):
                     self._terminate()
         finally:
-            if bar is not None:
-                bar.close()
+            self.reporter.close()
         self.dist.check_replicas(self._ddp_params)
         return TrainResult(
             updates=self.update_idx,
@@ -502,32 +375,6 @@ class PPOTrainer:
             last_samples=self.last_samples,
         )
 
-    def _progress_bar(self, start_update: int) -> Any:
-        if self.rank != 0:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.s.updates,
-            initial=start_update,
-            desc="ppo",
-            unit="update",
-            dynamic_ncols=True,
-            disable=not self.progress,
-        )
-
-    def _report(self, ro: Rollout, metrics: dict[str, float], bar: Any) -> None:
-        """Process 0: the metrics (and every ``samples_every`` updates a table of generations) to the callbacks."""
-        s = self.s
-        due_table = self.update_idx % s.samples_every == 0 or self.update_idx == s.updates
-        self.last_samples = sample_table(ro, s.samples_per_table)
-        event = UpdateEvent(self.update_idx, s.updates, metrics, self.last_samples if due_table else None)
-        for cb in self.callbacks:
-            cb.on_update(event)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['ppo/reward_mean']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
-
     def _terminate(self) -> None:
         s = self.s
         if self.update_idx % s.checkpoint_every and self.update_idx != s.updates:
@@ -536,23 +383,3 @@ class PPOTrainer:
             f"stopped by SIGTERM after update {self.update_idx}/{s.updates}; checkpoint "
             f"{self.last_checkpoint or '(none: no checkpoint store)'} written; rerun the same command to resume"
         )
-
-
-def install_sigterm(trainer: PPOTrainer) -> Callable[[], None]:
-    """SIGTERM asks the trainer to checkpoint after the current update and exit; returns an undo."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
-        trainer.terminate_requested = True
-
-    signal.signal(signal.SIGTERM, handler)
-
-    def undo() -> None:
-        signal.signal(signal.SIGTERM, previous)
-
-    return undo
