@@ -124,8 +124,8 @@ def load_prompt_items(
     cfg: RunConfig, storage: Any, excluded: set[str], allowed: set[str] | None = None
 ) -> tuple[list[Any], dict[str, int]]:
     """The rollout prompts (families in ``excluded``, or not in ``allowed``, left out) and counts per family."""
+    from preftune.collect.generate import load_prompts
     from preftune.data.validation import ValidationReport
-    from preftune.generation.candidates import load_prompts
     from preftune.ppo.trainer import PromptItem
 
     spec = cfg.ppo.prompts or cfg.data.prompts
@@ -214,45 +214,44 @@ def run_ppo(
         distributed.shutdown(ctx)
 
 
-def _run(
-    cfg: RunConfig,
-    reward_model_dir: str,
-    output: str,
-    policy_ref: str | None,
-    resume: bool,
-    pipeline_run_id: str | None,
-    reward_fn: Any,
-    ctx: Any,
-) -> PPOResult:
+@dataclass
+class _Inputs:
+    """What the run trains with, resolved and loaded: the reward scorer, the prompts and the policy."""
+
+    reward_local: str
+    scorer: Any
+    reward_stats: tuple[float, float] | None
+    prompts: list[Any]
+    family_counts: dict[str, int]
+    policy_path: str
+    base: Any
+    tok: Any
+
+
+def _deepspeed_config(cfg: RunConfig, storage: Any, world_size: int) -> dict[str, Any] | None:
+    """``ppo.deepspeed_config`` read and checked against the run config before any model is loaded."""
+    s = cfg.ppo
+    if not s.deepspeed_config:
+        return None
+    from preftune.ppo import zero
+
+    ds_config = zero.load(str(storage.local_path(s.deepspeed_config)), s, world_size)
+    if s.critic_warmup_updates:
+        raise ConfigError(
+            "ppo.critic_warmup_updates is not supported with ppo.deepspeed_config (the warm-up steps the critic "
+            "outside the DeepSpeed engine); set it to 0, or use critic_init"
+        )
+    return ds_config
+
+
+def _load_inputs(cfg: RunConfig, storage: Any, device: Any, reward_model_dir: str, policy_ref: str) -> _Inputs:
+    """The reward scorer (and its normalisation statistics), the rollout prompts and the starting policy."""
     import torch
 
-    from preftune import tracking
-    from preftune.generation.candidates import resolve_policy
-    from preftune.ppo import distributed
-    from preftune.ppo.checkpoint import CheckpointStore, local_scratch, remove_scratch
-    from preftune.ppo.observe import MlflowLogger, PushgatewayReporter
-    from preftune.ppo.policy import ActorCritic
-    from preftune.ppo.trainer import PPOTrainer, install_sigterm
+    from preftune.collect.generate import resolve_policy
     from preftune.scoring.model import RewardScorer
-    from preftune.storage import Storage
 
     s = cfg.ppo
-    storage = Storage.from_config(cfg.storage)
-    device = distributed.device_for(ctx, select_device(s.device, setting="ppo.device"))
-    policy_ref = policy_ref or cfg.models.policy
-    torch.manual_seed(cfg.run.seed)
-    ds_config = None
-    if s.deepspeed_config:  # checked against the run config before any model is loaded
-        from preftune.ppo import zero
-
-        ds_config = zero.load(str(storage.local_path(s.deepspeed_config)), s, ctx.world_size)
-        if s.critic_warmup_updates:
-            raise ConfigError(
-                "ppo.critic_warmup_updates is not supported with ppo.deepspeed_config (the warm-up steps the critic "
-                "outside the DeepSpeed engine); set it to 0, or use critic_init"
-            )
-
-    # -- inputs ------------------------------------------------------------------------------
     reward_local = str(storage.local_path(reward_model_dir))
     scorer = RewardScorer.load(reward_local, device=device, batch_size=s.reward_batch_size)
     meta = scorer.meta
@@ -267,14 +266,20 @@ def _run(
     if s.threads is None and device.type == "cpu":
         n_params = sum(p.numel() for p in base.parameters())
         torch.set_num_threads(auto_threads(n_params, s.params_per_thread, torch.get_num_threads()))
+    return _Inputs(reward_local, scorer, reward_stats, prompts, family_counts, policy_path, base, tok)
 
-    # -- actor-critic and trainer -------------------------------------------------------------
+
+def _build_actor(cfg: RunConfig, inputs: _Inputs, device: Any) -> tuple[Any, str]:
+    """The actor-critic around the policy, and how its critic started (``ppo.critic_init``)."""
+    import torch
+
     from preftune.ppo import estimators
-    from preftune.ppo.policy import start_critic
+    from preftune.ppo.policy import ActorCritic, start_critic
 
+    s = cfg.ppo
     critic_free = not estimators.get(s.advantage_estimator).needs_critic
     actor = ActorCritic(
-        base,
+        inputs.base,
         mode=s.mode,
         critic="none" if critic_free else s.critic,  # a critic-free estimator: no value head at all
         temperature=s.temperature,
@@ -285,59 +290,55 @@ def _run(
         ref_device=torch.device("cpu") if (s.ref_offload and device.type == "cuda") else device,
     ).to(device)
     # the critic starts as the reward model where the architectures allow it (ppo.critic_init), else at zero
-    stats = reward_stats if s.reward_normalize else None
-    critic_start = start_critic(actor, s.critic_init, scorer.model, tok, scorer.tokenizer, stats)
+    stats = inputs.reward_stats if s.reward_normalize else None
+    critic_start = start_critic(actor, s.critic_init, inputs.scorer.model, inputs.tok, inputs.scorer.tokenizer, stats)
     if s.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
-    ckpt_root = checkpoint_root(output, cfg)
-    store = CheckpointStore(ckpt_root, storage, s.keep_checkpoints, fingerprint(cfg, policy_path, reward_local))
+    return actor, critic_start
 
-    def score(prompts_: Any, responses_: Any) -> torch.Tensor:
-        return scorer.score(list(prompts_), list(responses_))
 
-    trainer = PPOTrainer(
-        s,
-        actor,
-        tok,
-        reward_fn or score,
-        prompts,
-        seed=cfg.run.seed,
-        device=device,
-        reward_stats=reward_stats,
-        checkpoints=store,
-        progress=s.progress and ctx.is_main,
-        world_size=ctx.world_size,
-        rank=ctx.rank,
-        judge_fn=suite_judge(cfg, device) if s.reward_divergence_guard != "off" else None,
-    )
-    trainer.broadcast_parameters()
+def _resume(trainer: Any, store: Any, resume: bool, ctx: Any, ckpt_root: str) -> None:
+    """Continue from the newest checkpoint (``resume``), else clear the checkpoint folder (process 0)."""
+    from preftune.ppo import distributed
+    from preftune.ppo.checkpoint import local_scratch, remove_scratch
 
-    # -- resume -------------------------------------------------------------------------------
     info = store.latest() if resume else None
     if not resume and ctx.is_main:
         store.clear()
     distributed.barrier(ctx)
-    if info is not None:
-        if info.fingerprint != store.fingerprint:
-            raise ConfigError(
-                f"{ckpt_root}: the checkpoint at update {info.update} was written with other PPO settings, "
-                "policy, reward model or seed; rerun with the same config, or pass --no-resume to start over"
-            )
-        scratch = local_scratch("preftune-ppo-resume-")
-        try:
-            trainer.resume(info, store.fetch(info, scratch / "ckpt"))
-        finally:
-            remove_scratch(scratch)
-        log.info("resumed from %s (update %d)", info.uri, info.update)
-    if ds_config is not None:  # after resume: ZeRO's fp32 master weights start from the resumed weights
-        trainer.attach_engine(zero.initialize(actor, trainer.optimizer, ds_config, device))
+    if info is None:
+        return
+    if info.fingerprint != store.fingerprint:
+        raise ConfigError(
+            f"{ckpt_root}: the checkpoint at update {info.update} was written with other PPO settings, "
+            "policy, reward model or seed; rerun with the same config, or pass --no-resume to start over"
+        )
+    scratch = local_scratch("preftune-ppo-resume-")
+    try:
+        trainer.resume(info, store.fetch(info, scratch / "ckpt"))
+    finally:
+        remove_scratch(scratch)
+    log.info("resumed from %s (update %d)", info.uri, info.update)
 
-    # -- train (process 0 tracks) -------------------------------------------------------------
-    params = {
-        "ppo.resolved.policy_path": policy_path,
+
+def _resolved_params(
+    inputs: _Inputs,
+    reward_model_dir: str,
+    actor: Any,
+    critic_start: str,
+    device: Any,
+    ctx: Any,
+    ckpt_root: str,
+    ds_config: Any,
+) -> dict[str, Any]:
+    """The run's resolved inputs and layout, as MLflow parameters."""
+    import torch
+
+    return {
+        "ppo.resolved.policy_path": inputs.policy_path,
         "ppo.resolved.reward_model": reward_model_dir,
-        "ppo.resolved.n_prompts": len(prompts),
-        "ppo.resolved.prompt_families": json.dumps(family_counts, sort_keys=True),
+        "ppo.resolved.n_prompts": len(inputs.prompts),
+        "ppo.resolved.prompt_families": json.dumps(inputs.family_counts, sort_keys=True),
         "ppo.resolved.trainable_parameters": actor.n_trainable(),
         "ppo.resolved.critic_start": critic_start,
         "ppo.resolved.device": str(device),
@@ -348,6 +349,110 @@ def _run(
         if ds_config
         else "off",
     }
+
+
+def _add_callbacks(cfg: RunConfig, trainer: Any) -> None:
+    """Process 0's trackers: MLflow (with the history a resumed run already has) and the Pushgateway."""
+    from preftune import tracking
+    from preftune.ppo.observe import MlflowLogger, PushgatewayReporter
+
+    s = cfg.ppo
+    mlflow_logger = MlflowLogger()
+    if trainer.history:
+        mlflow_logger.log_history(trainer.history)
+    trainer.callbacks.append(mlflow_logger)
+    if s.pushgateway_url:
+        labels = {"run": cfg.run.name, "pipeline_run_id": tracking.pipeline_run_id()}
+        trainer.callbacks.append(PushgatewayReporter(s.pushgateway_url, s.pushgateway_job, labels))
+
+
+def _result(
+    cfg: RunConfig, trained: Any, output: str, policy_ref: str, reward_model_dir: str, run_id: str | None, rank: int
+) -> PPOResult:
+    """The step's result, with the figures derived from the history computed once."""
+    s = cfg.ppo
+    history = trained.history
+    final = dict(history[-1]) if history else {}
+    first = dict(history[0]) if history else {}
+    kl = float(final.get("ppo/kl", 0.0))
+    return PPOResult(
+        output=output,
+        updates=trained.updates,
+        resumed_from=trained.resumed_from,
+        final=final,
+        first=first,
+        kl=kl,
+        kl_budget=s.kl_budget,
+        kl_within_budget=kl <= s.kl_budget,
+        reward_gain=float(final.get("ppo/reward_mean", 0.0) - first.get("ppo/reward_mean", 0.0)),
+        seconds=trained.seconds,
+        last_checkpoint=trained.last_checkpoint,
+        mlflow_run_id=run_id,
+        policy=policy_ref,
+        reward_model=reward_model_dir,
+        process_rank=rank,
+        history=history,
+    )
+
+
+def _run(
+    cfg: RunConfig,
+    reward_model_dir: str,
+    output: str,
+    policy_ref: str | None,
+    resume: bool,
+    pipeline_run_id: str | None,
+    reward_fn: Any,
+    ctx: Any,
+) -> PPOResult:
+    import torch
+
+    from preftune import tracking
+    from preftune.ppo import distributed
+    from preftune.ppo.checkpoint import CheckpointStore
+    from preftune.ppo.trainer import PPOTrainer, install_sigterm
+    from preftune.storage import Storage
+
+    s = cfg.ppo
+    storage = Storage.from_config(cfg.storage)
+    device = distributed.device_for(ctx, select_device(s.device, setting="ppo.device"))
+    policy_ref = policy_ref or cfg.models.policy
+    torch.manual_seed(cfg.run.seed)
+    ds_config = _deepspeed_config(cfg, storage, ctx.world_size)
+    inputs = _load_inputs(cfg, storage, device, reward_model_dir, policy_ref)
+    actor, critic_start = _build_actor(cfg, inputs, device)
+    ckpt_root = checkpoint_root(output, cfg)
+    store = CheckpointStore(
+        ckpt_root, storage, s.keep_checkpoints, fingerprint(cfg, inputs.policy_path, inputs.reward_local)
+    )
+
+    def score(prompts_: Any, responses_: Any) -> torch.Tensor:
+        return inputs.scorer.score(list(prompts_), list(responses_))
+
+    trainer = PPOTrainer(
+        s,
+        actor,
+        inputs.tok,
+        reward_fn or score,
+        inputs.prompts,
+        seed=cfg.run.seed,
+        device=device,
+        reward_stats=inputs.reward_stats,
+        checkpoints=store,
+        progress=s.progress and ctx.is_main,
+        world_size=ctx.world_size,
+        rank=ctx.rank,
+        judge_fn=suite_judge(cfg, device) if s.reward_divergence_guard != "off" else None,
+    )
+    trainer.broadcast_parameters()
+    _resume(trainer, store, resume, ctx, ckpt_root)
+    if ds_config is not None:  # after resume: ZeRO's fp32 master weights start from the resumed weights
+        from preftune.ppo import zero
+
+        trainer.attach_engine(zero.initialize(actor, trainer.optimizer, ds_config, device))
+
+    # -- train (process 0 tracks and publishes) --------------------------------------------------
+    params = _resolved_params(inputs, reward_model_dir, actor, critic_start, device, ctx, ckpt_root, ds_config)
     tags = {"preftune.resumed_from_update": str(trainer.update_idx)} if trainer.update_idx else None
     run_cm: Any = (
         tracking.start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params=params, tags=tags)
@@ -356,77 +461,21 @@ def _run(
     )
     with run_cm as run:
         if ctx.is_main:
-            mlflow_logger = MlflowLogger()
-            if trainer.history:
-                mlflow_logger.log_history(trainer.history)
-            trainer.callbacks.append(mlflow_logger)
-            if s.pushgateway_url:
-                trainer.callbacks.append(
-                    PushgatewayReporter(
-                        s.pushgateway_url,
-                        s.pushgateway_job,
-                        {"run": cfg.run.name, "pipeline_run_id": tracking.pipeline_run_id()},
-                    )
-                )
+            _add_callbacks(cfg, trainer)
         undo = install_sigterm(trainer)
         try:
-            result = trainer.train()
+            trained = trainer.train()
         finally:
             undo()
-        history = result.history
-        final = dict(history[-1]) if history else {}
-        first = dict(history[0]) if history else {}
-        kl = float(final.get("ppo/kl", 0.0))
-        within = kl <= s.kl_budget
         run_id = run.info.run_id if run is not None else None
+        result = _result(cfg, trained, output, policy_ref, reward_model_dir, run_id, ctx.rank)
         if ctx.is_main:
-            _publish(
-                cfg,
-                actor,
-                tok,
-                result,
-                output,
-                storage,
-                policy_ref,
-                policy_path,
-                reward_model_dir,
-                family_counts,
-                run_id,
-            )
+            _publish(cfg, actor, inputs, result, trained.last_samples, storage)
     distributed.barrier(ctx)
-    return PPOResult(
-        output=output,
-        updates=result.updates,
-        resumed_from=result.resumed_from,
-        final=final,
-        first=first,
-        kl=kl,
-        kl_budget=s.kl_budget,
-        kl_within_budget=within,
-        reward_gain=float(final.get("ppo/reward_mean", 0.0) - first.get("ppo/reward_mean", 0.0)),
-        seconds=result.seconds,
-        last_checkpoint=result.last_checkpoint,
-        mlflow_run_id=run_id,
-        policy=policy_ref,
-        reward_model=reward_model_dir,
-        process_rank=ctx.rank,
-        history=history,
-    )
+    return result
 
 
-def _publish(
-    cfg: RunConfig,
-    actor: Any,
-    tok: Any,
-    result: Any,
-    output: str,
-    storage: Any,
-    policy_ref: str,
-    policy_path: str,
-    reward_model_dir: str,
-    family_counts: dict[str, int],
-    run_id: str | None,
-) -> None:
+def _publish(cfg: RunConfig, actor: Any, inputs: _Inputs, result: PPOResult, samples: list[Any], storage: Any) -> None:
     """Write the policy folder, log it (curves, metrics, pyfunc model) and publish it atomically."""
     import mlflow
 
@@ -434,38 +483,35 @@ def _publish(
     from preftune.ppo.observe import curves_png
 
     s = cfg.ppo
-    history = result.history
-    final = dict(history[-1]) if history else {}
-    kl = float(final.get("ppo/kl", 0.0))
-    within = kl <= s.kl_budget
+    history, final, kl, within = result.history, result.final, result.kl, result.kl_within_budget
     with tempfile.TemporaryDirectory(prefix="preftune-ppo-out-") as tmp:
         folder = Path(tmp) / "policy"
-        written = actor.save_policy(folder, tok, merged=s.save_merged)
+        written = actor.save_policy(folder, inputs.tok, merged=s.save_merged)
         metadata = {
             "format": artifacts.FORMAT,
             "version": artifacts.VERSION,
-            "base": policy_ref,
-            "base_path": policy_path,
+            "base": result.policy,
+            "base_path": inputs.policy_path,
             "mode": s.mode,
             "critic": "none" if actor.value_head is None else s.critic,
             "advantage_estimator": s.advantage_estimator,
             "merged": written["merged"],
             "adapter": written["adapter"],
-            "reward_model": reward_model_dir,
+            "reward_model": result.reward_model,
             "updates": result.updates,
             "resumed_from": result.resumed_from,
             "final": final,
             "kl": kl,
             "kl_budget": s.kl_budget,
             "kl_within_budget": within,
-            "prompt_families": family_counts,
+            "prompt_families": inputs.family_counts,
             "config_hash": cfg.config_hash(),
-            "mlflow_run_id": run_id,
+            "mlflow_run_id": result.mlflow_run_id,
             "created_at": utc_now(),
         }
         (folder / artifacts.METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         (folder / "metrics.json").write_text(json.dumps(history, indent=1) + "\n")
-        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.last_samples))
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
         if history:
             curves_png(history, folder / "curves.png", kl_budget=s.kl_budget)
             mlflow.log_artifact(str(folder / "curves.png"))
@@ -476,9 +522,9 @@ def _publish(
             from preftune.policy_model import TAG_MODEL_HASH, folder_hash, log_policy_model
 
             adapter_only = written["adapter"] and not written["merged"]  # the base is needed to load it
-            base = Path(policy_path) if adapter_only and cfg.promotion.package_adapter_base else None
+            base = Path(inputs.policy_path) if adapter_only and cfg.promotion.package_adapter_base else None
             info = log_policy_model(
                 folder, cfg.promotion.model_name, base=base, tags={TAG_MODEL_HASH: folder_hash(folder)}
             )
             mlflow.set_tag("preftune.logged_model_id", info.model_id)
-        storage.put_dir(folder, output)
+        storage.put_dir(folder, result.output)
