@@ -1,4 +1,4 @@
-"""The evaluation report: readable Markdown and a self-contained HTML page.
+"""The evaluation report: readable Markdown and a self-contained HTML page (``templates/report.html``).
 
 Why both: the Markdown is what a reviewer reads in a pull request, in the Kubeflow UI (a kfp
 Markdown artifact) or in a terminal; the HTML page carries the same tables plus the plots,
@@ -9,7 +9,6 @@ HTML visualisation, a mail attachment) without fetching anything.
 from __future__ import annotations
 
 import base64
-import html
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -62,6 +61,14 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_family_metrics(
     metrics: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
     families: Sequence[str],
@@ -99,11 +106,7 @@ def plot_family_metrics(
     if len(models) > 1:
         axes[0][-1].legend(fontsize=8)
     fig.suptitle("Per family, with bootstrap confidence intervals", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_deltas(
@@ -138,11 +141,7 @@ def plot_deltas(
     ax.set_yticklabels([r[0] for r in reversed(rows)], fontsize=8)
     ax.set_xlabel("candidate - champion (dotted: non-regression tolerance)")
     ax.set_title("Paired differences with bootstrap confidence intervals", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -164,6 +163,9 @@ def _metric_rows(metrics: Mapping[str, Mapping[str, Estimate]]) -> list[list[str
     return rows
 
 
+METRIC_HEADER = ["metric", "candidate", "champion", "candidate - champion", "reference"]
+EXAMPLE_HEADER = ["model", "case", "behaviour", "response"]
+GATE_HEADER = ["gate", "kind", "judged", "limit", "verdict", "reason"]
 CALIBRATION_HEADER = ["family", "judge", "n", "accuracy", "Cohen's kappa [CI]", "floor", "verdict"]
 CORRECTED_HEADER = [
     "family",
@@ -224,6 +226,10 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def _family_title(family: str) -> str:
+    return {POOLED: "all families (pooled)", CAPABILITY: "capability retention"}.get(family, family)
+
+
 def _verdict_icon(g: GateResult) -> str:
     return "n/a" if g.passed is None else ("PASS" if g.passed else "FAIL")
 
@@ -278,7 +284,7 @@ def render_markdown(
     lines += ["", "## Gates", ""]
     lines.append(
         _md_table(
-            ["gate", "kind", "judged", "limit", "verdict", "reason"],
+            GATE_HEADER,
             [[g.name, g.kind, _f(g.judged), _f(g.limit), _verdict_icon(g), g.reason] for g in gates],
         )
     )
@@ -290,13 +296,8 @@ def render_markdown(
             lines += ["", _md_table(CORRECTED_HEADER, corrected)]
     lines += ["", "## Metrics per family", "", "Values: point [CI low, CI high].", ""]
     for family, fam_metrics in metrics.items():
-        title = {POOLED: "all families (pooled)", CAPABILITY: "capability retention"}.get(family, family)
-        lines += [f"### {title}", ""]
-        lines.append(
-            _md_table(
-                ["metric", "candidate", "champion", "candidate - champion", "reference"], _metric_rows(fam_metrics)
-            )
-        )
+        lines += [f"### {_family_title(family)}", ""]
+        lines.append(_md_table(METRIC_HEADER, _metric_rows(fam_metrics)))
         lines.append("")
     lines += ["## Behaviour shares", ""]
     shares = results["behaviour_shares"]
@@ -320,7 +321,7 @@ def render_markdown(
         lines += [f"### {family}", ""]
         lines.append(
             _md_table(
-                ["model", "case", "behaviour", "response"],
+                EXAMPLE_HEADER,
                 [[i["model"], i["case_id"], i["behaviour"], i["text"][:200]] for i in items],
             )
         )
@@ -328,37 +329,14 @@ def render_markdown(
     return "\n".join(lines).rstrip() + "\n"
 
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;max-width:1200px;color:#1d1d1f}
-h1 .pass{color:#0a7d27} h1 .fail{color:#b3261e}
-table{border-collapse:collapse;margin:8px 0 18px 0;font-size:13px}
-th,td{border:1px solid #d0d0d0;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3} td.PASS{color:#0a7d27;font-weight:600} td.FAIL{color:#b3261e;font-weight:600}
-.note{background:#fff7d6;border-left:4px solid #e0b400;padding:8px 12px}
-img{max-width:100%;border:1px solid #eee;margin:6px 0}
-code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
-"""
+TEMPLATE = "report.html"
 
 
-def _html_table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[Sequence[str]] | None = None
-) -> str:
-    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>"]
-    for i, r in enumerate(rows):
-        cells = []
-        for j, c in enumerate(r):
-            cls = classes[i][j] if classes and classes[i][j] else ""
-            cells.append(f'<td class="{cls}">{html.escape(str(c))}</td>' if cls else f"<td>{html.escape(str(c))}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
-    return "\n".join(out)
-
-
-def _img(path: Path | None, alt: str) -> str:
+def _png_base64(path: Path | None) -> str | None:
+    """The PNG at ``path`` as base64 for a ``data:`` URL (the page fetches nothing), None when not drawn."""
     if path is None or not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        return None
+    return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def render_html(
@@ -368,67 +346,40 @@ def render_html(
     examples: Mapping[str, Any],
     plots: Mapping[str, Path | None],
 ) -> str:
-    cand, champ = results["candidate"], results.get("champion")
-    ok = results["passed"]
-    fit = fit_status(results)
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>preftune evaluation: {'PASSED' if ok else 'FAILED'}</title><style>{CSS}</style></head><body>",
-        f"<h1>Behaviour evaluation: <span class='{'pass' if ok else 'fail'}'>"
-        f"{'PASSED' if ok else 'FAILED'}</span></h1>",
-        "<ul>",
-        f"<li>candidate: <code>{html.escape(cand['label'])}</code> (hash <code>{cand['model_hash']}</code>)</li>",
-        f"<li>champion: <code>{html.escape(champ['label'])}</code></li>" if champ else "<li>champion: none</li>",
-        f"<li>suite: <code>{html.escape(results['suite']['id'])}</code> ({results['suite']['cases']} cases x "
-        f"{results['suite']['samples_per_prompt']} samples, seed {results['suite']['seed']}, sha256 "
-        f"<code>{results['suite']['sha256'][:16]}</code>)</li>",
-        f"<li>reference: <code>{html.escape(str(results['reference']))}</code></li>",
-        f"<li>MLflow run: <code>{html.escape(str(results.get('run_id', '')))}</code></li>",
-        f"<li>training data fit (check-fit): <b>{html.escape(fit)}</b></li>" if fit else "",
-        "</ul>",
-    ]
-    if results.get("first_promotion"):
-        parts.append(
-            "<p class='note'>No champion yet: this is a first promotion, judged on the absolute gates alone.</p>"
-        )
-    failed = [g for g in gates if g.passed is False]
-    parts.append("<h2>Verdict</h2>")
-    if failed:
-        parts.append("<ul>" + "".join(f"<li>{html.escape(g.reason)}</li>" for g in failed) + "</ul>")
-    else:
-        parts.append(f"<p>All {sum(g.passed is not None for g in gates)} gates passed.</p>")
-    parts.append("<h2>Gates</h2>")
-    rows = [[g.name, g.kind, _f(g.judged), _f(g.limit), _verdict_icon(g), g.reason] for g in gates]
-    classes = [["", "", "", "", _verdict_icon(g), ""] for g in gates]
-    parts.append(_html_table(["gate", "kind", "judged", "limit", "verdict", "reason"], rows, classes))
-    if results.get("calibration"):
-        parts.append(f"<h2>Judge calibration</h2><p>{html.escape(CALIBRATION_NOTE)}</p>")
-        cal_rows = _calibration_rows(results)
-        parts.append(_html_table(CALIBRATION_HEADER, cal_rows, [["", "", "", "", "", "", r[-1]] for r in cal_rows]))
-        corrected = _corrected_rows(metrics)
-        if corrected:
-            parts.append(_html_table(CORRECTED_HEADER, corrected))
-    parts.append("<h2>Plots</h2>")
-    parts.append(_img(plots.get("families"), "per-family metrics"))
-    parts.append(_img(plots.get("deltas"), "candidate minus champion"))
-    parts.append(_img(plots.get("shares"), "behaviour shares"))
-    parts.append("<h2>Metrics per family</h2><p>Values: point [CI low, CI high].</p>")
-    for family, fam_metrics in metrics.items():
-        title = {POOLED: "all families (pooled)", CAPABILITY: "capability retention"}.get(family, family)
-        parts.append(f"<h3>{html.escape(title)}</h3>")
-        parts.append(
-            _html_table(
-                ["metric", "candidate", "champion", "candidate - champion", "reference"], _metric_rows(fam_metrics)
-            )
-        )
-    parts.append("<h2>Example responses</h2>")
-    for family, items in examples.items():
-        parts.append(f"<h3>{html.escape(family)}</h3>")
-        parts.append(
-            _html_table(
-                ["model", "case", "behaviour", "response"],
-                [[i["model"], i["case_id"], i["behaviour"], i["text"][:300]] for i in items],
-            )
-        )
-    parts.append("</body></html>")
-    return "\n".join(p for p in parts if p) + "\n"
+    """The same tables as :func:`render_markdown` plus the plots, through ``templates/report.html`` (autoescaped)."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("preftune.evaluate", "templates"), autoescape=select_autoescape())
+    cal_rows = _calibration_rows(results) if results.get("calibration") else []
+    return env.get_template(TEMPLATE).render(
+        results=results,
+        verdict="PASSED" if results["passed"] else "FAILED",
+        cand=results["candidate"],
+        champ=results.get("champion"),
+        suite=results["suite"],
+        fit=fit_status(results),
+        failed=[g for g in gates if g.passed is False],
+        judged=sum(g.passed is not None for g in gates),
+        gates={
+            "header": GATE_HEADER,
+            "rows": [[g.name, g.kind, _f(g.judged), _f(g.limit), _verdict_icon(g), g.reason] for g in gates],
+            "classes": [["", "", "", "", _verdict_icon(g), ""] for g in gates],
+        },
+        calibration=results.get("calibration")
+        and {
+            "note": CALIBRATION_NOTE,
+            "header": CALIBRATION_HEADER,
+            "rows": cal_rows,
+            "classes": [["", "", "", "", "", "", r[-1]] for r in cal_rows],
+            "corrected_header": CORRECTED_HEADER,
+            "corrected": _corrected_rows(metrics),
+        },
+        plots={k: _png_base64(plots.get(k)) for k in ("families", "deltas", "shares")},
+        metric_header=METRIC_HEADER,
+        metric_tables=[(_family_title(f), _metric_rows(m)) for f, m in metrics.items()],
+        example_header=EXAMPLE_HEADER,
+        example_tables=[
+            (f, [[i["model"], i["case_id"], i["behaviour"], i["text"][:300]] for i in items])
+            for f, items in examples.items()
+        ],
+    )
