@@ -255,3 +255,17 @@ def test_best_of_n_not_measured_or_failed_is_said_plainly(tmp_path):
     i.best_of_n = {"error": "InputError: no prompts"}
     md = rep.render_markdown(rep.analyse(CFG, i, pilot_batch=32))
     assert "Best-of-n could not be measured: InputError: no prompts" in md
+
+
+def test_html_page_escapes_user_text(tmp_path):
+    i = inputs()
+    hostile = "<script>alert('x')</script>"
+    i.fit["families"][hostile] = {"verdict": "fit", "reason": "ok", "agreement": {"alpha": 0.1}}  # a family name
+    i.evaluation["champion"] = {"label": f"champ {hostile}"}
+    r = rep.analyse(CFG, i, pilot_batch=32)
+    page = rep.write_report(r, tmp_path)["html"].read_text()
+    assert "<script>" not in page
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
+    assert f"<td>{escaped}</td>" in page  # the family's row in the verdict table
+    assert f"<b>low_agreement</b> ({escaped})" in page  # its red flag
+    assert f"against champ {escaped} on suite" in page  # the baseline label in the intro

@@ -12,14 +12,14 @@ Inputs (each step's published output; the same folders in a local pilot and in t
 - the evaluation folder: ``results.json`` (per-family shares with bootstrap CIs, candidate and
   baseline, paired differences).
 
-:func:`analyse` turns them into one JSON-able dict (``pilot.json``); :func:`render_markdown` and
-:func:`render_html` print the same dict as one page. Every threshold comes from the run config's
-``pilot`` and ``ppo`` sections.
+:func:`analyse` turns them into one JSON-able dict (``pilot.json``); :mod:`preftune.pilot.render`
+prints the same dict as one page (``render_markdown``, ``render_html`` through a Jinja2 template,
+``write_report``; re-exported here). Every threshold comes from the run config's ``pilot`` and
+``ppo`` sections.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -28,16 +28,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from preftune.errors import ExitCode, InputError
+from preftune.pilot.render import HTML_FILE, JSON_FILE, MD_FILE, render_html, render_markdown, write_report
 from preftune.ppo import drift
 
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.config import RunConfig
 
+__all__ = ["HTML_FILE", "JSON_FILE", "MD_FILE", "PilotInputs", "analyse", "read_inputs", "render_html"]
+__all__ += ["render_markdown", "trend", "write_report"]
+
 FORMAT = "preftune.pilot"
 VERSION = 1
-JSON_FILE = "pilot.json"
-MD_FILE = "pilot.md"
-HTML_FILE = "pilot.html"
 
 GO, NO_GO, NEEDS_DATA = "go", "no-go", "needs data"
 VERDICTS = (GO, NO_GO, NEEDS_DATA)
@@ -193,133 +194,145 @@ def cost_estimate(cfg: RunConfig, inputs: PilotInputs, pilot_batch: int) -> dict
     }
 
 
+def _flag(kind: str, family: str | None, detail: str) -> dict[str, Any]:
+    return {"flag": kind, "family": family, "detail": detail, "meaning": FLAGS[kind], "blocking": kind in BLOCKING}
+
+
+def _run_flags(cfg: RunConfig, inputs: PilotInputs, bon: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The red flags read from the data, the reward model, the PPO curves and the evaluation (reward hacking,
+    which needs a family's rows, is added by :func:`analyse`)."""
+    p, s = cfg.pilot, cfg.ppo
+    w, h = p.trend_window, inputs.history
+    metrics = inputs.evaluation.get("metrics") or {}
+    per_family_acc = inputs.reward.get("per_family") or {}
+    overall_acc = inputs.reward.get("eval_accuracy")
+    flags: list[dict[str, Any]] = []
+    min_alpha = cfg.fit.min_alpha
+    for f, r in (inputs.fit.get("families") or {}).items():
+        alpha = (r.get("agreement") or {}).get("alpha")
+        if alpha is not None and alpha < min_alpha:
+            flags.append(_flag("low_agreement", f, f"Krippendorff's alpha {alpha:.2f} < fit.min_alpha {min_alpha:.2f}"))
+    near_chance = overall_acc is not None and overall_acc < p.reward_near_chance
+    if near_chance:
+        detail = f"held-out pairwise accuracy {overall_acc:.3f} < {p.reward_near_chance:.2f}"
+        flags.append(_flag("reward_near_chance", None, detail))
+    for f, a in per_family_acc.items():
+        if a < p.reward_near_chance and not near_chance:
+            detail = f"held-out pairwise accuracy {a:.3f} < {p.reward_near_chance:.2f}"
+            flags.append(_flag("reward_near_chance", f, detail))
+    problem = drift.length_drift([m.get("ppo/response_length") for m in h], w, s.max_length_drift)
+    if problem:
+        flags.append(_flag("length_drift", None, problem))
+    problem = drift.repetition_drift([m.get("ppo/repetition") for m in h], w, s.max_repetition_rise)
+    if problem:
+        flags.append(_flag("repetition_drift", None, problem))
+    kl_last = drift.window_means([m.get("ppo/kl") for m in h], min(w, len(h) // 2) or 1)
+    if h and kl_last is not None and kl_last[1] > s.kl_budget:
+        detail = f"KL to the reference {kl_last[1]:.2f} nats over the last updates > ppo.kl_budget {s.kl_budget:g}"
+        flags.append(_flag("kl_runaway", None, detail))
+    for f in inputs.evaluation.get("family_roles") or {}:
+        d = _estimate(metrics, f, "needless_refusal_share", "delta")
+        if d is not None and d["value"] > p.max_refusal_rise:
+            detail = (
+                f"needless-refusal share {d['value']:+.2f} against the baseline "
+                f"(CI {d['ci_low']:+.2f} to {d['ci_high']:+.2f}; limit +{p.max_refusal_rise:.2f})"
+            )
+            flags.append(_flag("benign_refusals", f, detail))
+    if bon.get("comparison") and bon["comparison"]["beats"] is False:
+        flags.append(_flag("best_of_n_wins", None, bon["comparison"]["detail"]))
+    return flags
+
+
+def _family_row(cfg: RunConfig, inputs: PilotInputs, f: str) -> dict[str, Any]:
+    """One family's figures: check-fit's verdict, the reward model's accuracy, the reward trend, the shares."""
+    p, w = cfg.pilot, cfg.pilot.trend_window
+    fit = (inputs.fit.get("families") or {}).get(f) or {}
+    metrics = inputs.evaluation.get("metrics") or {}
+    rewards = [m.get(f"ppo/reward_mean/{f}") for m in inputs.history]
+    trained = any(v is not None for v in rewards)
+    return {
+        "family": f,
+        "fit_verdict": fit.get("verdict", "not checked"),
+        "fit_reason": fit.get("reason"),
+        "alpha": (fit.get("agreement") or {}).get("alpha"),
+        "reward_accuracy": (inputs.reward.get("per_family") or {}).get(f),
+        "trained": trained,
+        "trend": trend(rewards, w, p.trend_flat) if trained else NOT_TRAINED,
+        "reward_change": drift.change(rewards, w) if trained else None,
+        "preferred_share": {
+            "before": _estimate(metrics, f, "preferred_share", "champion"),
+            "after": _estimate(metrics, f, "preferred_share", "candidate"),
+            "change": _estimate(metrics, f, "preferred_share", "delta"),
+        },
+    }
+
+
+def _hacking_flag(cfg: RunConfig, row: Mapping[str, Any], baseline_is_start: bool) -> dict[str, Any] | None:
+    """Reward hacking: the reward rose over the pilot while the preferred share did not rise significantly."""
+    change = row["preferred_share"]["change"]
+    if not (
+        row["trained"]
+        and row["reward_change"] is not None
+        and row["reward_change"] >= cfg.ppo.divergence_min_reward_rise
+        and change is not None  # no baseline measured: the verdict says so, no flag is raised on nothing
+        and baseline_is_start
+        and change["ci_low"] is not None
+        and change["ci_low"] <= cfg.pilot.min_share_gain
+    ):
+        return None
+    return _flag(
+        "reward_hacking",
+        row["family"],
+        f"reward {row['reward_change']:+.2f} over the pilot while the preferred share "
+        "did not rise significantly"
+        + (f" ({change['value']:+.2f}, CI {change['ci_low']:+.2f} to {change['ci_high']:+.2f})" if change else ""),
+    )
+
+
+def _overall(inputs: PilotInputs, rows: Mapping[str, Any], flags: Sequence[Mapping[str, Any]]) -> tuple[str, int]:
+    """(the pilot's verdict, its exit code): go when any family is go, else why not."""
+    if any(r["verdict"] == GO for r in rows.values()):
+        return GO, ExitCode.OK
+    if any(fl["flag"] == "reward_near_chance" for fl in flags):
+        return NO_GO, ExitCode.REWARD_GATE
+    if not (inputs.fit.get("fit_families") or []):
+        return NO_GO, ExitCode.NOT_FIT
+    return NO_GO, ExitCode.GATE_FAILED
+
+
 def analyse(cfg: RunConfig, inputs: PilotInputs, *, pilot_batch: int, seconds: float | None = None) -> dict[str, Any]:
     """The go / no-go report as a dict: per-family figures, red flags, verdicts, cost."""
-    p, s = cfg.pilot, cfg.ppo
-    w = p.trend_window
-    h = inputs.history
+    p, s, h, ev = cfg.pilot, cfg.ppo, inputs.history, inputs.evaluation
     fams_fit: dict[str, Any] = inputs.fit.get("families") or {}
-    ev = inputs.evaluation
-    metrics = ev.get("metrics") or {}
     roles = ev.get("family_roles") or {}
-    per_family_acc = inputs.reward.get("per_family") or {}
     overall_acc = inputs.reward.get("eval_accuracy")
     has_baseline = bool(ev.get("champion"))
     # the reward curve starts at models.policy: a share change against any other baseline (a registry
     # champion) does not say whether PPO moved the behaviour, so reward hacking is only judged from there
     base = ev.get("champion") or {}
     baseline_is_start = has_baseline and (base.get("ref") or base.get("label")) == cfg.models.policy
-    families = list(fams_fit) + [f for f in roles if f not in fams_fit]
-
-    flags: list[dict[str, Any]] = []
-
-    def flag(kind: str, family: str | None, detail: str) -> None:
-        flags.append(
-            {"flag": kind, "family": family, "detail": detail, "meaning": FLAGS[kind], "blocking": kind in BLOCKING}
-        )
-
-    min_alpha = cfg.fit.min_alpha
-    for f, r in fams_fit.items():
-        alpha = (r.get("agreement") or {}).get("alpha")
-        if alpha is not None and alpha < min_alpha:
-            flag("low_agreement", f, f"Krippendorff's alpha {alpha:.2f} < fit.min_alpha {min_alpha:.2f}")
-    if overall_acc is not None and overall_acc < p.reward_near_chance:
-        flag("reward_near_chance", None, f"held-out pairwise accuracy {overall_acc:.3f} < {p.reward_near_chance:.2f}")
-    for f, a in per_family_acc.items():
-        if a < p.reward_near_chance and not (overall_acc is not None and overall_acc < p.reward_near_chance):
-            flag("reward_near_chance", f, f"held-out pairwise accuracy {a:.3f} < {p.reward_near_chance:.2f}")
-    problem = drift.length_drift([m.get("ppo/response_length") for m in h], w, s.max_length_drift)
-    if problem:
-        flag("length_drift", None, problem)
-    problem = drift.repetition_drift([m.get("ppo/repetition") for m in h], w, s.max_repetition_rise)
-    if problem:
-        flag("repetition_drift", None, problem)
-    kl_last = drift.window_means([m.get("ppo/kl") for m in h], min(w, len(h) // 2) or 1)
-    if h and kl_last is not None and kl_last[1] > s.kl_budget:
-        flag(
-            "kl_runaway",
-            None,
-            f"KL to the reference {kl_last[1]:.2f} nats over the last updates > ppo.kl_budget {s.kl_budget:g}",
-        )
-    for f in roles:
-        d = _estimate(metrics, f, "needless_refusal_share", "delta")
-        if d is not None and d["value"] > p.max_refusal_rise:
-            flag(
-                "benign_refusals",
-                f,
-                f"needless-refusal share {d['value']:+.2f} against the baseline "
-                f"(CI {d['ci_low']:+.2f} to {d['ci_high']:+.2f}; limit +{p.max_refusal_rise:.2f})",
-            )
 
     bon = best_of_n_section(inputs.best_of_n)
-    if bon.get("comparison") and bon["comparison"]["beats"] is False:
-        flag("best_of_n_wins", None, bon["comparison"]["detail"])
-
+    flags = _run_flags(cfg, inputs, bon)
     rows: dict[str, dict[str, Any]] = {}
-    for f in families:
-        fit = fams_fit.get(f) or {}
-        rewards = [m.get(f"ppo/reward_mean/{f}") for m in h]
-        trained = any(v is not None for v in rewards)
-        row = {
-            "family": f,
-            "fit_verdict": fit.get("verdict", "not checked"),
-            "fit_reason": fit.get("reason"),
-            "alpha": (fit.get("agreement") or {}).get("alpha"),
-            "reward_accuracy": per_family_acc.get(f),
-            "trained": trained,
-            "trend": trend(rewards, w, p.trend_flat) if trained else NOT_TRAINED,
-            "reward_change": drift.change(rewards, w) if trained else None,
-            "preferred_share": {
-                "before": _estimate(metrics, f, "preferred_share", "champion"),
-                "after": _estimate(metrics, f, "preferred_share", "candidate"),
-                "change": _estimate(metrics, f, "preferred_share", "delta"),
-            },
-        }
-        change = row["preferred_share"]["change"]
-        if (
-            trained
-            and row["reward_change"] is not None
-            and row["reward_change"] >= s.divergence_min_reward_rise
-            and change is not None  # no baseline measured: the verdict says so, no flag is raised on nothing
-            and baseline_is_start
-            and change["ci_low"] is not None
-            and change["ci_low"] <= p.min_share_gain
-        ):
-            flag(
-                "reward_hacking",
-                f,
-                f"reward {row['reward_change']:+.2f} over the pilot while the preferred share "
-                "did not rise significantly"
-                + (
-                    f" ({change['value']:+.2f}, CI {change['ci_low']:+.2f} to {change['ci_high']:+.2f})"
-                    if change
-                    else ""
-                ),
-            )
-        rows[f] = row
-
+    for f in list(fams_fit) + [f for f in roles if f not in fams_fit]:
+        rows[f] = _family_row(cfg, inputs, f)
+        hacking = _hacking_flag(cfg, rows[f], baseline_is_start)
+        if hacking is not None:
+            flags.append(hacking)
     for row in rows.values():
         row["verdict"], row["reason"] = _verdict(cfg, row, flags, has_baseline, baseline_is_start, overall_acc)
-
-    go = [f for f, r in rows.items() if r["verdict"] == GO]
-    if go:
-        overall, code = GO, ExitCode.OK
-    elif any(fl["flag"] == "reward_near_chance" for fl in flags):
-        overall, code = NO_GO, ExitCode.REWARD_GATE
-    elif not (inputs.fit.get("fit_families") or []):
-        overall, code = NO_GO, ExitCode.NOT_FIT
-    else:
-        overall, code = NO_GO, ExitCode.GATE_FAILED
+    overall, code = _overall(inputs, rows, flags)
     return {
         "format": FORMAT,
         "version": VERSION,
         "run": cfg.run.name,
         "verdict": overall,
-        "go_families": go,
+        "go_families": [f for f, r in rows.items() if r["verdict"] == GO],
         "exit_code": code,
         "seconds": seconds,
         "slice": {"fraction": p.fraction, "counts": inputs.dataset.get("counts") or {}},
-        "reward_model": {"accuracy": overall_acc, "per_family": per_family_acc},
+        "reward_model": {"accuracy": overall_acc, "per_family": inputs.reward.get("per_family") or {}},
         "ppo": {
             "updates": len(h),
             "budget_updates": p.ppo_updates,
@@ -415,222 +428,3 @@ def _verdict(
         NO_GO,
         f"PPO did not move the preferred share within the pilot's budget ({span}) and the reward is {row['trend']}",
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-
-
-def _f(x: float | None, fmt: str = ".2f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
-
-
-def _share(e: Mapping[str, Any] | None, signed: bool = False) -> str:
-    if not e:
-        return "-"
-    sign = "+" if signed else ""
-    return f"{e['value']:{sign}.2f} [{_f(e.get('ci_low'), sign + '.2f')}, {_f(e.get('ci_high'), sign + '.2f')}]"
-
-
-def _family_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    out = []
-    for f, r in report["families"].items():
-        ps = r["preferred_share"]
-        out.append(
-            [
-                f,
-                r["verdict"],
-                r["fit_verdict"],
-                _f(r["reward_accuracy"], ".3f"),
-                _share(ps["before"]),
-                _share(ps["after"]),
-                _share(ps["change"], signed=True),
-                r["trend"],
-                r["reason"],
-            ]
-        )
-    return out
-
-
-FAMILY_HEADER = [
-    "family",
-    "verdict",
-    "fit",
-    "RM accuracy",
-    "preferred before",
-    "preferred after",
-    "change",
-    "trend",
-    "reason",
-]
-
-
-def _cost_lines(report: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    c = report["cost"]
-    m, full = c["measured"], c["full_run"]
-    figures = [
-        f"measured in the pilot: {_f(m['ppo_seconds_per_update'], '.2f')} s per PPO update "
-        f"({m['ppo_batch_size']} prompts), {_f(m['ppo_tokens_per_s'], '.0f')} generated tokens/s over "
-        f"{m['ppo_updates']} updates; reward model trained in {_f(m['reward_train_seconds'], '.1f')} s",
-        f"full run: about {full['prompts']} prompts and {full['judgements']} judgements, {full['ppo_updates']} PPO "
-        f"updates x {full['ppo_batch_size']} prompts on {full['hardware']}",
-        "estimated time: "
-        + ", ".join(f"{k} {_f(v, '.0f')} s" for k, v in full["seconds_by_step"].items())
-        + f"; total {full['hours']:.2f} h"
-        + (f", about {full['cost']:.2f} {full['currency']}" if full.get("cost") is not None else ""),
-    ]
-    return figures, list(c["assumptions"])
-
-
-BEST_OF_N_HEADER = ["sampler", "KL to the starting policy (nats)", "reward (normalised)"]
-
-
-def _best_of_n_rows(report: Mapping[str, Any]) -> tuple[list[list[str]], str] | None:
-    """(table rows, verdict sentence) of the best-of-n comparison, or None when it was not measured."""
-    b = report.get("best_of_n") or {}
-    if not b:
-        return None
-    if b.get("error"):
-        return [], f"Best-of-n could not be measured: {b['error']}"
-    rows = [[f"best-of-{int(p['n'])}", _f(p["kl"]), _f(p["reward"], ".3f")] for p in b.get("curve", [])]
-    pol = b.get("policy")
-    if pol:
-        rows.append(["PPO policy (pilot)", _f(pol["kl"]), _f(pol["reward"], ".3f")])
-    c = b.get("comparison")
-    verdict = {True: "PPO beats best-of-n at the KL it spends.", False: "PPO does NOT beat best-of-n."}.get(
-        c["beats"] if c else None, "Undecided."
-    )
-    where = f" on {b.get('prompts')} prompts, {b.get('draws_per_prompt')} draws each, KL = log n - (n-1)/n"
-    sentence = verdict + (f" {c['detail']}." if c else "") + where + "."
-    return rows, sentence
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    v = report["verdict"]
-    lines = [
-        f"# Pilot: {v.upper()}" + (f" for {', '.join(report['go_families'])}" if report["go_families"] else ""),
-        "",
-        f"Run `{report['run']}`: {report['slice']['fraction']:.0%} of the prompts "
-        f"({report['slice']['counts'].get('prompts', 0)} prompts, {report['slice']['counts'].get('judgements', 0)} "
-        f"judgements), {report['ppo']['updates']} PPO updates; candidate against "
-        f"`{report['baseline'] or 'no baseline'}` on suite `{report['suite']}`"
-        + (f" ({report['confidence']:.0%} bootstrap CIs)." if report.get("confidence") else ".")
-        + (f" Pilot wall time {report['seconds']:.0f} s." if report.get("seconds") else ""),
-        "",
-        "## Verdict per family",
-        "",
-        "| " + " | ".join(FAMILY_HEADER) + " |",
-        "| " + " | ".join("---" for _ in FAMILY_HEADER) + " |",
-        *["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in _family_rows(report)],
-        "",
-        "## Red flags",
-        "",
-    ]
-    if not report["red_flags"]:
-        lines.append("None raised.")
-    for fl in report["red_flags"]:
-        where = f" ({fl['family']})" if fl["family"] else ""
-        stop = " **blocks go**" if fl["blocking"] else ""
-        lines.append(f"- **{fl['flag']}**{where}{stop}: {fl['meaning']} {fl['detail']}.")
-    bon = _best_of_n_rows(report)
-    if bon is not None:
-        rows, sentence = bon
-        lines += ["", "## PPO against best-of-n", "", sentence, ""]
-        if rows:
-            lines += [
-                "| " + " | ".join(BEST_OF_N_HEADER) + " |",
-                "| " + " | ".join("---" for _ in BEST_OF_N_HEADER) + " |",
-                *["| " + " | ".join(r) + " |" for r in rows],
-            ]
-    figures, assumptions = _cost_lines(report)
-    lines += [
-        "",
-        "## Cost of the full run",
-        "",
-        *[f"- {x}" for x in figures],
-        "",
-        "Assumptions:",
-        "",
-        *[f"- {a}" for a in assumptions],
-    ]
-    return "\n".join(lines) + "\n"
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;max-width:1200px;color:#1d1d1f}
-.go{color:#0a7d27;font-weight:600} .no-go{color:#b3261e;font-weight:600} .needs-data{color:#8a6d00;font-weight:600}
-table{border-collapse:collapse;margin:8px 0 18px 0;font-size:13px}
-th,td{border:1px solid #d0d0d5;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f6} li{margin:3px 0} .meta{color:#555}
-"""
-
-
-def _cls(verdict: str) -> str:
-    return verdict.replace(" ", "-")
-
-
-def render_html(report: Mapping[str, Any]) -> str:
-    md_intro = render_markdown(report).split("\n")[2]
-    v = report["verdict"]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>preftune pilot: {html.escape(v)}</title><style>{CSS}</style></head><body>",
-        f"<h1>Pilot: <span class='{_cls(v)}'>{html.escape(v.upper())}</span>"
-        + (f" for {html.escape(', '.join(report['go_families']))}" if report["go_families"] else "")
-        + "</h1>",
-        f"<p class='meta'>{html.escape(md_intro.replace('`', ''))}</p>",
-        "<h2>Verdict per family</h2><table><thead><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in FAMILY_HEADER)
-        + "</tr></thead><tbody>",
-    ]
-    for row in _family_rows(report):
-        cells = [f"<td>{html.escape(c)}</td>" for c in row]
-        cells[1] = f"<td class='{_cls(row[1])}'>{html.escape(row[1])}</td>"
-        parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</tbody></table><h2>Red flags</h2>")
-    if not report["red_flags"]:
-        parts.append("<p>None raised.</p>")
-    else:
-        parts.append("<ul>")
-        for fl in report["red_flags"]:
-            where = f" ({html.escape(fl['family'])})" if fl["family"] else ""
-            stop = " <span class='no-go'>blocks go</span>" if fl["blocking"] else ""
-            parts.append(
-                f"<li><b>{html.escape(fl['flag'])}</b>{where}{stop}: {html.escape(fl['meaning'])} "
-                f"<span class='meta'>{html.escape(fl['detail'])}.</span></li>"
-            )
-        parts.append("</ul>")
-    bon = _best_of_n_rows(report)
-    if bon is not None:
-        rows, sentence = bon
-        parts.append(f"<h2>PPO against best-of-n</h2><p>{html.escape(sentence)}</p>")
-        if rows:
-            parts.append(
-                "<table><thead><tr>"
-                + "".join(f"<th>{html.escape(h)}</th>" for h in BEST_OF_N_HEADER)
-                + "</tr></thead><tbody>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                + "</tbody></table>"
-            )
-    figures, assumptions = _cost_lines(report)
-    parts.append(
-        "<h2>Cost of the full run</h2><ul>"
-        + "".join(f"<li>{html.escape(x)}</li>" for x in figures)
-        + "</ul><p>Assumptions:</p><ul>"
-        + "".join(f"<li>{html.escape(a)}</li>" for a in assumptions)
-        + "</ul></body></html>"
-    )
-    return "\n".join(parts) + "\n"
-
-
-def write_report(report: Mapping[str, Any], folder: str | Path) -> dict[str, Path]:
-    """Write pilot.json, pilot.md and pilot.html into ``folder`` (each atomically); returns their paths."""
-    from preftune.storage import atomic_write_text
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / JSON_FILE, "md": folder / MD_FILE, "html": folder / HTML_FILE}
-    atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
-    atomic_write_text(paths["md"], render_markdown(report))
-    atomic_write_text(paths["html"], render_html(report))
-    return paths
