@@ -4,6 +4,11 @@ Every PPO knob lives here, typed and bounded, so that the trainer holds no magic
 trick of "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and of Ziegler et
 al. (2019) that the trainer applies is one field below, with the default that makes the demo
 world reach its efficacy figures on 2 CPU cores (see ``docs/ppo.md``).
+
+:class:`PPOSection` is over 300 lines on purpose: it is a flat list of field declarations, each
+with its bound and description (the generated schema and the docs read them), plus the
+validators that tie fields together; splitting it into sub-sections would change the config
+file's shape (``ppo.*`` keys) that users, the pipeline and the checkpoint fingerprint rely on.
 """
 
 from __future__ import annotations
