@@ -124,8 +124,8 @@ def load_prompt_items(
     cfg: RunConfig, storage: Any, excluded: set[str], allowed: set[str] | None = None
 ) -> tuple[list[Any], dict[str, int]]:
     """The rollout prompts (families in ``excluded``, or not in ``allowed``, left out) and counts per family."""
-    from preftune.collect.generate import load_prompts
     from preftune.data.validation import ValidationReport
+    from preftune.generation.candidates import load_prompts
     from preftune.ppo.trainer import PromptItem
 
     spec = cfg.ppo.prompts or cfg.data.prompts
@@ -248,7 +248,7 @@ def _load_inputs(cfg: RunConfig, storage: Any, device: Any, reward_model_dir: st
     """The reward scorer (and its normalisation statistics), the rollout prompts and the starting policy."""
     import torch
 
-    from preftune.collect.generate import resolve_policy
+    from preftune.generation.candidates import resolve_policy
     from preftune.scoring.model import RewardScorer
 
     s = cfg.ppo
