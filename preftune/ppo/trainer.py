@@ -20,7 +20,9 @@ controller), :mod:`~preftune.ppo.warmup` (critic warm-up), :mod:`~preftune.ppo.g
 :mod:`~preftune.ppo.state` (random streams, checkpoints), :mod:`~preftune.ppo.metrics`,
 :mod:`~preftune.ppo.reporting` (callbacks, progress bar) and :mod:`~preftune.ppo.sigterm`.
 Each RLHF trick is named where it happens (``# trick: ...``); every number comes from
-:class:`~preftune.ppo.config.PPOSection`.
+:class:`~preftune.ppo.config.PPOSection`. :class:`PPOTrainer` is a little over 300 lines on
+purpose: the micro-step, the epochs over mini-batches and the loop are the algorithm, read in one
+place; everything else is in the modules above.
 """
 
 from __future__ import annotations
