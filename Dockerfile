@@ -7,29 +7,35 @@
 #   CPU (default):  docker build -t REGISTRY/preftune:0.1.0 .
 #   GPU (ppo step): docker build --build-arg VARIANT=cuda -t REGISTRY/preftune:0.1.0-cuda .
 #
-# The GPU variant starts from an NVIDIA CUDA runtime base, installs the CUDA build of torch and
-# the `gpu` extra (DeepSpeed, with its fused Adam ops compiled in a separate CUDA devel stage so
-# that the final image carries no compiler). BuildKit builds only the stages the chosen VARIANT
-# needs.
+# Both variants start from the same Python base (one Python, 3.11). The GPU variant installs
+# requirements/cuda.lock: PyPI's CUDA build of torch brings the CUDA runtime as nvidia-* wheels, so
+# no CUDA base image is needed at run time (the node's driver is enough). DeepSpeed's fused Adam
+# ops are compiled in a separate stage with the CUDA toolkit, so the final image carries no
+# compiler. BuildKit builds only the stages the chosen VARIANT needs.
 
-# Pinned bases: change these deliberately (and rebuild), never float on `latest`.
-ARG PYTHON_VERSION=3.11.13
-ARG DEBIAN_RELEASE=bookworm
-ARG CUDA_VERSION=12.8.1
-ARG UBUNTU_RELEASE=ubuntu24.04
+# Base images. PYTHON_IMAGE is pinned by digest: python:3.11-slim at the digest below, as found in
+# two independent public repositories' Dockerfiles (one through the public.ecr.aws/docker/library
+# mirror). It was NOT pulled or verified where this Dockerfile was written (no registry access):
+# check it (`docker buildx imagetools inspect python:3.11-slim@sha256:...`), or override it with
+# your mirror's digest: --build-arg PYTHON_IMAGE=registry.example.com/python:3.11-slim@sha256:...
+ARG PYTHON_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
+# UNPINNED (tag only): the CUDA toolkit that compiles DeepSpeed's ops (VARIANT=cuda only; nothing of
+# it but the compiled wheel reaches the image). No digest was available here and none is invented:
+# pin it with --build-arg CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu22.04@sha256:<digest>.
+# CUDA 13.0 is what PyPI's torch 2.13.0 is built with (nvidia-cuda-runtime 13.0.x in cuda.lock).
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu22.04
 # cpu | cuda
 ARG VARIANT=cpu
-# torch from the PyTorch index of the variant; must lie in pyproject's torch range.
-ARG TORCH_VERSION=2.13.0
+# torch's CPU build comes from the PyTorch CPU index (cpu.lock pins torch==2.13.0+cpu with hashes).
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TORCH_CUDA_INDEX_URL=https://download.pytorch.org/whl/cu128
+# DeepSpeed as requirements/cuda.lock pins it (its ops are compiled from that sdist).
 ARG DEEPSPEED_VERSION=0.19.8
 # The package version (pyproject.toml); the wheel name and the OCI version label use it.
 ARG PREFTUNE_VERSION=0.1.0
 
 # ---------------------------------------------------------------------------------------------
 # builder: build the preftune wheel from the source tree (pure Python, no compiler needed).
-FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS builder
+FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -44,40 +50,42 @@ RUN pip wheel --no-deps --wheel-dir /dist . \
     && ls -l /dist
 
 # ---------------------------------------------------------------------------------------------
+# cuda-toolkit (VARIANT=cuda only): nvcc and the CUDA headers, copied into deepspeed-builder.
+FROM ${CUDA_DEVEL_IMAGE} AS cuda-toolkit
+
 # deepspeed-builder (VARIANT=cuda only): DeepSpeed compiles its CUDA ops just in time by default,
 # which needs nvcc and a C++ compiler at run time. Prebuild the ops the ppo step uses into a
-# wheel here, in the CUDA devel image, so that the runtime image stays compiler-free.
-FROM nvidia/cuda:${CUDA_VERSION}-devel-${UBUNTU_RELEASE} AS deepspeed-builder
-ARG TORCH_VERSION
-ARG TORCH_CUDA_INDEX_URL
+# wheel here, against the locked CUDA torch on the same Python as the runtime image, so that the
+# runtime image stays compiler-free. (Ubuntu 22.04's toolkit runs on the base's newer glibc.)
+FROM ${PYTHON_IMAGE} AS deepspeed-builder
 ARG DEEPSPEED_VERSION
 # Ampere, Ada, Hopper and Blackwell data-centre GPUs.
 ARG TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0;10.0"
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-# Ubuntu's own python3 build of the release is the point here, not a version pin.
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    CUDA_HOME=/usr/local/cuda \
+    PATH=/opt/build-venv/bin:/usr/local/cuda/bin:$PATH
+COPY --from=cuda-toolkit /usr/local/cuda /usr/local/cuda
+# The distribution's C++ compiler for this stage only (never in the runtime image).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-dev python3-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/build-venv
-ENV PATH=/opt/build-venv/bin:$PATH
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX_URL}" \
-    && pip install --no-cache-dir setuptools==84.2.1 wheel==0.48.0 packaging==26.3 ninja==1.13.2 \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+RUN --mount=type=bind,source=requirements/cuda.lock,target=/tmp/requirements.lock \
+    python -m venv /opt/build-venv \
+    && pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock \
     && DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" \
-       pip wheel --no-deps --no-build-isolation --wheel-dir /dist "deepspeed==${DEEPSPEED_VERSION}"
+       pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /dist "deepspeed==${DEEPSPEED_VERSION}"
 
 # ---------------------------------------------------------------------------------------------
-# base-cpu: the slim Python base, a virtual environment and the CPU build of torch (a fraction
-# of the size of the CUDA one).
-FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS base-cpu
-ARG PYTHON_VERSION
-ARG DEBIAN_RELEASE
-ARG TORCH_VERSION
+# base-cpu: the Python base, a virtual environment and the CPU build of torch (a fraction of the
+# size of the CUDA one).
+FROM ${PYTHON_IMAGE} AS base-cpu
+ARG PYTHON_IMAGE
 ARG TORCH_CPU_INDEX_URL
 ENV PREFTUNE_IMAGE_VARIANT=cpu \
-    PREFTUNE_BASE_IMAGE=python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} \
+    PREFTUNE_BASE_IMAGE=${PYTHON_IMAGE} \
     PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PIP_NO_CACHE_DIR=1 \
@@ -90,34 +98,27 @@ RUN --mount=type=bind,source=requirements/cpu.lock,target=/tmp/requirements.lock
     python -m venv /opt/venv \
     && pip install --no-cache-dir --require-hashes --extra-index-url "${TORCH_CPU_INDEX_URL}" -r /tmp/requirements.lock
 
-# base-cuda: the NVIDIA CUDA runtime base (the driver comes from the node), Ubuntu's Python,
-# the CUDA build of torch and DeepSpeed with its prebuilt ops (the wheel is bind-mounted from
-# deepspeed-builder, never copied into a layer).
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU_RELEASE} AS base-cuda
-ARG CUDA_VERSION
-ARG UBUNTU_RELEASE
-ARG TORCH_VERSION
-ARG TORCH_CUDA_INDEX_URL
-ENV DEBIAN_FRONTEND=noninteractive \
-    PREFTUNE_IMAGE_VARIANT=cuda \
-    PREFTUNE_BASE_IMAGE=nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU_RELEASE} \
+# base-cuda: the same Python base with requirements/cuda.lock (uv, hashes): PyPI's CUDA torch and its
+# nvidia-* runtime wheels, then DeepSpeed replaced by the wheel with prebuilt ops from
+# deepspeed-builder (bind-mounted, never copied into a layer). The driver comes from the node.
+FROM ${PYTHON_IMAGE} AS base-cuda
+ARG PYTHON_IMAGE
+ENV PREFTUNE_IMAGE_VARIANT=cuda \
+    PREFTUNE_BASE_IMAGE=${PYTHON_IMAGE} \
     PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
 # hadolint ignore=DL3013
-RUN --mount=type=bind,from=deepspeed-builder,source=/dist,target=/tmp/deepspeed \
-    pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_CUDA_INDEX_URL}" \
-    && pip install --no-cache-dir /tmp/deepspeed/deepspeed-*.whl
+RUN --mount=type=bind,source=requirements/cuda.lock,target=/tmp/requirements.lock \
+    --mount=type=bind,from=deepspeed-builder,source=/dist,target=/tmp/deepspeed \
+    python -m venv /opt/venv \
+    && pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock \
+    && pip install --no-cache-dir --no-deps --force-reinstall /tmp/deepspeed/deepspeed-*.whl
 
 # ---------------------------------------------------------------------------------------------
 # runtime: the image that ships. No compiler, no pip cache, no build tree, no secrets.
-# (base-${VARIANT} is one of the two stages above, each pinned by version.)
+# (base-${VARIANT} is one of the two stages above, both FROM the digest-pinned PYTHON_IMAGE.)
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS runtime
 ARG PREFTUNE_VERSION
@@ -132,16 +133,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib
 
 # The wheel comes from the builder stage through a bind mount: installed, never copied into a
-# layer. The CUDA variant adds the `gpu` extra, already satisfied by the DeepSpeed wheel above.
+# layer, with --no-deps in both variants: their lock (cpu.lock, or cuda.lock with the `gpu` extra)
+# already installed every dependency, and pip check proves nothing is missing.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=builder,source=/dist,target=/tmp/dist \
     set -eu; \
     wheel="$(ls /tmp/dist/preftune-${PREFTUNE_VERSION}-*.whl)"; \
-    if [ "${PREFTUNE_IMAGE_VARIANT}" = "cuda" ]; then \
-      extras="[gpu]"; pip install --no-cache-dir "${wheel}${extras}"; \
-    else \
-      pip install --no-cache-dir --no-deps "${wheel}"; pip check; \
-    fi; \
+    pip install --no-cache-dir --no-deps "${wheel}"; \
+    pip check; \
     preftune --help > /dev/null
 
 # A CycloneDX SBOM of the installed environment, written by cyclonedx-py (cyclonedx-bom) from a
