@@ -42,22 +42,100 @@ app.kubernetes.io/part-of: preftune
 {{- end }}
 {{- end }}
 
+{{/*
+The ServiceAccount of one component (feedback, mlflow, schedule, observe, training):
+include "preftune.serviceAccountName" (dict "ctx" $ "component" "feedback").
+serviceAccount.<component>.name, else <fullname>-<component> when the chart creates them, else
+the namespace's `default`. Each component has its own, so an annotation meant for one (a cloud
+role for training) never reaches the pods of another.
+*/}}
 {{- define "preftune.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create }}
-{{- default (include "preftune.fullname" .) .Values.serviceAccount.name }}
+{{- $sa := get .ctx.Values.serviceAccount .component }}
+{{- if $sa.name }}
+{{- $sa.name }}
+{{- else if .ctx.Values.serviceAccount.create }}
+{{- printf "%s-%s" (include "preftune.fullname" .ctx) .component }}
 {{- else }}
-{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- "default" }}
+{{- end }}
+{{- end }}
+
+{{/* Components whose ServiceAccount the chart creates (the enabled ones; training with the schedule). */}}
+{{- define "preftune.serviceAccountComponents" -}}
+{{- $v := .Values }}
+{{- $on := dict "feedback" $v.feedback.enabled "mlflow" $v.mlflow.enabled "schedule" $v.schedule.enabled "observe" $v.observe.enabled "training" (or $v.schedule.enabled $v.serviceAccount.training.createWithoutSchedule) }}
+{{- range $c := list "feedback" "mlflow" "schedule" "observe" "training" }}
+{{- if get $on $c }}{{ $c }} {{ end }}
 {{- end }}
 {{- end }}
 
 {{/*
-The image reference: registry/repository:tag, or @digest. The tag defaults to the chart's
+Annotations of an object's metadata: commonAnnotations merged with the object's own (the own win):
+include "preftune.annotations" (dict "ctx" $ "own" $someDict). Prints nothing when both are empty.
+*/}}
+{{- define "preftune.annotations" -}}
+{{- $all := merge (deepCopy (default (dict) .own)) (deepCopy (default (dict) .ctx.Values.commonAnnotations)) }}
+{{- with $all }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The extension points of a component's pod: include "preftune.pod.initContainers" $componentValues etc.
+initContainers and sidecars are full containers (the restricted Pod Security Standard applies to them
+too: the chart's checks reject one without a securityContext); extraVolumes / extraVolumeMounts mount a
+CA bundle or a Secret; extraEnvFrom takes ConfigMap or Secret sources.
+*/}}
+{{- define "preftune.pod.initContainers" -}}
+{{- with .initContainers }}
+initContainers:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "preftune.pod.sidecars" -}}
+{{- with .sidecars }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "preftune.pod.extraVolumes" -}}
+{{- with .extraVolumes }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "preftune.pod.extraVolumeMounts" -}}
+{{- with .extraVolumeMounts }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* envFrom of a component's container: whole Secrets by name (extraEnvFromSecrets) and extraEnvFrom sources. */}}
+{{- define "preftune.pod.envFrom" -}}
+{{- if or .extraEnvFromSecrets .extraEnvFrom }}
+envFrom:
+  {{- range .extraEnvFromSecrets }}
+  - secretRef:
+      name: {{ . }}
+  {{- end }}
+  {{- with .extraEnvFrom }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image reference: registry/repository:tag, or @digest. global.imageRegistry (a mirror for
+every chart of an umbrella release) wins over image.registry. The tag defaults to the chart's
 appVersion (which follows the package version) and is never `latest`.
 */}}
 {{- define "preftune.image" -}}
 {{- $img := .Values.image }}
 {{- $repo := $img.repository }}
-{{- if $img.registry }}{{ $repo = printf "%s/%s" (trimSuffix "/" $img.registry) $img.repository }}{{ end }}
+{{- $registry := default $img.registry (.Values.global).imageRegistry }}
+{{- if $registry }}{{ $repo = printf "%s/%s" (trimSuffix "/" $registry) $img.repository }}{{ end }}
 {{- $tag := default .Chart.AppVersion $img.tag | toString }}
 {{- if eq (lower $tag) "latest" }}
 {{- fail "image.tag must not be `latest`: pin a version (default: the chart's appVersion)" }}
@@ -158,9 +236,18 @@ seccompProfile:
 {{- end }}
 {{- end }}
 
-{{/* The run config of the schedule, with tracking.uri filled in when it is empty. */}}
+{{/* The run config of the schedule, with tracking.uri and kubernetes.service_account (the training
+ServiceAccount) filled in when they are empty. */}}
 {{- define "preftune.runConfig" -}}
 {{- $cfg := deepCopy (default (dict) .Values.schedule.runConfig) }}
+{{- if or .Values.serviceAccount.create .Values.serviceAccount.training.name }}
+{{- $kube := default (dict) (get $cfg "kubernetes") }}
+{{- if not (get $kube "service_account") }}
+{{- /* the pipeline's pods (and its TrainJob's nodes) run as the training ServiceAccount */}}
+{{- $_ := set $kube "service_account" (include "preftune.serviceAccountName" (dict "ctx" . "component" "training")) }}
+{{- $_ := set $cfg "kubernetes" $kube }}
+{{- end }}
+{{- end }}
 {{- $uri := include "preftune.trackingUri" . }}
 {{- if $uri }}
 {{- $tracking := default (dict) (get $cfg "tracking") }}
@@ -177,9 +264,9 @@ seccompProfile:
 {{- if not .Values.feedback.database.existingSecret }}true{{ end }}
 {{- end }}
 
-{{/* Whether the MLflow server needs its volume (SQLite backend or local artifacts). */}}
+{{/* Whether the MLflow server needs its volume (SQLite backend, local artifacts, or basic auth's SQLite user store). */}}
 {{- define "preftune.mlflow.needsVolume" -}}
-{{- if or (not .Values.mlflow.backendStore.existingSecret) (not .Values.mlflow.artifacts.destination) }}true{{ end }}
+{{- if or (not .Values.mlflow.backendStore.existingSecret) (not .Values.mlflow.artifacts.destination) .Values.mlflow.auth.enabled }}true{{ end }}
 {{- end }}
 
 {{/* Checks of value combinations the schema cannot express, failing with what to change. */}}
@@ -195,8 +282,14 @@ seccompProfile:
 {{- if and .Values.mlflow.enabled .Values.mlflow.artifacts.s3.existingSecret (not (hasPrefix "s3://" .Values.mlflow.artifacts.destination)) }}
 {{- fail "mlflow.artifacts.s3.existingSecret is set but mlflow.artifacts.destination is not an s3:// URI" }}
 {{- end }}
-{{- if and .Values.schedule.enabled (not .Values.serviceAccount.create) .Values.schedule.rbac.create (not .Values.serviceAccount.name) }}
-{{- fail "schedule.rbac.create binds a ServiceAccount: set serviceAccount.name or serviceAccount.create=true" }}
+{{- if and .Values.schedule.enabled (not .Values.serviceAccount.create) .Values.schedule.rbac.create (not .Values.serviceAccount.schedule.name) }}
+{{- fail "schedule.rbac.create binds the schedule Job's ServiceAccount: set serviceAccount.schedule.name or serviceAccount.create=true" }}
+{{- end }}
+{{- if and .Values.mlflow.enabled .Values.mlflow.auth.enabled (not .Values.mlflow.auth.existingSecret) }}
+{{- fail "mlflow.auth.enabled needs mlflow.auth.existingSecret: a Secret with the admin username and password (keys mlflow.auth.usernameKey / passwordKey)" }}
+{{- end }}
+{{- if and .Values.mlflow.enabled .Values.mlflow.ingress.enabled (not .Values.mlflow.auth.enabled) (not .Values.mlflow.ingress.allowWithoutAuth) }}
+{{- fail "mlflow.ingress.enabled exposes MLflow, which has no authentication of its own: set mlflow.auth.enabled (basic auth, credentials from a Secret) or put an auth proxy in front and set mlflow.ingress.allowWithoutAuth" }}
 {{- end }}
 {{- end }}
 
@@ -211,6 +304,26 @@ egress:
         protocol: UDP
       - port: 53
         protocol: TCP
+  {{- if and .ctx.Values.mlflow.enabled (has .component (list "schedule" "observe" "training")) }}
+  # the chart's MLflow (tracking, registry)
+  - to:
+      - podSelector:
+          matchLabels:
+            {{- include "preftune.selectorLabels" (dict "ctx" .ctx "component" "mlflow") | nindent 12 }}
+    ports:
+      - port: {{ .ctx.Values.mlflow.port }}
+        protocol: TCP
+  {{- end }}
+  {{- if and .ctx.Values.feedback.enabled (eq .component "training") }}
+  # the feedback service (the collect step exports its judgements)
+  - to:
+      - podSelector:
+          matchLabels:
+            {{- include "preftune.selectorLabels" (dict "ctx" .ctx "component" "feedback") | nindent 12 }}
+    ports:
+      - port: 8080
+        protocol: TCP
+  {{- end }}
   {{- with get .ctx.Values.networkPolicy.egress.extra .component }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
