@@ -41,7 +41,13 @@ class ServeSettings(BaseSettings):
     shutdown_timeout_seconds: int = Field(
         20, ge=1, description="On SIGTERM, how long in-flight requests may take before the server stops."
     )
-    db_pool_size: int = Field(10, ge=1, le=200, description="Database connections kept open (PostgreSQL).")
+    db_pool_size: int = Field(
+        10,
+        ge=1,
+        le=200,
+        description="Database connections each worker keeps open (PostgreSQL); also its request handler "
+        "threads (this many plus two), so requests wait for a free thread rather than open extra connections.",
+    )
     db_pool_timeout_seconds: int = Field(
         30, ge=1, le=600, description="How long a request waits for a free database connection before a 503."
     )
