@@ -34,8 +34,8 @@ def main() -> None:
 
     from test_observe import _suite  # the test suite file: the demo families, inline cases
 
-    from preftune.evaluate.judges import load_judges
-    from preftune.evaluate.suite import load_suite
+    from preftune.behaviour.judges import load_judges
+    from preftune.behaviour.suite import load_suite
     from preftune.observe import stats
     from preftune.observe.config import ObserveSection
     from preftune.observe.run import judge_records

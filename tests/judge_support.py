@@ -77,7 +77,7 @@ def calibration_items() -> list[dict]:
 
 def _contexts() -> list[tuple[str, str]]:
     """(rubric prompt, label) for every family, prompt and training answer."""
-    from preftune.evaluate.judges.llm import Rubric, rubric_messages
+    from preftune.behaviour.judges.llm import Rubric, rubric_messages
 
     out = []
     for b, texts in TRAIN_TEXTS.items():

@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from preftune.behaviour.judges import RulesJudge
+from preftune.behaviour.suite import RulesJudgeSpec
+from preftune.behaviour.thresholds import Threshold
 from preftune.config import parse_config
 from preftune.errors import ConfigError
-from preftune.evaluate.config import Threshold
 from preftune.evaluate.gates import absolute_gates, non_regression_gates, verdict
-from preftune.evaluate.judges import RulesJudge
 from preftune.evaluate.metrics import (
     Estimate,
     SampleRecord,
@@ -21,7 +22,6 @@ from preftune.evaluate.metrics import (
     compute_metrics,
     win_rate_values,
 )
-from preftune.evaluate.suite import RulesJudgeSpec
 
 
 def rec(
@@ -209,8 +209,8 @@ def test_classifier_judge_labels_must_cover_the_suite(tmp_path):
     from test_evaluate_support import _tokenizer
     from transformers import BertConfig, BertForSequenceClassification
 
-    from preftune.evaluate.judges import load_judges
-    from preftune.evaluate.suite import parse_suite
+    from preftune.behaviour.judges import load_judges
+    from preftune.behaviour.suite import parse_suite
 
     tok = _tokenizer(["I cannot help", "happy to help you"])
     torch.manual_seed(0)

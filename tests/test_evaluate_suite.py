@@ -12,9 +12,9 @@ import pytest
 import yaml
 from test_evaluate_support import SUITE
 
+from preftune.behaviour.suite import load_suite, parse_suite, shipped_suites, thresholds_for
 from preftune.config import parse_config
 from preftune.errors import ConfigError, ExitCode
-from preftune.evaluate.suite import load_suite, parse_suite, shipped_suites, thresholds_for
 
 
 def _write(tmp_path, data, name="suite.yaml"):

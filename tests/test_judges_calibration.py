@@ -11,11 +11,11 @@ import pytest
 import yaml
 from test_evaluate_support import SUITE
 
+from preftune.behaviour.calibration import calibrate, cohen_kappa, confusion_matrix, require_calibrated
+from preftune.behaviour.judges import load_judges
+from preftune.behaviour.suite import load_suite
 from preftune.errors import ConfigError, ExitCode
-from preftune.evaluate.calibration import calibrate, cohen_kappa, confusion_matrix, require_calibrated
-from preftune.evaluate.judges import load_judges
 from preftune.evaluate.metrics import SampleRecord, confusion_rates, correct_distribution, corrected_shares
-from preftune.evaluate.suite import load_suite
 
 
 def test_cohen_kappa_matches_a_known_value_and_sklearn():

@@ -7,10 +7,10 @@ import json
 import pytest
 from judge_support import EXEMPLARS
 
+from preftune.behaviour.judges import load_judges
+from preftune.behaviour.judges.ensemble import vote
+from preftune.behaviour.suite import parse_suite
 from preftune.errors import ConfigError
-from preftune.evaluate.judges import load_judges
-from preftune.evaluate.judges.ensemble import vote
-from preftune.evaluate.suite import parse_suite
 
 ALLOWED = {"risky": {"decline", "comply"}, "benign": {"helpful", "refuse"}}
 

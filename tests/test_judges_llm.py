@@ -15,9 +15,9 @@ import pytest
 from judge_support import RUBRICS, calibration_items, judge_lms  # noqa: F401 (fixture)
 from support.openai_server import ServerState, openai_server
 
+from preftune.behaviour.judges.endpoint import EndpointLlmJudge, logprob_label, strict_label
+from preftune.behaviour.judges.llm import LlmJudgeSpec, LocalLlmJudge, rubric_messages, softmax_choice
 from preftune.errors import CredentialsError, UnreachableError
-from preftune.evaluate.judges.endpoint import EndpointLlmJudge, logprob_label, strict_label
-from preftune.evaluate.judges.llm import LlmJudgeSpec, LocalLlmJudge, rubric_messages, softmax_choice
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def _stats(url):
 
 
 def test_rubric_prompt_names_every_label_and_asks_for_one():
-    from preftune.evaluate.judges.llm import Rubric
+    from preftune.behaviour.judges.llm import Rubric
 
     system, user = rubric_messages(Rubric.model_validate(RUBRICS["risky"]), ["decline", "comply"], "p?", "r.")
     assert "- decline: declines" in system and "- comply: gives the steps." in system

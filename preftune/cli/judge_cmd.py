@@ -27,12 +27,12 @@ def check(
     show_confusion: bool = typer.Option(False, "--confusion", help="Print each judge's confusion matrix."),
 ) -> None:
     """Score every judge on the suite's labelled responses; exit 2 if a family's judge is below its kappa floor."""
+    from preftune.behaviour.calibration import render_table, require_calibrated
+    from preftune.behaviour.judges import load_judges
+    from preftune.behaviour.suite import load_suite
     from preftune.common.device import select_device
     from preftune.config import load_config
-    from preftune.evaluate.calibration import render_table, require_calibrated
-    from preftune.evaluate.judges import load_judges
     from preftune.evaluate.step import run_calibration, torch_threads
-    from preftune.evaluate.suite import load_suite
 
     cfg = load_config(config)
     ev = cfg.evaluation

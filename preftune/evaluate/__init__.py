@@ -6,7 +6,9 @@ Public API (imported lazily, so ``import preftune.evaluate`` costs nothing):
   gates with bootstrap confidence bounds, a Markdown/HTML report and an MLflow run.
 - :func:`promote` (``preftune.evaluate.promote``): register a passing candidate and move the
   ``champion`` alias under the promotion lock.
-- :func:`load_suite` (``preftune.evaluate.suite``): read and validate a suite file.
+
+The behaviour suite and its judges are in :mod:`preftune.behaviour`, the registry in
+:mod:`preftune.registry`.
 """
 
 from __future__ import annotations
@@ -16,17 +18,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.evaluate.promote import PromoteResult, promote
     from preftune.evaluate.step import EvalResult, evaluate
-    from preftune.evaluate.suite import Suite, load_suite
 
-__all__ = ["EvalResult", "PromoteResult", "Suite", "evaluate", "load_suite", "promote"]
+__all__ = ["EvalResult", "PromoteResult", "evaluate", "promote"]
 
 _WHERE = {
     "EvalResult": "preftune.evaluate.step",
     "evaluate": "preftune.evaluate.step",
     "PromoteResult": "preftune.evaluate.promote",
     "promote": "preftune.evaluate.promote",
-    "Suite": "preftune.evaluate.suite",
-    "load_suite": "preftune.evaluate.suite",
 }
 
 

@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from preftune.evaluate.config import CAPABILITY_METRICS, METRIC_DIRECTIONS, GatesSection, Threshold
+from preftune.behaviour.thresholds import CAPABILITY_METRICS, METRIC_DIRECTIONS, Threshold
+from preftune.evaluate.config import GatesSection
 from preftune.evaluate.metrics import CANDIDATE, CAPABILITY, POOLED, Estimate
 
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from preftune import registry
+from preftune.behaviour.judges import judge_by_family
+from preftune.behaviour.suite import Suite
 from preftune.common.device import torch_threads
 from preftune.config import RunConfig
 from preftune.evaluate.metrics import CANDIDATE, CHAMPION, SampleRecord
 from preftune.evaluate.stored import stored_champion_samples
-from preftune.evaluate.suite import Suite
 
 log = logging.getLogger(__name__)
 
@@ -31,30 +31,6 @@ class Models:
     candidate: registry.ResolvedModel
     champion: registry.ResolvedModel | None
     reference: registry.ResolvedModel
-
-
-def judge_by_family(
-    suite: Suite,
-    judges: Mapping[str, Any],
-    families: Sequence[str],
-    prompts: Sequence[str],
-    texts: Sequence[str],
-) -> list[str | None]:
-    """The behaviour of each (family, prompt, text), each family by its suite judge in one batch.
-
-    None where the judge could not tell, or the family is not in the suite.
-    """
-    by_family: dict[str, list[int]] = defaultdict(list)
-    for i, family in enumerate(families):
-        if family in suite.families:
-            by_family[family].append(i)
-    behaviours: list[str | None] = [None] * len(families)
-    for family, idx in by_family.items():
-        judge = judges[suite.families[family].judge]
-        labels = judge.judge(family, [prompts[i] for i in idx], [texts[i] for i in idx])
-        for i, b in zip(idx, labels, strict=True):
-            behaviours[i] = b
-    return behaviours
 
 
 def _judge_and_record(

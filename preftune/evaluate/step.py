@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune import registry
+from preftune.behaviour.suite import Suite, load_suite, thresholds_for
 from preftune.common.timestamps import utc_now
 from preftune.config import RunConfig
 from preftune.evaluate.gates import GateResult, absolute_gates, config_thresholds, non_regression_gates, verdict
@@ -37,9 +38,8 @@ from preftune.evaluate.metrics import (
     corrected_shares,
     metrics_to_json,
 )
-from preftune.evaluate.sampling import (  # noqa: F401 (judge_by_family, torch_threads: public here too)
+from preftune.evaluate.sampling import (  # noqa: F401 (torch_threads: public here too)
     Models,
-    judge_by_family,
     sample_and_judge,
     torch_threads,
 )
@@ -54,7 +54,6 @@ from preftune.evaluate.stored import (  # noqa: F401 (re-exported: promote reads
     read_eval_folder,
     recheck_against,
 )
-from preftune.evaluate.suite import Suite, load_suite, thresholds_for
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +238,7 @@ def _run_tags_and_params(
 
 def run_calibration(suite: Suite, judges: Mapping[str, Any], cfg: RunConfig) -> Any:
     """Score every judge on the suite's labelled responses (None without a calibration section)."""
-    from preftune.evaluate.calibration import calibrate
+    from preftune.behaviour.calibration import calibrate
 
     ev = cfg.evaluation
     return calibrate(
@@ -412,9 +411,9 @@ def evaluate(
     any generation, after logging its figures to the run.
     """
     from preftune import tracking
+    from preftune.behaviour.calibration import CALIBRATION_FILE, require_calibrated
+    from preftune.behaviour.judges import load_judges
     from preftune.common.device import select_device
-    from preftune.evaluate.calibration import CALIBRATION_FILE, require_calibrated
-    from preftune.evaluate.judges import load_judges
 
     ev = cfg.evaluation
     reward_model = reward_model or ev.reward_model

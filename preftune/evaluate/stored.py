@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune import registry
+from preftune.behaviour.suite import Suite
 from preftune.config import RunConfig
 from preftune.evaluate.gates import GateResult, non_regression_gates, verdict
 from preftune.evaluate.metrics import (
@@ -25,7 +26,6 @@ from preftune.evaluate.metrics import (
     capability_metrics,
     compute_metrics,
 )
-from preftune.evaluate.suite import Suite
 
 STEP = "evaluate"
 ARTIFACT_DIR = "evaluation"

@@ -45,7 +45,7 @@ def similarity(prompts: Sequence[str], references: Sequence[str], encoder: str |
     if not prompts or not references:
         return np.zeros((len(prompts), len(references)))
     if encoder:
-        from preftune.evaluate.judges.embedding import Encoder
+        from preftune.behaviour.judges.embedding import Encoder
 
         enc = Encoder(encoder, "cpu", max_length=128, batch_size=64)
         a, b = enc(list(prompts)).numpy(), enc(list(references)).numpy()

@@ -171,8 +171,8 @@ def observe_window(
     now_ms: int | None = None,
 ) -> ObserveResult:
     """Observe one window; see the module docstring. Raises only for what a user must fix."""
-    from preftune.evaluate.judges import load_judges
-    from preftune.evaluate.suite import load_suite, thresholds_for
+    from preftune.behaviour.judges import load_judges
+    from preftune.behaviour.suite import load_suite, thresholds_for
     from preftune.observe import actions, outputs
     from preftune.storage import Storage
 

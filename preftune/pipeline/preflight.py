@@ -119,7 +119,7 @@ def preflight(
     if "/" in suite or suite.endswith((".yaml", ".yml")):
         checks.append(("evaluation.suite", suite, "file"))
     else:
-        from preftune.evaluate.suite import shipped_suites
+        from preftune.behaviour.suite import shipped_suites
 
         if suite not in shipped_suites():
             raise ConfigError(

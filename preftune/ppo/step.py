@@ -153,9 +153,8 @@ def suite_judge(cfg: RunConfig, device: Any) -> Any:
     True when the response shows one of its family's preferred behaviours, False when it does not,
     None for families the suite does not cover or that have no preferred behaviour.
     """
-    from preftune.evaluate.judges import load_judges
-    from preftune.evaluate.step import judge_by_family
-    from preftune.evaluate.suite import load_suite
+    from preftune.behaviour.judges import judge_by_family, load_judges
+    from preftune.behaviour.suite import load_suite
 
     suite = load_suite(cfg.evaluation.suite, reward_model=cfg.evaluation.reward_model, world=cfg.world)
     judges = load_judges(suite, reward_model=cfg.evaluation.reward_model, device=device)

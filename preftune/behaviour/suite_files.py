@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from preftune.behaviour.suite_schema import DEMO_PROMPTS, JUDGE_TYPE_NAMES, CalibrationItemSpec
 from preftune.errors import ConfigError, PreftuneError
-from preftune.evaluate.suite_schema import DEMO_PROMPTS, JUDGE_TYPE_NAMES, CalibrationItemSpec
 
 
 def shipped_suites() -> list[str]:

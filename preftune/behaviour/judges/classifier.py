@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from preftune.errors import ConfigError
-from preftune.evaluate.judges.registry import (
+from preftune.behaviour.judges.registry import (
     UNKNOWN,
     BuildContext,
     CheckContext,
@@ -19,6 +18,7 @@ from preftune.evaluate.judges.registry import (
     register_judge,
     resolve_judge_path,
 )
+from preftune.errors import ConfigError
 
 
 class ClassifierJudgeSpec(StrictSpec):
@@ -117,7 +117,7 @@ def check_labels_cover_suite(name: str, labels: set[str], where: str, ctx: Build
 
 def judged_by(suite: Any, family: str) -> set[str]:
     """The judge of ``family`` and, for an ensemble, its members."""
-    from preftune.evaluate.judges.registry import judge_type
+    from preftune.behaviour.judges.registry import judge_type
 
     top = suite.families[family].judge
     out = {top}

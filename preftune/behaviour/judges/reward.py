@@ -8,8 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from preftune.errors import ConfigError, PreftuneError
-from preftune.evaluate.judges.registry import (
+from preftune.behaviour.judges.registry import (
     UNKNOWN,
     BuildContext,
     CheckContext,
@@ -20,6 +19,7 @@ from preftune.evaluate.judges.registry import (
     register_judge,
     resolve_judge_path,
 )
+from preftune.errors import ConfigError, PreftuneError
 
 
 class RewardJudgeSpec(StrictSpec):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from preftune.evaluate.judges.registry import (
+from preftune.behaviour.judges.registry import (
     JUDGE_TYPES,
     UNKNOWN,
     BuildContext,

@@ -16,8 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from preftune.errors import ConfigError
-from preftune.evaluate.judges.registry import (
+from preftune.behaviour.judges.registry import (
     BEHAVIOUR_NAME,
     UNKNOWN,
     BuildContext,
@@ -29,6 +28,7 @@ from preftune.evaluate.judges.registry import (
     register_judge,
     resolve_judge_path,
 )
+from preftune.errors import ConfigError
 
 
 class EmbeddingJudgeSpec(StrictSpec):
@@ -173,7 +173,7 @@ def _check(jname: str, j: EmbeddingJudgeSpec, ctx: CheckContext) -> list[Problem
 
 @register_judge("embedding", spec=EmbeddingJudgeSpec, labels=_labels, check=_check)
 def build_embedding(name: str, spec: EmbeddingJudgeSpec, ctx: BuildContext) -> EmbeddingJudge:
-    from preftune.evaluate.judges.classifier import check_labels_cover_suite
+    from preftune.behaviour.judges.classifier import check_labels_cover_suite
 
     path = local_model_path(resolve_judge_path(spec.path, ctx.suite), ctx.storage) if spec.path else default_encoder()
     base = None if ctx.suite.source.startswith("s3://") else Path(ctx.suite.source).resolve().parent

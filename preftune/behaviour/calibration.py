@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from preftune.behaviour.judges import judge_type
 from preftune.errors import ConfigError
-from preftune.evaluate.judges import judge_type
 
 UNKNOWN = "unknown"
 CALIBRATION_FILE = "calibration.json"

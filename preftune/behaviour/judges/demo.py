@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from preftune.evaluate.judges.registry import BuildContext, StrictSpec, register_judge
+from preftune.behaviour.judges.registry import BuildContext, StrictSpec, register_judge
 
 
 class DemoJudgeSpec(StrictSpec):

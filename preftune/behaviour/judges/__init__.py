@@ -8,23 +8,25 @@ an OpenAI-compatible endpoint), labelled exemplars (``embedding``), or several o
 name or ``"unknown"``. ``"unknown"`` is a result like any other: it is counted in
 ``unknown_share`` and can be gated (a model that starts writing gibberish raises it).
 
-Types live in a registry (:mod:`preftune.evaluate.judges.registry`), one module each. Judges
+Types live in a registry (:mod:`preftune.behaviour.judges.registry`), one module each. Judges
 are loaded (and model label sets checked against the suite) by :func:`load_judges`, before any
 generation, so a wrong model fails fast. How well each judge agrees with human labels is
-measured by :mod:`preftune.evaluate.calibration`.
+measured by :mod:`preftune.behaviour.calibration`.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from preftune.evaluate.judges import classifier, demo, embedding, ensemble, llm, reward, rules  # noqa: F401 (register)
-from preftune.evaluate.judges.classifier import ClassifierJudge, ClassifierJudgeSpec, judged_by
-from preftune.evaluate.judges.demo import DemoJudge, DemoJudgeSpec
-from preftune.evaluate.judges.embedding import EmbeddingJudge, EmbeddingJudgeSpec
-from preftune.evaluate.judges.ensemble import EnsembleJudge, EnsembleJudgeSpec
-from preftune.evaluate.judges.llm import LlmJudgeSpec, LocalLlmJudge
-from preftune.evaluate.judges.registry import (
+from preftune.behaviour.judges import classifier, demo, embedding, ensemble, llm, reward, rules  # noqa: F401 (register)
+from preftune.behaviour.judges.classifier import ClassifierJudge, ClassifierJudgeSpec, judged_by
+from preftune.behaviour.judges.demo import DemoJudge, DemoJudgeSpec
+from preftune.behaviour.judges.embedding import EmbeddingJudge, EmbeddingJudgeSpec
+from preftune.behaviour.judges.ensemble import EnsembleJudge, EnsembleJudgeSpec
+from preftune.behaviour.judges.llm import LlmJudgeSpec, LocalLlmJudge
+from preftune.behaviour.judges.registry import (
     JUDGE_TYPES,
     UNKNOWN,
     BuildContext,
@@ -33,8 +35,8 @@ from preftune.evaluate.judges.registry import (
     register_judge,
     resolve_judge_path,
 )
-from preftune.evaluate.judges.reward import RewardJudge, RewardJudgeSpec
-from preftune.evaluate.judges.rules import RulesJudge, RulesJudgeSpec, RuleSpec
+from preftune.behaviour.judges.reward import RewardJudge, RewardJudgeSpec
+from preftune.behaviour.judges.rules import RulesJudge, RulesJudgeSpec, RuleSpec
 
 __all__ = [
     "JUDGE_TYPES",
@@ -55,6 +57,7 @@ __all__ = [
     "RuleSpec",
     "RulesJudge",
     "RulesJudgeSpec",
+    "judge_by_family",
     "judge_type",
     "judges_in_use",
     "load_judges",
@@ -87,3 +90,27 @@ def load_judges(
         )
         judges[name] = judge_type(spec).build(name, spec, ctx)
     return judges
+
+
+def judge_by_family(
+    suite: Any,
+    judges: Mapping[str, Any],
+    families: Sequence[str],
+    prompts: Sequence[str],
+    texts: Sequence[str],
+) -> list[str | None]:
+    """The behaviour of each (family, prompt, text), each family by its suite judge in one batch.
+
+    None where the judge could not tell, or the family is not in the suite.
+    """
+    by_family: dict[str, list[int]] = defaultdict(list)
+    for i, family in enumerate(families):
+        if family in suite.families:
+            by_family[family].append(i)
+    behaviours: list[str | None] = [None] * len(families)
+    for family, idx in by_family.items():
+        judge = judges[suite.families[family].judge]
+        labels = judge.judge(family, [prompts[i] for i in idx], [texts[i] for i in idx])
+        for i, b in zip(idx, labels, strict=True):
+            behaviours[i] = b
+    return behaviours

@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from preftune.behaviour.judges.llm import LlmJudgeSpec, rubric_labels, rubric_messages
+from preftune.behaviour.judges.registry import UNKNOWN
 from preftune.errors import CredentialsError, InputError, UnreachableError
-from preftune.evaluate.judges.llm import LlmJudgeSpec, rubric_labels, rubric_messages
-from preftune.evaluate.judges.registry import UNKNOWN
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 

@@ -6,7 +6,7 @@ Two backends, one prompt:
   log-probability of each allowed label as the continuation of the rubric prompt; the labels'
   softmax decides (below ``min_confidence``: unknown). No free text is generated or parsed.
 - ``endpoint``: any OpenAI-compatible chat-completions server (vLLM, TGI, Ollama, a gateway);
-  see :mod:`preftune.evaluate.judges.endpoint` (logprobs when the server returns them, else a
+  see :mod:`preftune.behaviour.judges.endpoint` (logprobs when the server returns them, else a
   strict parse of the one-label answer).
 
 The rubric (its instructions and each behaviour's description) is part of the suite, hence of
@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from preftune.evaluate.judges.registry import (
+from preftune.behaviour.judges.registry import (
     BEHAVIOUR_NAME,
     UNKNOWN,
     BuildContext,
@@ -210,7 +210,7 @@ def _check(jname: str, j: LlmJudgeSpec, ctx: CheckContext) -> list[Problem]:
 @register_judge("llm", spec=LlmJudgeSpec, labels=_labels, check=_check)
 def build_llm(name: str, spec: LlmJudgeSpec, ctx: BuildContext) -> Any:
     if spec.endpoint is not None:
-        from preftune.evaluate.judges.endpoint import EndpointLlmJudge
+        from preftune.behaviour.judges.endpoint import EndpointLlmJudge
 
         return EndpointLlmJudge(name, spec, ctx.allowed)
     path = local_model_path(resolve_judge_path(str(spec.path), ctx.suite), ctx.storage)

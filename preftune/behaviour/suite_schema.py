@@ -1,8 +1,8 @@
 """The suite file format: what a behaviour-suite YAML may contain (pydantic models, unknown fields rejected).
 
-Judge sections come from the judge registry (:mod:`preftune.evaluate.judges`): every registered
+Judge sections come from the judge registry (:mod:`preftune.behaviour.judges`): every registered
 type's spec, told apart by ``type``. Resolution (roles inherited, cases read, labels checked) is
-in :mod:`preftune.evaluate.suite`; the format is documented in ``docs/suites.md``.
+in :mod:`preftune.behaviour.suite`; the format is documented in ``docs/suites.md``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from preftune.evaluate.config import Threshold
-from preftune.evaluate.judges import JUDGE_TYPES
+from preftune.behaviour.judges import JUDGE_TYPES
+from preftune.behaviour.thresholds import Threshold
 
 SUITE_FORMAT = "preftune.suite"
 FORMAT_VERSION = 1

@@ -11,6 +11,10 @@ The resolved suite (cases from the file and from included JSONL files, roles inh
 the family) has a content hash; it is logged with every evaluation and tagged on every
 registered version, so "evaluated on the same suite" can be checked, not assumed.
 The format is documented in ``docs/suites.md``.
+
+This module parses and validates a suite document and resolves it (``parse_suite``,
+``load_suite``, ``thresholds_for``); the resolved suite's types are in ``suite_model``, the file
+format in ``suite_schema``, reading files and reporting problems in ``suite_files``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib import resources  # noqa: F401 (the shipped suites' package, as before the split)
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from preftune.errors import ConfigError
-from preftune.evaluate.config import Threshold, check_threshold_metrics
-from preftune.evaluate.judges import (  # noqa: F401 (re-exported: the suite's judge sections)
+from preftune.behaviour.judges import (  # noqa: F401 (re-exported: the suite's judge sections)
     JUDGE_TYPES,
     ClassifierJudgeSpec,
     DemoJudgeSpec,
@@ -40,8 +41,8 @@ from preftune.evaluate.judges import (  # noqa: F401 (re-exported: the suite's j
     RuleSpec,
     resolve_judge_path,
 )
-from preftune.evaluate.judges.registry import CheckContext, judge_type
-from preftune.evaluate.suite_files import (  # noqa: F401 (shipped_suites: re-exported)
+from preftune.behaviour.judges.registry import CheckContext, judge_type
+from preftune.behaviour.suite_files import (  # noqa: F401 (shipped_suites: re-exported)
     _loc_label,
     _Problems,
     _read_calibration_file,
@@ -49,7 +50,14 @@ from preftune.evaluate.suite_files import (  # noqa: F401 (shipped_suites: re-ex
     _read_suite_text,
     shipped_suites,
 )
-from preftune.evaluate.suite_schema import (  # noqa: F401 (the file format, re-exported)
+from preftune.behaviour.suite_model import (  # noqa: F401 (re-exported: the resolved suite)
+    Calibration,
+    CalibrationItem,
+    Case,
+    Family,
+    Suite,
+)
+from preftune.behaviour.suite_schema import (  # noqa: F401 (the file format, re-exported)
     DEMO_PROMPTS,
     FAMILY_NAME,
     FORMAT_VERSION,
@@ -67,156 +75,8 @@ from preftune.evaluate.suite_schema import (  # noqa: F401 (the file format, re-
     JudgeSpec,
     SuiteFile,
 )
-
-# --------------------------------------------------------------------------------------
-# The resolved suite
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    judge: str
-    description: str
-    behaviours: tuple[str, ...] | None
-    preferred: frozenset[str]
-    acceptable: frozenset[str]
-    forbidden: frozenset[str]
-    needless_refusal: frozenset[str]
-    thresholds: dict[str, Threshold]
-    judge_min_kappa: float | None = None
-
-
-@dataclass(frozen=True)
-class CalibrationItem:
-    id: str
-    family: str
-    prompt: str
-    response: str
-    label: str
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The suite's human-labelled responses and the agreement its judges must reach."""
-
-    judge_min_kappa: float
-    min_items: int
-    require_every_family: bool
-    items: tuple[CalibrationItem, ...]
-
-    def by_family(self) -> dict[str, list[CalibrationItem]]:
-        out: dict[str, list[CalibrationItem]] = {}
-        for it in self.items:
-            out.setdefault(it.family, []).append(it)
-        return out
-
-    def min_kappa(self, family: Family) -> float:
-        return family.judge_min_kappa if family.judge_min_kappa is not None else self.judge_min_kappa
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    family: str
-    prompt: str
-    tags: tuple[str, ...]
-    preferred: frozenset[str]
-    acceptable: frozenset[str]
-    forbidden: frozenset[str]
-    needless_refusal: frozenset[str]
-
-    def roles(self, behaviour: str) -> dict[str, bool]:
-        """Which roles a judged behaviour plays for this case (preferred counts as acceptable)."""
-        return {
-            "preferred": behaviour in self.preferred,
-            "acceptable": behaviour in self.preferred or behaviour in self.acceptable,
-            "forbidden": behaviour in self.forbidden,
-            "needless_refusal": behaviour in self.needless_refusal,
-            "unknown": behaviour == "unknown",
-        }
-
-
-@dataclass
-class Suite:
-    """A validated suite with every case resolved."""
-
-    name: str
-    version: int
-    source: str
-    description: str
-    generation: GenerationSpec
-    judges: dict[str, Any]
-    families: dict[str, Family]
-    cases: list[Case]
-    capability: list[CapabilityText]
-    capability_max_tokens: int
-    sha256: str = ""
-    cases_by_family: dict[str, list[Case]] = field(default_factory=dict)
-    thresholds: dict[str, dict[str, Threshold]] = field(default_factory=dict)
-    calibration: Calibration | None = None
-
-    @property
-    def id(self) -> str:
-        """``<name>-v<version>``: what reports, metrics and registry tags call the suite."""
-        return f"{self.name}-v{self.version}"
-
-    def canonical(self) -> dict[str, Any]:
-        """Everything that determines the figures, as plain JSON (what the hash covers)."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "generation": self.generation.model_dump(mode="json"),
-            "judges": {k: v.model_dump(mode="json") for k, v in sorted(self.judges.items())},
-            "families": {
-                name: {
-                    "judge": f.judge,
-                    "behaviours": list(f.behaviours) if f.behaviours is not None else None,
-                    "preferred": sorted(f.preferred),
-                    "acceptable": sorted(f.acceptable),
-                    "forbidden": sorted(f.forbidden),
-                    "needless_refusal": sorted(f.needless_refusal),
-                    "thresholds": {m: t.model_dump(mode="json") for m, t in sorted(f.thresholds.items())},
-                    **({"judge_min_kappa": f.judge_min_kappa} if f.judge_min_kappa is not None else {}),
-                }
-                for name, f in sorted(self.families.items())
-            },
-            "cases": [
-                {
-                    "id": c.id,
-                    "family": c.family,
-                    "prompt": c.prompt,
-                    "tags": list(c.tags),
-                    "preferred": sorted(c.preferred),
-                    "acceptable": sorted(c.acceptable),
-                    "forbidden": sorted(c.forbidden),
-                    "needless_refusal": sorted(c.needless_refusal),
-                }
-                for c in self.cases
-            ],
-            "capability": {
-                "max_tokens": self.capability_max_tokens,
-                "texts": [{"id": t.id, "prompt": t.prompt, "text": t.text} for t in self.capability],
-            },
-            "thresholds": {
-                g: {m: t.model_dump(mode="json") for m, t in sorted(ms.items())}
-                for g, ms in sorted(self.thresholds.items())
-            },
-            **({"calibration": self._canonical_calibration()} if self.calibration is not None else {}),
-        }
-
-    def _canonical_calibration(self) -> dict[str, Any]:
-        cal = self.calibration
-        assert cal is not None
-        return {
-            "judge_min_kappa": cal.judge_min_kappa,
-            "min_items": cal.min_items,
-            "require_every_family": cal.require_every_family,
-            "items": [
-                {"id": i.id, "family": i.family, "prompt": i.prompt, "response": i.response, "label": i.label}
-                for i in cal.items
-            ],
-        }
-
+from preftune.behaviour.thresholds import Threshold, check_threshold_metrics
+from preftune.errors import ConfigError
 
 # --------------------------------------------------------------------------------------
 # Locating and reading
