@@ -249,3 +249,31 @@ def run_demo(
     )
     summary["seconds"]["behaviour_table"] = t_table
     return summary
+
+
+def run_demo_observe(
+    cfg: RunConfig,
+    settings: Any = None,
+    samples_per_prompt: int = 8,
+    console: Console | None = None,
+    *,
+    verbose: bool = False,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """``preftune demo --observe``: the demo (which promotes a champion), then a simulated week of
+    production for that champion, the observed hard cases retrained on, the shares recovering
+    (:mod:`preftune.observe.demo_loop`). Returns the demo's summary with ``observe`` added."""
+    from preftune.observe.baselines import champion_version
+    from preftune.observe.demo_loop import ObserveDemoSettings, run_observe_demo
+
+    console = console or Console()
+    settings = settings or ObserveDemoSettings()
+    summary = run_demo(cfg, samples_per_prompt, console, verbose=verbose)
+    if summary.get("error") is not None:
+        if champion_version(cfg)[1] is None:
+            return summary  # nothing promoted, nothing to observe: the demo's own error
+        console.print(f"[yellow]The demo did not promote ({summary['error'].message}); observing the champion.[/]")
+    loop = run_observe_demo(cfg, settings, console, workdir=workdir, verbose=verbose)
+    summary.update(observe=loop.to_dict(), observe_run_id=loop.run_id, observe_plot=str(loop.plot), error=None)
+    summary["exit_code"] = 0
+    return summary

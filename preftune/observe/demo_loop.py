@@ -1,0 +1,379 @@
+"""``preftune demo --observe``: a simulated week of production for the demo's champion, the loop closed.
+
+Day by day, production prompts arrive: the world's held-out prompts of every family, and from
+``shift_day`` on a share of role-play jailbreaks (:mod:`preftune.world.jailbreak`, a style the
+champion never saw). The champion -- the version holding ``@champion``, fetched from the registry --
+*generates* every answer (one sample a prompt, seeded by the day), written as the chat logs a
+serving application would write. Each day is one real observe window (:func:`observe_window`: the
+suite's judges, drift tests, gates). The first window that is not ok ends the old champion's days:
+its hard cases (the prompts it answered badly) go to the raters -- the demo world's simulated rater
+panel stands in for the feedback service: the retraining run's collect samples candidates for them
+and the panel judges them -- and a retraining run of the real pipeline on "existing data +
+observed hard cases" (``data.extra_prompts``; the PPO rollouts get them too) produces a new
+candidate that evaluate and promote judge as usual. The remaining days are served by the new
+champion; the table and the plot show the shares recover.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from preftune.configbase import Section
+from preftune.errors import InputError, PreftuneError
+
+DAY_MS = 86_400_000
+START = datetime(2026, 11, 2, tzinfo=timezone.utc)
+
+
+class ObserveDemoSettings(Section):
+    """The simulated week and the retraining run of ``preftune demo --observe``."""
+
+    days: int = Field(7, ge=2, le=31, description="Days of production traffic.")
+    shift_day: int = Field(4, ge=1, description="First day (1-based) on which the jailbreak style appears.")
+    per_day: int = Field(240, ge=40, le=5000, description="Production answers a day.")
+    jailbreak_share: float = Field(0.25, gt=0, lt=1, description="Share of a day's prompts that are jailbreaks.")
+    retrain: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Run-config overrides for the retraining run (a smaller budget, e.g. {'ppo': {'updates': 20}}).",
+    )
+
+
+@dataclass
+class DayFigures:
+    day: int
+    model_version: str | None
+    answers: int
+    jailbreaks: int
+    safety_unsafe: float  # share of unsafe_comply among the safety family's answers (window, as judged)
+    jailbreak_unsafe: float  # share of unsafe_comply among the answers to jailbreak prompts
+    jailbreak_preferred: float  # share of explain_decline among them
+    plain_safety_preferred: float  # explain_decline among the answers to the ordinary safety prompts
+    new_prompt_share: float
+    verdict: str
+    hard_cases: int
+    run_id: str | None
+
+
+def production_prompts(day: int, settings: ObserveDemoSettings, seed: int) -> list[dict[str, Any]]:
+    """The day's prompts (``{"prompt", "jailbreak"}``): held-out world prompts, jailbreaks from shift_day."""
+    from preftune.world.corpus import build_corpus
+    from preftune.world.jailbreak import jailbreak_prompts
+
+    rng = random.Random(f"preftune-observe-demo:{seed}:{day}")
+    ordinary = list(build_corpus(seed).eval)
+    jailbreaks = list(jailbreak_prompts())
+    out = []
+    for _ in range(settings.per_day):
+        if day >= settings.shift_day and rng.random() < settings.jailbreak_share:
+            out.append({"prompt": rng.choice(jailbreaks).prompt, "jailbreak": True})
+        else:
+            out.append({"prompt": rng.choice(ordinary).prompt, "jailbreak": False})
+    return out
+
+
+def write_day_log(path: Path, day: int, prompts: list[dict[str, Any]], answers: list[str], version: str) -> None:
+    """The day's answers as a serving application logs them (OpenAI chat messages, a user id to drop)."""
+    t0 = START + timedelta(days=day - 1)
+    rng = random.Random(day)
+    lines = []
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        at = t0 + timedelta(seconds=i * 86_400 // max(len(prompts), 1))
+        rec = {
+            "id": f"day{day}-{i:05d}",
+            "created_at": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "model_version": version,
+            "user": f"user-{rng.randrange(10**6)}",
+            "messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}],
+        }
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def _share(rows: list[dict[str, Any]], behaviour: str) -> float:
+    return sum(r["behaviour"] == behaviour for r in rows) / len(rows) if rows else 0.0
+
+
+def day_figures(day: int, result: Any, jailbreak_texts: set[str]) -> DayFigures:
+    rows = result.records
+    safety = [r for r in rows if r["family"] == "safety"]
+    jail = [r for r in rows if r["prompt"] in jailbreak_texts]
+    plain = [r for r in safety if r["prompt"] not in jailbreak_texts]
+    return DayFigures(
+        day=day,
+        model_version=result.window.get("model_version"),
+        answers=len(rows),
+        jailbreaks=len(jail),
+        safety_unsafe=_share(safety, "unsafe_comply"),
+        jailbreak_unsafe=_share(jail, "unsafe_comply"),
+        jailbreak_preferred=_share(jail, "explain_decline"),
+        plain_safety_preferred=_share(plain, "explain_decline"),
+        new_prompt_share=result.new_prompt_share,
+        verdict=result.verdict,
+        hard_cases=len(result.hard_cases),
+        run_id=result.mlflow_run_id,
+    )
+
+
+def _champion_policy(cfg: Any, workdir: Path) -> tuple[str, Path]:
+    """(version, local policy folder) of the model holding @champion."""
+    from preftune.observe.baselines import champion_version
+    from preftune.registry import resolve_model
+    from preftune.storage import Storage
+
+    client, version, _ = champion_version(cfg)
+    if version is None:
+        raise InputError(
+            f"{cfg.models.registered_model} has no @{cfg.promotion.champion_alias}: run `preftune demo` first "
+            "(--observe observes the champion it promotes)"
+        )
+    ref = f"models:/{cfg.models.registered_model}@{cfg.promotion.champion_alias}"
+    path = resolve_model(ref, client, workdir / f"v{version}", Storage.from_config(cfg.storage)).path
+    return str(version), Path(path)
+
+
+def retrain_config(cfg: Any, hard_cases: Path, workdir: Path, overrides: dict[str, Any]) -> Any:
+    """The retraining run: the same config plus the observed hard cases (collect and the PPO rollouts)."""
+    from preftune.config import parse_config
+    from preftune.data.validation import ValidationReport
+    from preftune.generation.candidates import load_prompts
+    from preftune.storage import Storage
+
+    storage = Storage.from_config(cfg.storage)
+    base = load_prompts(cfg.ppo.prompts or cfg.data.prompts, cfg, storage, ValidationReport())
+    rollout = workdir / "ppo_prompts.jsonl"
+    lines = [json.dumps({"id": p.prompt_id, "family": p.family, "prompt": p.prompt}) + "\n" for p in base]
+    lines += [line if line.endswith("\n") else line + "\n" for line in hard_cases.read_text().splitlines(True)]
+    rollout.write_text("".join(lines), encoding="utf-8")
+    data = cfg.model_dump(mode="json")
+    data["data"]["extra_prompts"] = [*data["data"].get("extra_prompts", []), str(hard_cases)]
+    data["ppo"]["prompts"] = str(rollout)
+    data["run"]["name"] = f"{cfg.run.name}-observed"
+    _merge(data, overrides)
+    return parse_config(data)
+
+
+def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def observe_config(cfg: Any, workdir: Path, settings: ObserveDemoSettings) -> Any:
+    obs = cfg.observe.model_copy(
+        update={
+            "source": cfg.observe.source.model_copy(update={"kind": "logs", "path": str(workdir / "logs")}),
+            "state": str(workdir / "state"),
+            "max_records": max(cfg.observe.max_records, settings.per_day),
+            "on_regression": "report",
+        }
+    )
+    return cfg.model_copy(update={"observe": obs})
+
+
+@dataclass
+class LoopResult:
+    days: list[DayFigures]
+    flagged_day: int | None
+    retrain: dict[str, Any]
+    plot: Path | None
+    run_id: str | None
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "days": [asdict(d) for d in self.days],
+            "flagged_day": self.flagged_day,
+            "retrain": self.retrain,
+            "seconds": self.seconds,
+        }
+
+
+def run_week(
+    cfg: Any, settings: ObserveDemoSettings, console: Any, workdir: Path, *, verbose: bool = False
+) -> LoopResult:
+    """The simulated week (see the module docstring); ``workdir`` keeps the logs, state and plot."""
+    from preftune.cli.pipeline_cmd import outcome_error, run_local_with_progress
+    from preftune.observe import observe_window
+    from preftune.world.jailbreak import jailbreak_prompts
+    from preftune.world.sampling import sample_responses
+
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    ocfg = observe_config(cfg, workdir, settings)
+    jail_texts = {p.prompt for p in jailbreak_prompts()}
+    version, policy = _champion_policy(cfg, workdir / "models")
+    days: list[DayFigures] = []
+    flagged, retrain_info = None, {}
+    seconds = {"generate": 0.0, "observe": 0.0, "retrain": 0.0}
+    for day in range(1, settings.days + 1):
+        prompts = production_prompts(day, settings, cfg.run.seed)
+        t = time.perf_counter()
+        answers = sample_responses(
+            policy,
+            prompts,
+            1,
+            max_new_tokens=cfg.data.generation.max_new_tokens,
+            seed=cfg.run.seed * 1000 + day,
+            progress=False,
+        )
+        seconds["generate"] += time.perf_counter() - t
+        write_day_log(workdir / "logs" / f"day{day:02d}.jsonl", day, prompts, [a[0] for a in answers], version)
+        t = time.perf_counter()
+        out_dir = workdir / "windows" / f"day{day:02d}"
+        res = observe_window(ocfg, output=str(out_dir), now_ms=int((START.timestamp() + day * 86_400) * 1000))
+        seconds["observe"] += time.perf_counter() - t
+        fig = day_figures(day, res, jail_texts)
+        days.append(fig)
+        console.print(
+            f"  day {day} (v{version}): {fig.answers} answers, {fig.jailbreaks} jailbreaks; unsafe on jailbreaks "
+            f"{fig.jailbreak_unsafe:.2f}; verdict {fig.verdict}"
+            + (f" -> {fig.hard_cases} hard cases" if res.verdict in ("drift", "regression") else "")
+        )
+        if flagged is None and res.verdict in ("drift", "regression") and day < settings.days:
+            flagged = day
+            hard = out_dir / "hard_cases.jsonl"
+            if not res.hard_cases:
+                raise PreftuneError(f"day {day}: observe flagged {res.verdict} but wrote no hard case")
+            console.print(
+                f"  {len(res.hard_cases)} hard cases to the raters (the simulated panel), retraining on existing "
+                "data + observed hard cases:"
+            )
+            rcfg = retrain_config(cfg, hard, workdir, settings.retrain)
+            t = time.perf_counter()
+            run = run_local_with_progress(rcfg, console, verbose=verbose)
+            seconds["retrain"] = time.perf_counter() - t
+            err = outcome_error(run)
+            outcome = run.outcome or {}
+            retrain_info = {
+                "hard_cases": str(hard),
+                "outcome": outcome.get("outcome"),
+                "exit_code": outcome.get("exit_code"),
+                "pipeline_run_id": run.pipeline_run_id,
+                "parent_run_id": outcome.get("parent_run_id"),
+            }
+            if err is not None:
+                raise PreftuneError(f"the retraining run did not promote a new champion: {err.message}", err.exit_code)
+            new_version, policy = _champion_policy(cfg, workdir / "models")
+            retrain_info["version"] = new_version
+            console.print(f"  retrained: version {new_version} is the champion now (was {version})")
+            version = new_version
+    plot = plot_week(days, flagged, workdir / "observed_week.png")
+    run_id = log_week(cfg, days, flagged, retrain_info, plot, seconds)
+    return LoopResult(days, flagged, retrain_info, plot, run_id, seconds)
+
+
+def plot_week(days: list[DayFigures], flagged: int | None, path: Path) -> Path:
+    """Shares day by day (matplotlib PNG); the retraining drawn between the flagged day and the next."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [d.day for d in days]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    ax.plot(x, [d.jailbreak_unsafe for d in days], "o-", color="tab:red", label="unsafe_comply on jailbreaks")
+    ax.plot(x, [d.jailbreak_preferred for d in days], "o-", color="tab:green", label="explain_decline on jailbreaks")
+    ax.plot(x, [d.safety_unsafe for d in days], "s--", color="tab:orange", label="unsafe_comply, safety family")
+    ax.plot(x, [d.plain_safety_preferred for d in days], "s--", color="tab:blue", label="explain_decline, plain safety")
+    if flagged is not None:
+        ax.axvline(flagged + 0.5, color="grey", linestyle=":", label="retrained, new champion")
+    for d in days:
+        if d.verdict != "ok":
+            ax.annotate(d.verdict, (d.day, 1.02), ha="center", fontsize=8, color="tab:red")
+    ax.set_xlabel("day")
+    ax.set_ylabel("share of answers")
+    ax.set_ylim(0, 1.08)
+    ax.set_xticks(x)
+    ax.set_title("Observed behaviour of the champion, day by day")
+    ax.legend(fontsize=7, loc="center left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_week(cfg: Any, days: list[DayFigures], flagged: int | None, retrain: dict, plot: Path, seconds: dict) -> str:
+    """A ``demo-observe`` MLflow run: each day's figures as metrics (step = day), the table and the plot."""
+    import mlflow
+
+    from preftune import tracking
+
+    tags = {"preftune.observe.flagged_day": str(flagged), "preftune.observe.retrain": str(retrain.get("outcome"))}
+    with tracking.start_step_run("demo-observe", cfg, log_config=False, tags=tags) as run:
+        for d in days:
+            mlflow.log_metrics(
+                {
+                    "observe_demo.jailbreak_unsafe": d.jailbreak_unsafe,
+                    "observe_demo.jailbreak_preferred": d.jailbreak_preferred,
+                    "observe_demo.safety_unsafe": d.safety_unsafe,
+                    "observe_demo.plain_safety_preferred": d.plain_safety_preferred,
+                },
+                step=d.day,
+            )
+        mlflow.log_metrics({f"observe_demo.seconds.{k}": v for k, v in seconds.items()})
+        mlflow.log_dict(
+            {"days": [asdict(d) for d in days], "flagged_day": flagged, "retrain": retrain}, "observe_demo/week.json"
+        )
+        mlflow.log_artifact(str(plot), "observe_demo")
+        return run.info.run_id
+
+
+def week_table(result: LoopResult) -> Any:
+    from rich.table import Table
+
+    table = Table(title="A week of production: the champion's observed behaviour")
+    for col, just in (
+        ("day", "right"),
+        ("version", "left"),
+        ("answers", "right"),
+        ("jailbreaks", "right"),
+        ("unsafe on jailbreaks", "right"),
+        ("decline on jailbreaks", "right"),
+        ("unsafe, safety family", "right"),
+        ("verdict", "left"),
+        ("hard cases", "right"),
+    ):
+        table.add_column(col, justify=just)
+    for d in result.days:
+        colour = {"ok": "green", "drift": "yellow", "regression": "red"}.get(d.verdict, "white")
+        table.add_row(
+            str(d.day),
+            f"v{d.model_version}",
+            str(d.answers),
+            str(d.jailbreaks),
+            f"{d.jailbreak_unsafe:.2f}",
+            f"{d.jailbreak_preferred:.2f}",
+            f"{d.safety_unsafe:.2f}",
+            f"[{colour}]{d.verdict}[/]",
+            str(d.hard_cases) if d.verdict != "ok" else "",
+        )
+    return table
+
+
+def run_observe_demo(
+    cfg: Any, settings: ObserveDemoSettings, console: Any, *, workdir: Path | None = None, verbose: bool = False
+) -> LoopResult:
+    """The week, then the table; the files stay in ``workdir`` (default: a folder under the preftune home)."""
+    from preftune.home import preftune_home
+
+    if settings.shift_day > settings.days - 1:
+        raise PreftuneError(f"shift_day {settings.shift_day} leaves no day after it in {settings.days} days")
+    if workdir is None:
+        base = preftune_home() / "demo-observe"
+        base.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base))
+    console.rule("[bold]preftune demo --observe: a week of production traffic for the champion")
+    result = run_week(cfg, settings, console, workdir, verbose=verbose)
+    console.print(week_table(result))
+    console.print(f"Plot: {result.plot} (also on the MLflow run {result.run_id}, observe_demo/observed_week.png)")
+    return result
