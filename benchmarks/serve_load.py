@@ -431,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-ms", type=float, default=100.0, help="p95 a rate must hold to count as sustainable")
     p.add_argument("--cycle", choices=["separate", "combined"], default="separate")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds left out of latency.cycle_after_warmup")
     p.add_argument("--pool-size", type=int, default=20, help="PREFTUNE_DB_POOL_SIZE of each worker")
     p.add_argument("--server-pythonpath", default="", help="PYTHONPATH of the server process (an older checkout)")
     p.add_argument("--database-url", default="", help="PostgreSQL URL (default: a fresh database on 127.0.0.1:5432)")
@@ -457,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "cycle": args.cycle,
         "workers": args.workers,
         "pool_size": args.pool_size,
+        "warmup_s": args.warmup,
         "raters": args.raters,
         "seconds": args.seconds,
         "think_s": args.think if args.mode == "open" and not rates else None,
@@ -524,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "latency": {
                     "cycle": _summary([d for _, d in stats.cycles]),
+                    # the same without the cycles that started in the first --warmup seconds (raters
+                    # connecting and loading their first task all at once; the service's pool filling)
+                    "cycle_after_warmup": _summary([d for t, d in stats.cycles if t >= start + args.warmup]),
                     "all": _summary(all_latency),
                     "next_task": _summary(stats.latency["next"]),
                     "submit": _summary(stats.latency["submit"]),

@@ -169,6 +169,8 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         if settings.auto_migrate and not state.migrated:
             await anyio.to_thread.run_sync(db.migrate, engine)
             state.migrated = True
+        if engine.dialect.name == "postgresql":
+            await anyio.to_thread.run_sync(db.warm_pool, engine, settings.db_pool_size)
         if settings.agreement_refresh_seconds > 0:
             state.background.append(asyncio.create_task(_refresh_agreement_forever(state)))
         state.background.append(asyncio.create_task(_release_expired_forever(state)))

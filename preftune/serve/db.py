@@ -69,6 +69,23 @@ def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = True, pool_ti
     return engine
 
 
+def warm_pool(engine: Engine, size: int) -> None:
+    """Open ``size`` connections now (their statements prepared) rather than during the first burst of requests.
+
+    A database that does not answer is not an error here: readiness reports it, and the pool
+    opens connections on demand as usual.
+    """
+    conns = []
+    try:
+        for _ in range(size):
+            conns.append(engine.connect())
+    except SQLAlchemyError as err:
+        log.warning("database pool not warmed: %s", str(getattr(err, "orig", None) or err).strip().splitlines()[0])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def _sqlite_discipline(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
