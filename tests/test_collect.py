@@ -269,12 +269,15 @@ def test_a_failure_after_building_publishes_nothing(tmp_path, monkeypatch):
         raise RuntimeError("tracking store went away")
 
     monkeypatch.setattr(step, "log_dataset_input", boom)
-    before = set(Path(tempfile.gettempdir()).glob("preftune-dataset-*"))
+    # a temp folder of this test's own: other processes on the machine stage datasets in the shared one
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
     out = tmp_path / "ds"
     with pytest.raises(RuntimeError, match="went away"):
         collect_from_file(str(DATA / "trl_plain.jsonl"), str(out), cfg=_cfg())
-    assert not out.exists() and not list(tmp_path.iterdir())
-    assert set(Path(tempfile.gettempdir()).glob("preftune-dataset-*")) == before  # no staging left behind
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["tmp"]
+    assert not list(staging.glob("preftune-dataset-*"))  # no staging left behind
 
 
 # --------------------------------------------------------------------------------------
