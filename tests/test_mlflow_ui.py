@@ -15,9 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_evaluate_support import toy_config, toy_world  # noqa: F401 (fixture)
-
 from support.browser import wait_for
+from test_evaluate_support import toy_config, toy_world  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
