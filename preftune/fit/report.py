@@ -63,13 +63,13 @@ class FitReport:
     @property
     def fit_status(self) -> str:
         """``unaudited`` when a family goes on without measured agreement, ``audited`` when an audit
-        measured it, ``not measured`` when single-rated families were neither audited nor accepted,
-        else ``measured`` (repeated ratings in the data)."""
+        measured it, ``not measured`` when nothing goes on because single-rated families were neither
+        audited nor accepted, else ``measured`` (what goes on had repeated ratings)."""
         if any(r.verdict == UNAUDITED and r.action in ("kept", "warned") for r in self.families.values()):
             return "unaudited"
         if self.audit:
             return "audited"
-        return "not measured" if self.not_measured_families else "measured"
+        return "not measured" if self.not_measured_families and not self.fit_families else "measured"
 
     @property
     def not_measured_families(self) -> list[str]:
