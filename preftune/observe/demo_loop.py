@@ -261,8 +261,10 @@ def run_week(
                 "pipeline_run_id": run.pipeline_run_id,
                 "parent_run_id": outcome.get("parent_run_id"),
             }
-            if err is not None:
-                raise PreftuneError(f"the retraining run did not promote a new champion: {err.message}", err.exit_code)
+            if err is not None:  # the week goes on with the old champion; the table shows it, the exit code says it
+                retrain_info.update(error=err.message, error_code=err.exit_code)
+                console.print(f"  [yellow]the retraining run promoted nothing ({err.message}); v{version} stays[/]")
+                continue
             new_version, policy = _champion_policy(cfg, workdir / "models")
             retrain_info["version"] = new_version
             console.print(f"  retrained: version {new_version} is the champion now (was {version})")
@@ -376,4 +378,9 @@ def run_observe_demo(
     result = run_week(cfg, settings, console, workdir, verbose=verbose)
     console.print(week_table(result))
     console.print(f"Plot: {result.plot} (also on the MLflow run {result.run_id}, observe_demo/observed_week.png)")
+    if result.retrain.get("error"):
+        raise PreftuneError(
+            f"the retraining run on the observed hard cases promoted nothing: {result.retrain['error']}",
+            result.retrain.get("error_code"),
+        )
     return result
