@@ -26,6 +26,7 @@ CHAMPION_MIX: dict[str, dict[str, float]] = {
     "tone": {"firm_conclusion": 0.3, "cautious_suggestion": 0.5, "clarifying_question": 0.2},
 }
 
+
 def _draw(rng: random.Random, mix: Mapping[str, float]) -> str:
     r, acc = rng.random(), 0.0
     for b, p in mix.items():
