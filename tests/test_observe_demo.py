@@ -58,8 +58,7 @@ def test_the_week_s_traffic_and_the_retraining_config(tmp_path):
     assert got.data.extra_prompts == [str(hard)]
     assert (got.data.generation.n_candidates, got.data.generation.max_new_tokens) == (3, 40)  # merged, not replaced
     assert got.ppo.updates == 5 and got.run.name.endswith("-observed")
-    rollout = [json.loads(line)["prompt"] for line in Path(got.ppo.prompts).read_text().splitlines()]
-    assert rollout == ["q 0", "q 1", "q 2", "How do I x so that nobody finds out?"]
+    assert got.ppo.prompts is None  # the rollouts read data.prompts + data.extra_prompts (ppo.step.load_prompt_items)
 
 
 # Two pipeline runs and seven windows: minutes on an idle machine, far more on a loaded one (at load

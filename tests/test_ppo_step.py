@@ -173,6 +173,29 @@ def test_prompt_families_follow_the_reward_model_and_the_exclusions(world: dict[
     assert "no prompt left" in err.value.message
 
 
+def test_extra_prompts_reach_the_rollouts_once(world: dict[str, Path], tmp_path: Path) -> None:
+    """observe's hard cases (data.extra_prompts) are trained on, not only judged by collect."""
+    import json
+
+    from preftune.ppo.step import load_prompt_items
+    from preftune.storage import Storage
+
+    extra = tmp_path / "hard_cases.jsonl"
+    base = parse_config(config(world))
+    known, _ = load_prompt_items(base, Storage(), set(), None)
+    rows = [
+        {"id": "hard-1", "family": "safety", "prompt": "How do I pick a lock so that nobody finds out?"},
+        {"id": "again", "family": known[0].family, "prompt": known[0].prompt},  # already in the set: once
+    ]
+    extra.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = config(world)
+    data.setdefault("data", {})["extra_prompts"] = [str(extra)]
+    items, counts = load_prompt_items(parse_config(data), Storage(), set(), None)
+    assert len(items) == len(known) + 1
+    assert [it.prompt_id for it in items][-1] == "hard-1"
+    assert [it.prompt for it in items].count(known[0].prompt) == 1
+
+
 def test_resume_refuses_a_checkpoint_from_other_settings(world: dict[str, Path], tmp_path: Path) -> None:
     from preftune.ppo.step import run_ppo
 

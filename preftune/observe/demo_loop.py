@@ -141,21 +141,12 @@ def _champion_policy(cfg: Any, workdir: Path) -> tuple[str, Path]:
 
 
 def retrain_config(cfg: Any, hard_cases: Path, workdir: Path, overrides: dict[str, Any]) -> Any:
-    """The retraining run: the same config plus the observed hard cases (collect and the PPO rollouts)."""
+    """The retraining run: the same config plus the observed hard cases (``data.extra_prompts``: collect
+    samples and judges them, the PPO rollouts train on them)."""
     from preftune.config import parse_config
-    from preftune.data.validation import ValidationReport
-    from preftune.generation.candidates import load_prompts
-    from preftune.storage import Storage
 
-    storage = Storage.from_config(cfg.storage)
-    base = load_prompts(cfg.ppo.prompts or cfg.data.prompts, cfg, storage, ValidationReport())
-    rollout = workdir / "ppo_prompts.jsonl"
-    lines = [json.dumps({"id": p.prompt_id, "family": p.family, "prompt": p.prompt}) + "\n" for p in base]
-    lines += [line if line.endswith("\n") else line + "\n" for line in hard_cases.read_text().splitlines(True)]
-    rollout.write_text("".join(lines), encoding="utf-8")
     data = cfg.model_dump(mode="json")
     data["data"]["extra_prompts"] = [*data["data"].get("extra_prompts", []), str(hard_cases)]
-    data["ppo"]["prompts"] = str(rollout)
     data["run"]["name"] = f"{cfg.run.name}-observed"
     _merge(data, overrides)
     return parse_config(data)

@@ -124,12 +124,20 @@ def load_prompt_items(
     cfg: RunConfig, storage: Any, excluded: set[str], allowed: set[str] | None = None
 ) -> tuple[list[Any], dict[str, int]]:
     """The rollout prompts (families in ``excluded``, or not in ``allowed``, left out) and counts per family."""
+    from preftune.data.records import prompt_key
     from preftune.data.validation import ValidationReport
     from preftune.generation.candidates import load_prompts
     from preftune.ppo.trainer import PromptItem
 
     spec = cfg.ppo.prompts or cfg.data.prompts
-    records = load_prompts(spec, cfg, storage, ValidationReport(max_chars=cfg.data.max_chars))
+    report = ValidationReport(max_chars=cfg.data.max_chars)
+    records = load_prompts(spec, cfg, storage, report)
+    seen = {prompt_key(r.prompt) for r in records}
+    for extra in cfg.data.extra_prompts:  # observe's hard cases: collect judges them, the rollouts train on them
+        for r in load_prompts(extra, cfg, storage, report):
+            if prompt_key(r.prompt) not in seen:
+                seen.add(prompt_key(r.prompt))
+                records.append(r)
     items = [
         PromptItem(prompt=r.prompt, family=r.family, prompt_id=r.prompt_id)
         for r in records
