@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
             False,
             "--observe",
             help="Then simulate a week of production for the promoted champion: a new jailbreak style on day 4, "
-            "observe flags it, the hard cases are retrained on, the new champion's shares recover (table and plot).",
+            "observe flags it and the hard cases go through a retraining run (table and plot of the shares per day).",
         ),
         days: int = typer.Option(7, "--days", min=2, max=31, help="With --observe: days of production traffic."),
         per_day: int = typer.Option(240, "--per-day", min=40, help="With --observe: production answers a day."),
