@@ -1041,7 +1041,7 @@ def test_mlflow_basic_auth_and_its_ingress(helm: Helm, monkeypatch):
         }
     ini = one(objs, "ConfigMap", "-mlflow-auth")["data"]["basic_auth.ini"]
     # the real MLflow reads it: the permission, the user store on the volume, no password in it. (Loaded
-    # from its file: the mlflow.server.auth package needs Flask-WTF, see the next test.)
+    # from its file: importing the mlflow.server.auth package builds its Flask app.)
     import configparser
     import importlib.util
 
@@ -1087,13 +1087,13 @@ def test_mlflow_basic_auth_and_its_ingress(helm: Helm, monkeypatch):
     assert proc.returncode != 0 and "mlflow.auth.existingSecret" in proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mlflow.auth.enabled runs `mlflow server --app-name basic-auth`, which needs Flask-WTF "
-    "(mlflow[auth]); pyproject and the locks do not have it yet, so the image's MLflow would not start",
-)
 def test_the_locked_image_dependencies_carry_mlflows_basic_auth():
+    """mlflow.auth.enabled runs `mlflow server --app-name basic-auth`, which needs Flask-WTF (mlflow[auth])."""
+    import importlib.util
+
     from packaging.utils import canonicalize_name
+
+    assert importlib.util.find_spec("flask_wtf") is not None  # installed from the lock here too
 
     pins = {
         canonicalize_name(line.split("==")[0].split("[")[0])
