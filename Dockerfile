@@ -19,11 +19,12 @@
 # check it (`docker buildx imagetools inspect python:3.11-slim@sha256:...`), or override it with
 # your mirror's digest: --build-arg PYTHON_IMAGE=registry.example.com/python:3.11-slim@sha256:...
 ARG PYTHON_IMAGE=python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7
-# UNPINNED (tag only): the CUDA toolkit that compiles DeepSpeed's ops (VARIANT=cuda only; nothing of
-# it but the compiled wheel reaches the image). No digest was available here and none is invented:
-# pin it with --build-arg CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu22.04@sha256:<digest>.
+# CUDA_DEVEL_IMAGE: the CUDA toolkit that compiles DeepSpeed's ops (VARIANT=cuda only; nothing of it
+# but the compiled wheel reaches the image), pinned by the digest a public repository's probe list
+# records for nvidia/cuda:13.0.1-devel-ubuntu22.04; like PYTHON_IMAGE's, NOT pulled or verified here:
+# check it, or override with --build-arg CUDA_DEVEL_IMAGE=<your mirror>/cuda:13.0.1-devel-ubuntu22.04@sha256:...
 # CUDA 13.0 is what PyPI's torch 2.13.0 is built with (nvidia-cuda-runtime 13.0.x in cuda.lock).
-ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu22.04
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu22.04@sha256:bb3de902bc1b522231cffea98a4d25a16ddb9fc8685a958b48d83036f46fd0c2
 # cpu | cuda
 ARG VARIANT=cpu
 # torch's CPU build comes from the PyTorch CPU index (cpu.lock pins torch==2.13.0+cpu with hashes).

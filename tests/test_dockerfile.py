@@ -130,10 +130,7 @@ def test_dockerfile_is_multi_stage_with_a_builder_and_a_final_runtime_stage(pars
 
 #: Base images allowed without a digest, each with the reason (issue 16: every FROM pinned by digest).
 #: The Dockerfile must say so next to the image's ARG ("UNPINNED").
-UNPINNED = {
-    "nvidia/cuda:13.0.1-devel-ubuntu22.04": "no digest was available without registry access, and none is "
-    "invented; only used to compile DeepSpeed's ops (VARIANT=cuda), nothing of it but a wheel reaches the image",
-}
+UNPINNED: dict[str, str] = {}
 
 
 def test_every_base_image_is_pinned_by_digest_or_listed_as_unpinned_with_a_reason(parsed):
