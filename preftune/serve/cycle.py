@@ -46,7 +46,7 @@ from preftune.serve.models import (
     Task,
 )
 from preftune.serve.schemas import FORMAT_VERSION, JUDGEMENT_FORMAT, JudgementIn
-from preftune.serve.support import InvalidError, clean_judgement, iso_utc
+from preftune.serve.support import clean_judgement, iso_utc, pick_best
 
 A = Assignment.__table__
 J = Judgement.__table__
@@ -361,14 +361,7 @@ class Normalised:
 
 def normalise(payload: JudgementIn) -> Normalised:
     """The stored form of a judgement, before the task is known (the index checks come after)."""
-    best, ranking = payload.best, payload.ranking
-    if payload.all_unacceptable:
-        if best is not None:
-            raise InvalidError("best must be null when all_unacceptable is true")
-    elif best is None:
-        if not ranking:
-            raise InvalidError("pick the best candidate (best), rank them all (ranking) or set all_unacceptable")
-        best = ranking[0]
+    best, ranking = pick_best(payload), payload.ranking
     return Normalised(
         best=best,
         ranking=list(ranking) if ranking else None,

@@ -101,9 +101,9 @@ class CleanJudgement:
         )
 
 
-def clean_judgement(payload: JudgementIn, n_candidates: int) -> CleanJudgement:
-    """Check the indexes against the task and the rules of the judgement format (422 otherwise)."""
-    n = n_candidates
+def pick_best(payload: JudgementIn) -> int | None:
+    """The best candidate a judgement names (the ranking's first when only a ranking is given; None when all
+    are unacceptable); the format's rules as 422, before the task is known."""
     best, ranking = payload.best, payload.ranking
     if payload.all_unacceptable:
         if best is not None:
@@ -112,6 +112,13 @@ def clean_judgement(payload: JudgementIn, n_candidates: int) -> CleanJudgement:
         if not ranking:
             raise InvalidError("pick the best candidate (best), rank them all (ranking) or set all_unacceptable")
         best = ranking[0]
+    return best
+
+
+def clean_judgement(payload: JudgementIn, n_candidates: int) -> CleanJudgement:
+    """Check the indexes against the task and the rules of the judgement format (422 otherwise)."""
+    n = n_candidates
+    best, ranking = pick_best(payload), payload.ranking
     if best is not None and not 0 <= best < n:
         raise InvalidError(f"best: {best} is not a candidate index of this task (0..{n - 1})")
     if ranking is not None:
