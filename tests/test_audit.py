@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.pairs import single_rated_pairs
 
 from preftune.config import parse_config
 from preftune.data.dataset import build_dataset, load_dataset, publish
-from preftune.data.records import Pair, short_hash
+from preftune.data.records import Pair
 from preftune.errors import ExitCode, InputError
 from preftune.fit import CONTESTED, FIT, NEEDS_DATA, NOT_MEASURED, UNAUDITED, NotFitError, check_fit, run_check_fit
 from preftune.fit.audit import (
@@ -26,27 +27,15 @@ SIZES = {"clear": 40, "murky": 40, "tiny": 3}
 
 
 def _pairs() -> list[Pair]:
-    out = []
+    out: list[Pair] = []
     for family, n in SIZES.items():
-        for i in range(n):
-            prompt = f"{family} question {i}: what should I do about case {i * 7 % 13}?"
-            chosen, rejected = f"A careful answer {i} for {family}.", f"A careless reply {i} ({family})"
-            out.append(
-                Pair(
-                    pair_id=f"{family}-{i}",
-                    item_id=short_hash(prompt, sorted([chosen, rejected])),
-                    prompt_id=f"{family}-q{i}",
-                    family=family,
-                    tags=[],
-                    prompt=prompt,
-                    chosen=chosen,
-                    rejected=rejected,
-                    weight=1.0,
-                    source="hh",
-                    rater_id=None,
-                    created_at=None,
-                )
-            )
+        out += single_rated_pairs(
+            family,
+            n,
+            prompt=lambda i, f=family: f"{f} question {i}: what should I do about case {i * 7 % 13}?",
+            chosen=lambda i, f=family: f"A careful answer {i} for {f}.",
+            rejected=lambda i, f=family: f"A careless reply {i} ({f})",
+        )
     return out
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.pairs import single_rated_pairs
 
 from preftune.config import parse_config
 from preftune.data.dataset import build_dataset, publish
-from preftune.data.records import Pair, short_hash
+from preftune.data.records import Pair
 from preftune.errors import ExitCode
 from preftune.fit import NOT_MEASURED, UNAUDITED, NotFitError, run_check_fit
 from preftune.pilot import report as rep
@@ -22,27 +23,13 @@ from preftune.storage import Storage
 
 
 def _pairs(family: str, n: int) -> list[Pair]:
-    out = []
-    for i in range(n):
-        prompt = f"{family} question {i}: how do I handle case {i * 5 % 11}?"
-        chosen, rejected = f"A careful answer {i}.", f"A careless reply {i}"
-        out.append(
-            Pair(
-                pair_id=f"{family}-{i}",
-                item_id=short_hash(prompt, sorted([chosen, rejected])),
-                prompt_id=f"{family}-q{i}",
-                family=family,
-                tags=[],
-                prompt=prompt,
-                chosen=chosen,
-                rejected=rejected,
-                weight=1.0,
-                source="hh",
-                rater_id=None,
-                created_at=None,
-            )
-        )
-    return out
+    return single_rated_pairs(
+        family,
+        n,
+        prompt=lambda i: f"{family} question {i}: how do I handle case {i * 5 % 11}?",
+        chosen=lambda i: f"A careful answer {i}.",
+        rejected=lambda i: f"A careless reply {i}",
+    )
 
 
 @pytest.fixture(scope="module")
