@@ -174,8 +174,10 @@ def run_demo(
         acc = reward.get("accuracy")
         console.print(
             f"Reward model: held-out accuracy {acc:.3f}" if isinstance(acc, (int, float)) else "Reward model: -",
-            f"(gate >= {reward.get('min_accuracy')}: {'passed' if reward.get('gate_passed') else 'FAILED'})",
+            f"(calibrated reward gate: {'passed' if reward.get('gate_passed') else 'FAILED'})",
         )
+        if reward.get("gate_reason"):
+            console.print(f"  {reward['gate_reason']}", style="dim")
         for fam, a in (reward.get("per_family") or {}).items():
             console.print(f"  {fam}: {a:.3f}")
 

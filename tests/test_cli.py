@@ -74,3 +74,34 @@ def test_unknown_command_is_a_usage_error():
 def test_subcommand_help(args):
     out = run_cli(*args)
     assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_the_train_reward_line_says_which_gate_rule_passed():
+    """A model below the best baseline passes only by the ceiling-share rule: the summary line must say so."""
+    from preftune.cli.pipeline_cmd import step_line
+
+    ceiling = {
+        "status": "done",
+        "outputs": {
+            "accuracy": 0.881,
+            "gate_passed": True,
+            "baselines": {"length": 0.6, "bag_of_words": 0.931},
+            "gate_reason": "reward gate passed: ...; baseline ok: the best baseline (bag-of-words 0.931) is within "
+            "0.050 of the ceiling 0.950, so there is nothing left to beat it by; accuracy 0.881 must instead reach "
+            "90% of that ceiling (0.855)",
+        },
+    }
+    line = step_line("train-reward", ceiling)
+    assert "best trivial baseline 0.931" in line and "agreement ceiling" in line
+    superiority = {
+        "status": "done",
+        "outputs": {
+            "accuracy": 0.70,
+            "gate_passed": True,
+            "baselines": {"length": 0.55},
+            "gate_reason": "reward gate passed: ...; baseline ok: lift over the best baseline (length rule 0.550) "
+            "+0.150",
+        },
+    }
+    line = step_line("train-reward", superiority)
+    assert line == "held-out accuracy 0.700, best trivial baseline 0.550 (calibrated gate: passed)"

@@ -56,6 +56,8 @@ def step_line(step: str, s: dict[str, Any]) -> str:
         acc_s = f"{acc:.3f}" if isinstance(acc, (int, float)) else "?"
         base = o.get("baselines") or {}
         best = f", best trivial baseline {max(base.values()):.3f}" if base else ""
+        if "nothing left to beat" in str(o.get("gate_reason") or ""):  # reward.gate's "no headroom" rule applied
+            gate += ": the baseline is at the agreement ceiling, so accuracy had to reach a share of that ceiling"
         return f"held-out accuracy {acc_s}{best} (calibrated gate: {gate})"
     if step == "ppo":
         kl, r0, r1 = o.get("kl"), o.get("reward_first"), o.get("reward_final")
