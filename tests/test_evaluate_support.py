@@ -116,15 +116,17 @@ def _tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def train_on_examples(model, examples, pad_id: int, steps: int, rng) -> None:  # noqa: ANN001
-    """A few AdamW steps of a tiny causal LM on (token ids, labels) examples, 16 a batch, right-padded;
-    leaves the model in eval mode."""
+def train_on_examples(  # noqa: ANN001
+    model, examples, pad_id: int, steps: int, rng, *, lr: float = 1e-2, batch_size: int = 16
+) -> None:
+    """A few AdamW steps of a tiny causal LM on (token ids, labels) examples, right-padded batches drawn
+    with ``rng``; leaves the model in eval mode."""
     import torch
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        batch = [rng.choice(examples) for _ in range(16)]
+        batch = [rng.choice(examples) for _ in range(batch_size)]
         width = max(len(x) for x, _ in batch)
         ids = torch.full((len(batch), width), pad_id)
         lab = torch.full((len(batch), width), -100)
@@ -294,24 +296,8 @@ def tune_demo_policy(
     torch.set_num_threads(1)  # a tiny model: one thread is fastest, and results do not depend on the core count
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    model.train()
-    for _ in range(steps):
-        batch = [rng.choice(examples) for _ in range(32)]
-        width = max(len(x) for x, _ in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id)
-        lab = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (x, y) in enumerate(batch):
-            ids[i, : len(x)] = torch.tensor(x)
-            lab[i, : len(y)] = torch.tensor(y)
-            mask[i, : len(x)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_on_examples(model, examples, tok.pad_token_id, steps, rng, lr=5e-4, batch_size=32)
     torch.set_num_threads(threads)
-    model.eval()
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
