@@ -22,31 +22,44 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
+def _checked(name: str, what: str, pattern: re.Pattern[str], max_len: int, kind: str, rule: str) -> str:
+    if not isinstance(name, str) or len(name) > max_len or not pattern.match(name):
+        raise ValueError(f"{what} {name!r} is not a valid Kubernetes name ({kind}): {rule}")
+    return name
+
+
 def dns1035_label(name: str, what: str = "name", max_len: int = 63) -> str:
     """``name`` if it is a DNS-1035 label of at most ``max_len`` characters."""
-    if not isinstance(name, str) or len(name) > max_len or not DNS1035_LABEL.match(name):
-        raise ValueError(
-            f"{what} {name!r} is not a valid Kubernetes name (DNS-1035 label): at most {max_len} lowercase "
-            "letters, digits and '-', starting with a letter and ending with a letter or digit"
-        )
-    return name
+    return _checked(
+        name,
+        what,
+        DNS1035_LABEL,
+        max_len,
+        "DNS-1035 label",
+        f"at most {max_len} lowercase letters, digits and '-', starting with a letter and "
+        "ending with a letter or digit",
+    )
 
 
 def dns1123_label(name: str, what: str = "name") -> str:
     """``name`` if it is a DNS-1123 label (at most 63)."""
-    if not isinstance(name, str) or len(name) > 63 or not DNS1123_LABEL.match(name):
-        raise ValueError(
-            f"{what} {name!r} is not a valid Kubernetes name (DNS-1123 label): at most 63 lowercase letters, "
-            "digits and '-', starting and ending with a letter or digit"
-        )
-    return name
+    return _checked(
+        name,
+        what,
+        DNS1123_LABEL,
+        63,
+        "DNS-1123 label",
+        "at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit",
+    )
 
 
 def dns1123_subdomain(name: str, what: str = "name") -> str:
     """``name`` if it is a DNS-1123 subdomain (at most 253)."""
-    if not isinstance(name, str) or len(name) > 253 or not DNS1123_SUBDOMAIN.match(name):
-        raise ValueError(
-            f"{what} {name!r} is not a valid Kubernetes name (DNS-1123 subdomain): lowercase letters, digits, "
-            "'-' and '.', starting and ending with a letter or digit, at most 253"
-        )
-    return name
+    return _checked(
+        name,
+        what,
+        DNS1123_SUBDOMAIN,
+        253,
+        "DNS-1123 subdomain",
+        "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253",
+    )
