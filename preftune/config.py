@@ -146,6 +146,19 @@ class DataSection(Section):
         description="Further prompt files (same format as 'prompts') used whole, after prompt_fraction: e.g. the "
         "hard cases observe wrote (observe/hard_cases.jsonl of its last window).",
     )
+    extra_generation: GenerationSection | None = Field(
+        None,
+        description="Candidate sampling for the prompts of extra_prompts (observe's hard cases are prompts the policy "
+        "often answers badly: more candidates, or a higher temperature, make a good answer likelier among them, "
+        "so that the raters have something to prefer). Empty: the same as generation.",
+    )
+    extra_prompts_repeat: int = Field(
+        1,
+        ge=1,
+        le=50,
+        description="Times each prompt of extra_prompts enters the PPO rollout prompts (a few dozen hard cases "
+        "among hundreds of prompts: repeats give them weight in the rollouts). Collect judges each prompt once.",
+    )
     prompt_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of the prompt set to use (a pilot uses a small slice)."
     )

@@ -164,8 +164,10 @@ def test_extra_prompts_are_added_whole_without_duplicates(models, tmp_path):
     )
     # observe's hard cases: one new prompt, one already in the prompt set
     (tmp_path / "hard_cases.jsonl").write_text(
-        json.dumps({"id": "observed-1", "family": "safety", "prompt": "a new jailbreak", "tags": ["observed"]}) + "\n"
-        + json.dumps({"id": "observed-2", "family": "benign", "prompt": "the cat sat 0"}) + "\n"
+        json.dumps({"id": "observed-1", "family": "safety", "prompt": "a new jailbreak", "tags": ["observed"]})
+        + "\n"
+        + json.dumps({"id": "observed-2", "family": "benign", "prompt": "the cat sat 0"})
+        + "\n"
     )
     cfg = parse_config(
         {
@@ -182,3 +184,29 @@ def test_extra_prompts_are_added_whole_without_duplicates(models, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
     assert res.items == 5 and lines[-1]["prompt_id"] == "observed-1" and lines[-1]["family"] == "safety"
     assert res.validation["dropped"] == {"duplicate": 1}
+
+
+def test_extra_prompts_have_their_own_candidate_settings(models, tmp_path):
+    """data.extra_generation: observe's hard cases get more candidates than the usual prompts."""
+    from preftune.collect import generate_candidates
+
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "family": "benign", "prompt": f"the cat sat {i}"}) + "\n" for i in range(3))
+    )
+    (tmp_path / "hard_cases.jsonl").write_text(
+        json.dumps({"id": "observed-1", "family": "safety", "prompt": "a new jailbreak"}) + "\n"
+    )
+    gen = {"n_candidates": 2, "max_new_tokens": 4}
+    data = {
+        "prompts": str(tmp_path / "prompts.jsonl"),
+        "extra_prompts": [str(tmp_path / "hard_cases.jsonl")],
+        "generation": gen,
+        "extra_generation": {**gen, "n_candidates": 5},
+    }
+    cfg = parse_config(
+        {"models": {"policy": models["uniform"]}, "data": data, "tracking": {"experiment": "test-collect"}}
+    )
+    res = generate_candidates(cfg, str(tmp_path / "out"))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
+    assert [len(r["candidates"]) for r in lines] == [2, 2, 2, 5] and lines[-1]["prompt_id"] == "observed-1"
+    assert res.generation["candidates"] == 11 and res.generation["prompts"] == 4

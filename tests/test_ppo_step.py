@@ -194,6 +194,10 @@ def test_extra_prompts_reach_the_rollouts_once(world: dict[str, Path], tmp_path:
     assert len(items) == len(known) + 1
     assert [it.prompt_id for it in items][-1] == "hard-1"
     assert [it.prompt for it in items].count(known[0].prompt) == 1
+    data["data"]["extra_prompts_repeat"] = 3  # weight in the rollouts: the new prompt three times, the known one once
+    items, _ = load_prompt_items(parse_config(data), Storage(), set(), None)
+    assert [it.prompt_id for it in items][-3:] == ["hard-1"] * 3 and len(items) == len(known) + 3
+    assert [it.prompt for it in items].count(known[0].prompt) == 1
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(world: dict[str, Path], tmp_path: Path) -> None:

@@ -301,6 +301,7 @@ def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bo
     prompts = load_prompts(cfg.data.prompts, cfg, storage, report)
     prompts = select_fraction(prompts, cfg.data.prompt_fraction, cfg.run.seed)
     seen = {prompt_key(p.prompt) for p in prompts}
+    extras = []
     for extra in cfg.data.extra_prompts:  # e.g. observe's hard cases: always all of them
         for p in load_prompts(extra, cfg, storage, report):
             if prompt_key(p.prompt) in seen:
@@ -308,13 +309,39 @@ def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bo
                 report.records_kept -= 1
                 continue
             seen.add(prompt_key(p.prompt))
-            prompts.append(p)
+            extras.append(p)
     policy_path = resolve_policy(cfg.models.policy, cfg, storage)
+    own = cfg.data.extra_generation  # the extra prompts' own candidate settings, if any
+    together = prompts + extras if own is None else prompts
     texts, gstats = sample_candidates(
-        policy_path, prompts, cfg.data.generation, seed=cfg.run.seed, progress=progress, policy_ref=cfg.models.policy
+        policy_path, together, cfg.data.generation, seed=cfg.run.seed, progress=progress, policy_ref=cfg.models.policy
     )
+    prompts = together
+    if own is not None and extras:
+        more, extra_stats = sample_candidates(
+            policy_path, extras, own, seed=cfg.run.seed + 1, progress=progress, policy_ref=cfg.models.policy
+        )
+        texts, gstats, prompts = texts + more, _combined_stats(gstats, extra_stats), prompts + extras
     records = candidate_records(prompts, texts, cfg.models.policy)
     return prompts, texts, gstats, records
+
+
+def _combined_stats(first: Any, second: Any) -> Any:
+    """One GenerationStats for two sampling calls (counts and time added; settings of the first)."""
+    from dataclasses import replace
+
+    seconds = first.seconds + second.seconds
+    candidates, tokens = first.candidates + second.candidates, first.new_tokens + second.new_tokens
+    return replace(
+        first,
+        prompts=first.prompts + second.prompts,
+        candidates=candidates,
+        new_tokens=tokens,
+        seconds=seconds,
+        candidates_per_s=candidates / seconds if seconds > 0 else 0.0,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+        prompts_truncated=first.prompts_truncated + second.prompts_truncated,
+    )
 
 
 @dataclass

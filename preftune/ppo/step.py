@@ -137,7 +137,7 @@ def load_prompt_items(
         for r in load_prompts(extra, cfg, storage, report):
             if prompt_key(r.prompt) not in seen:
                 seen.add(prompt_key(r.prompt))
-                records.append(r)
+                records.extend([r] * cfg.data.extra_prompts_repeat)  # repeats: weight in the rollouts
     items = [
         PromptItem(prompt=r.prompt, family=r.family, prompt_id=r.prompt_id)
         for r in records
