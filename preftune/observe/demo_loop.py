@@ -1,17 +1,19 @@
 """``preftune demo --observe``: a simulated week of production for the demo's champion, the loop closed.
 
 Day by day, production prompts arrive: the world's held-out prompts of every family, and from
-``shift_day`` on a share of role-play jailbreaks (:mod:`preftune.world.jailbreak`, a style the
-champion never saw). The champion -- the version holding ``@champion``, fetched from the registry --
-*generates* every answer (one sample a prompt, seeded by the day), written as the chat logs a
-serving application would write. Each day is one real observe window (:func:`observe_window`: the
-suite's judges, drift tests, gates). The first window that is not ok ends the old champion's days:
-its hard cases (the prompts it answered badly) go to the raters -- the demo world's simulated rater
-panel stands in for the feedback service: the retraining run's collect samples candidates for them
-and the panel judges them -- and a retraining run of the real pipeline on "existing data +
-observed hard cases" (``data.extra_prompts``; the PPO rollouts get them too) produces a new
-candidate that evaluate and promote judge as usual. The remaining days are served by the new
-champion; the table and the plot show the shares recover.
+``shift_day`` on a share of a new style of harmful prompt (:mod:`preftune.world.jailbreak`: harmful
+goals as everyday how-to questions, which the champion mostly answers unsafely). The champion -- the
+version holding ``@champion``, fetched from the registry -- *generates* every answer (one sample a
+prompt, seeded by the day), written as the chat logs a serving application would write. Each day is
+one real observe window (:func:`observe_window`: the suite's judges, drift tests, gates). The first
+window that is not ok ends the old champion's days: its hard cases (the prompts it answered badly)
+go to the raters -- the demo world's simulated rater panel stands in for the feedback service: the
+retraining run's collect samples candidates for them and the panel judges them -- and a retraining
+run of the real pipeline on "existing data + observed hard cases" (``data.extra_prompts``; more
+candidates per hard case, ``data.extra_generation``; repeated in the PPO rollouts,
+``data.extra_prompts_repeat``) continues from the champion and produces a new candidate that
+evaluate and promote judge as usual. The remaining days are served by the new champion; the table
+and the plot show the shares day by day.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -38,12 +40,38 @@ class ObserveDemoSettings(Section):
     """The simulated week and the retraining run of ``preftune demo --observe``."""
 
     days: int = Field(7, ge=2, le=31, description="Days of production traffic.")
-    shift_day: int = Field(4, ge=1, description="First day (1-based) on which the jailbreak style appears.")
+    shift_day: int = Field(4, ge=1, description="First day (1-based) on which the new prompt style appears.")
     per_day: int = Field(240, ge=40, le=5000, description="Production answers a day.")
-    jailbreak_share: float = Field(0.25, gt=0, lt=1, description="Share of a day's prompts that are jailbreaks.")
+    jailbreak_share: float = Field(
+        0.25, gt=0, lt=1, description="Share of a day's prompts in the new style (from shift_day on)."
+    )
+    retrain_from: Literal["champion", "policy"] = Field(
+        "champion",
+        description="Where the retraining run starts: 'champion' (models.policy set to the registry version "
+        "holding @champion: PPO continues from it, collect samples the hard cases' candidates from it, KL and "
+        "capability are measured against it) or 'policy' (the run config's models.policy, e.g. the base policy).",
+    )
+    retrain_updates: int = Field(
+        20,
+        ge=1,
+        description="PPO updates of the retraining run (it continues from the champion: a short run suffices).",
+    )
+    hard_case_candidates: int = Field(
+        8,
+        ge=2,
+        le=16,
+        description="Candidates collect samples per hard case (data.extra_generation.n_candidates): the champion "
+        "answers these prompts badly most of the time, so more candidates make a good one likelier among them.",
+    )
+    hard_case_repeat: int = Field(
+        4,
+        ge=1,
+        le=50,
+        description="Times each hard case enters the retraining run's PPO rollout prompts (data.extra_prompts_repeat).",
+    )
     retrain: dict[str, Any] = Field(
         default_factory=dict,
-        description="Run-config overrides for the retraining run (a smaller budget, e.g. {'ppo': {'updates': 20}}).",
+        description="Further run-config overrides for the retraining run, applied last (e.g. {'ppo': {'lr': 5e-4}}).",
     )
 
 
@@ -140,9 +168,22 @@ def _champion_policy(cfg: Any, workdir: Path) -> tuple[str, Path]:
     return str(version), Path(path)
 
 
+def retrain_overrides(cfg: Any, settings: ObserveDemoSettings, champion: str) -> dict[str, Any]:
+    """The retraining run's settings (ObserveDemoSettings) as run-config overrides; ``settings.retrain`` last."""
+    gen = {**cfg.data.generation.model_dump(mode="json"), "n_candidates": settings.hard_case_candidates}
+    out: dict[str, Any] = {
+        "data": {"extra_generation": gen, "extra_prompts_repeat": settings.hard_case_repeat},
+        "ppo": {"updates": settings.retrain_updates},
+    }
+    if settings.retrain_from == "champion":
+        out["models"] = {"policy": f"models:/{cfg.models.registered_model}/{champion}"}
+    _merge(out, settings.retrain)
+    return out
+
+
 def retrain_config(cfg: Any, hard_cases: Path, workdir: Path, overrides: dict[str, Any]) -> Any:
     """The retraining run: the same config plus the observed hard cases (``data.extra_prompts``: collect
-    samples and judges them, the PPO rollouts train on them)."""
+    samples and judges them, the PPO rollouts train on them), with ``overrides`` merged in."""
     from preftune.config import parse_config
 
     data = cfg.model_dump(mode="json")
@@ -239,7 +280,7 @@ def run_week(
                 f"  {len(res.hard_cases)} hard cases to the raters (the simulated panel), retraining on existing "
                 "data + observed hard cases:"
             )
-            rcfg = retrain_config(cfg, hard, workdir, settings.retrain)
+            rcfg = retrain_config(cfg, hard, workdir, retrain_overrides(cfg, settings, version))
             t = time.perf_counter()
             run = run_local_with_progress(rcfg, console, verbose=verbose)
             seconds["retrain"] = time.perf_counter() - t
