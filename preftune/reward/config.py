@@ -101,6 +101,15 @@ class RewardSection(Section):
         description="Compute precision of forward/backward: 'auto' = bf16 autocast on a GPU that supports it, else "
         "float32; 'bf16' = bf16 autocast on any device (weights and optimiser stay float32); 'fp32' = float32.",
     )
+    pooling: Literal["auto", "last_token", "cls", "mean"] = Field(
+        "auto",
+        description="How a text's hidden states become its reward, saved in reward_model.json so scoring pools "
+        "the same way: 'auto' = the architecture's own classification head (decoders: the last non-pad token; "
+        "BERT-type encoders: the tanh pooler over [CLS], which sentence-embedding encoders such as "
+        "all-MiniLM-L6-v2 never trained); 'last_token', 'cls' (first token, no pooler) or 'mean' (mask-weighted "
+        "mean, how sentence-transformers encoders were trained) of the last hidden states, then the head's "
+        "linear layer. Needs a head that is one linear layer over the hidden state (BERT, Llama-type decoders, GPT-2).",
+    )
     min_accuracy: float = Field(
         0.0,
         ge=0.0,

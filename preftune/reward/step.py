@@ -204,6 +204,7 @@ def train_reward(
     from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, disable_dropout
     from preftune.scoring.model import (
         add_lora,
+        check_pooling,
         enable_gradient_checkpointing,
         load_sequence_classifier,
         load_tokenizer,
@@ -228,6 +229,7 @@ def train_reward(
         enable_gradient_checkpointing(model)
     if rc.mode == "lora":
         model = add_lora(model, rc.lora_r, rc.lora_alpha, rc.lora_dropout)
+    check_pooling(model, rc.pooling)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -250,6 +252,7 @@ def train_reward(
         "reward.val_pairs": len(val_pairs),
         "reward.eval_pairs": len(dataset.eval),
         "reward.trainable_params": n_trainable,
+        "reward.pooling": rc.pooling,
         "reward.total_params": n_total,
     }
     with tracking.start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params=params) as run:
@@ -356,6 +359,7 @@ def train_reward(
                 max_length=rc.max_length,
                 mode=rc.mode,
                 adapter=adapter,
+                pooling=rc.pooling,
                 created_at=utc_now(),
             )
             (folder / METADATA_FILE).write_text(meta.to_json(), encoding="utf-8")

@@ -175,7 +175,7 @@ class PairwiseRewardTrainer:
         """Chosen and rejected rewards of the pairs ``idx`` from ONE forward over 2*len(idx) rows."""
         ids, mask = self._batch_tensors(data, idx)
         with self._autocast:
-            rewards = rewards_of(self.model, ids, mask)
+            rewards = rewards_of(self.model, ids, mask, self.s.pooling)
         return rewards[: len(idx)], rewards[len(idx) :]
 
     def _width(self, data: TokenizedPairs, idx: np.ndarray) -> int:

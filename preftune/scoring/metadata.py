@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -40,6 +41,12 @@ class RewardModelMeta(BaseModel):
     max_length: int = Field(..., ge=1, description="Tokens scored per prompt+response (longer: left-truncated).")
     mode: str = Field("full", description="'full' or 'lora' (the weights in the folder are merged either way).")
     adapter: str | None = Field(None, description="Sub-folder with the LoRA adapter, when trained with LoRA.")
+    pooling: Literal["auto", "last_token", "cls", "mean"] = Field(
+        "auto",
+        description="How a row's hidden states become the reward (reward.pooling at training time): 'auto' = the "
+        "architecture's own classification head; 'last_token', 'cls', 'mean' = that pooling of the last hidden "
+        "states, then the head's linear layer. Files without it were all trained with 'auto'.",
+    )
     created_at: str | None = Field(None, description="ISO 8601 UTC time of publication.")
 
     @field_validator("reward_mean", "reward_std", "eval_accuracy")

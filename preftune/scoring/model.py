@@ -143,10 +143,73 @@ def save_reward_model(model: Any, tokenizer: Any, out_dir: Path) -> str | None:
     return adapter
 
 
-def rewards_of(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One scalar reward per row (the head's single logit)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.logits.squeeze(-1).float()
+POOLINGS = ("auto", "last_token", "cls", "mean")
+
+
+def rewards_of(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "auto"
+) -> torch.Tensor:
+    """One scalar reward per row.
+
+    ``pooling`` (``reward.pooling``, saved in ``reward_model.json``): ``auto`` runs the
+    architecture's own classification head (decoders: the last non-pad token; BERT-type
+    encoders: the tanh pooler over [CLS]); ``last_token``, ``cls`` and ``mean`` read the
+    backbone's last hidden states, pool them (last non-pad token, first token, or the
+    mask-weighted mean) and apply the head's final linear layer to the pooled vector. The
+    weights are the same ``from_pretrained`` folder either way; only the forward differs.
+    """
+    if pooling == "auto":
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits.squeeze(-1).float()
+    hf = model.get_base_model() if is_peft(model) else model
+    backbone_kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if getattr(hf.config, "is_decoder", False) or getattr(hf.config, "use_cache", None) is not None:
+        backbone_kwargs["use_cache"] = False
+    hidden = hf.base_model(**backbone_kwargs).last_hidden_state
+    pooled = pool_hidden(hidden, attention_mask, pooling)
+    return reward_head(hf)(pooled.to(hidden.dtype)).squeeze(-1).float()
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(rows, length, hidden) -> (rows, hidden): last non-pad token, first token, or masked mean (right padding)."""
+    mask = attention_mask.to(hidden.dtype)
+    if pooling == "mean":
+        return (hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last_token":
+        last = (attention_mask.long().sum(dim=1) - 1).clamp(min=0)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}; one of {', '.join(POOLINGS)}")
+
+
+def reward_head(model: Any) -> Any:
+    """The one-output linear layer of a sequence classifier (``score`` or ``classifier``), for explicit pooling.
+
+    Raises :class:`InputError` for heads that are not a single linear layer over the hidden
+    state (RoBERTa's dense+tanh+out_proj head reads [CLS] itself): ``reward.pooling: auto`` then.
+    """
+    hidden_size = getattr(model.config, "hidden_size", None)
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if head is None:
+            continue
+        linear = getattr(head, "original_module", head)  # peft's modules_to_save wrapper forwards to a copy
+        if isinstance(linear, torch.nn.Linear) and (hidden_size is None or linear.in_features == hidden_size):
+            return head
+        break
+    raise InputError(
+        f"{type(model).__name__}: its classification head is not one linear layer over the hidden state, so "
+        "reward.pooling other than 'auto' cannot apply it to a pooled vector; set reward.pooling: auto"
+    )
+
+
+def check_pooling(model: Any, pooling: str) -> None:
+    """Fail early (before training) when ``pooling`` cannot apply to this architecture."""
+    if pooling not in POOLINGS:
+        raise InputError(f"reward.pooling {pooling!r}: one of {', '.join(POOLINGS)}")
+    if pooling != "auto":
+        reward_head(model.get_base_model() if is_peft(model) else model)
 
 
 class RewardScorer:
@@ -173,6 +236,7 @@ class RewardScorer:
         self.max_length = max_length
         self.meta = meta
         self.batch_size = batch_size
+        self.pooling = meta.pooling if meta is not None else "auto"
 
     @classmethod
     def load(
@@ -219,7 +283,12 @@ class RewardScorer:
         pad_id = self.tokenizer.pad_token_id
         for idx in length_bucketed_batches(lengths, bs, rng=None):
             arr, mask = pad_right([ids[i] for i in idx], pad_id)
-            r = rewards_of(self.model, torch.from_numpy(arr).to(self.device), torch.from_numpy(mask).to(self.device))
+            r = rewards_of(
+                self.model,
+                torch.from_numpy(arr).to(self.device),
+                torch.from_numpy(mask).to(self.device),
+                self.pooling,
+            )
             out[idx] = r.cpu().numpy()
         if not np.all(np.isfinite(out)):
             bad = int((~np.isfinite(out)).sum())
