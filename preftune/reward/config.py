@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from preftune.configbase import Section
 
@@ -59,6 +59,24 @@ class RewardGateSection(Section):
         "families must reach this share of their agreement ceiling (pair-weighted); also the bar when the best "
         "baseline leaves no headroom. 0: no ceiling check.",
     )
+    cross_fit_folds: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="0 (off): the gate judges the published model on the held-out pairs. k >= 2: cross-fitting "
+        "for small datasets: all pairs (training and held-out) are split by prompt into k folds, k extra reward "
+        "models (and the baselines) are each trained on k-1 folds and score the fold they did not see, and the "
+        "paired bootstrap runs over ALL pairs (a bound about sqrt(all pairs / held-out pairs) narrower). The gate then "
+        "judges the training procedure; the published model is still the one trained on the training split. "
+        "Costs k extra trainings. 1 is not allowed (one fold has nothing to train on).",
+    )
+
+    @field_validator("cross_fit_folds")
+    @classmethod
+    def _folds(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("1 fold leaves nothing to train on: 0 (off) or at least 2")
+        return v
 
 
 class RewardSection(Section):

@@ -116,6 +116,7 @@ class GateVerdict:
     ceiling_share: float | None = None
     min_ceiling_share: float | None = None
     floor: float | None = None
+    cross_fit_folds: int | None = None  # the figures are cross-fitted over all pairs (reward.gate.cross_fit_folds)
     checks: list[GateCheck] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class GateVerdict:
             "reward.gate.ceiling": self.ceiling,
             "reward.gate.ceiling_share": self.ceiling_share,
             "reward.gate.floor": self.floor,
+            "reward.gate.cross_fit_folds": self.cross_fit_folds,
         }
         for name, acc in self.baselines.items():
             m[f"reward.baseline.{name}"] = acc
@@ -184,13 +186,18 @@ def evaluate_gate(
     min_accuracy: float | None = None,
     fit_report: Mapping[str, Any] | None = None,
     seed: int = 0,
+    baseline_credit: Mapping[str, np.ndarray] | None = None,
+    cross_fit_folds: int | None = None,
 ) -> GateVerdict:
     """The gate's verdict for a reward model whose per-pair credit on ``eval_pairs`` is ``accuracy_per_pair``.
 
     ``accuracy_per_pair``: 1 / 0 / 0.5 (tie) per held-out pair, in ``eval_pairs`` order.
     ``train_pairs`` / ``eval_pairs``: objects with ``prompt``, ``chosen``, ``rejected``, ``family``
     and ``prompt_id`` (:class:`preftune.reward.data.PreferencePair`). ``gate``: a
-    :class:`preftune.reward.config.RewardGateSection`.
+    :class:`preftune.reward.config.RewardGateSection`. ``baseline_credit``: per-pair baseline results
+    already computed (a cross-fit, :mod:`preftune.reward.crossfit`: each pair scored by baselines
+    fitted without its fold) instead of baselines fitted on ``train_pairs``; ``cross_fit_folds``
+    then says how many folds, and the reason says the gate judged the training procedure.
     """
     credit = np.asarray(accuracy_per_pair, dtype=np.float64)
     if credit.shape != (len(eval_pairs),):
@@ -208,6 +215,7 @@ def evaluate_gate(
         confidence=float(gate.confidence),
         floor=min_accuracy or None,
         min_ceiling_share=float(gate.min_ceiling_share) if gate.min_ceiling_share > 0 else None,
+        cross_fit_folds=cross_fit_folds,
     )
 
     # ceiling (pair-weighted over the held-out families that have one)
@@ -221,11 +229,7 @@ def evaluate_gate(
         v.ceiling_share = v.ceiling_accuracy / v.ceiling if v.ceiling > 0 else float("inf")
 
     # baseline
-    per_pair: dict[str, np.ndarray] = {}
-    if "length" in gate.baselines:
-        per_pair["length"] = length_rule_correct(eval_pairs, train_pairs)
-    if "bag_of_words" in gate.baselines:
-        per_pair["bag_of_words"] = bag_of_words_correct(train_pairs, eval_pairs, seed=seed)
+    per_pair = _baseline_results(gate.baselines, train_pairs, eval_pairs, seed, baseline_credit)
     if per_pair and credit.size:
         v.baselines = {k: float(x.mean()) for k, x in per_pair.items()}
         v.best_baseline = max(v.baselines, key=lambda k: v.baselines[k])
@@ -294,8 +298,15 @@ def evaluate_gate(
         )
     v.checks = checks
     v.passed = all(c.passed for c in checks)
+    scope = (
+        f"cross-fitted ({cross_fit_folds} folds by prompt: every pair scored by a model and baselines trained "
+        "without it, so the gate judges the training procedure; the published model is the one trained on the "
+        "training split) pairwise accuracy"
+        if cross_fit_folds
+        else "held-out pairwise accuracy"
+    )
     head = (
-        f"reward gate {'passed' if v.passed else 'failed'}: held-out pairwise accuracy {_fmt(accuracy)} on "
+        f"reward gate {'passed' if v.passed else 'failed'}: {scope} {_fmt(accuracy)} on "
         f"{v.n_pairs} pairs ({v.n_prompts} prompts)"
     )
     if not checks:
@@ -305,3 +316,28 @@ def evaluate_gate(
     if v.ceiling is None and (fit_report is None or not ceilings):
         v.reason += "; agreement not measured (no ceiling check)"
     return v
+
+
+def _baseline_results(
+    names: Sequence[str],
+    train_pairs: Sequence[Any],
+    eval_pairs: Sequence[Any],
+    seed: int,
+    given: Mapping[str, np.ndarray] | None,
+) -> dict[str, np.ndarray]:
+    """Per-pair credit of each configured baseline: ``given`` (cross-fitted) or fitted on ``train_pairs`` here."""
+    if given is not None:
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ValueError(f"no per-pair results for the baselines {missing}")
+        out = {n: np.asarray(given[n], dtype=np.float64) for n in names}
+        for n, x in out.items():
+            if x.shape != (len(eval_pairs),):
+                raise ValueError(f"baseline {n}: {x.size} per-pair results for {len(eval_pairs)} pairs")
+        return out
+    per_pair: dict[str, np.ndarray] = {}
+    if "length" in names:
+        per_pair["length"] = length_rule_correct(eval_pairs, train_pairs)
+    if "bag_of_words" in names:
+        per_pair["bag_of_words"] = bag_of_words_correct(train_pairs, eval_pairs, seed=seed)
+    return per_pair

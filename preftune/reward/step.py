@@ -29,6 +29,7 @@ import numpy as np
 from preftune.common.timestamps import utc_now
 from preftune.config import RunConfig
 from preftune.errors import ExitCode, PreftuneError
+from preftune.reward.crossfit import CrossFit, cross_fit
 from preftune.reward.data import PreferenceDataset, TokenizedPairs, load_dataset, split_by_prompt, tokenize_pairs
 from preftune.reward.gate import GateVerdict, evaluate_gate, read_fit_report
 from preftune.reward.metrics import (
@@ -201,15 +202,8 @@ def train_reward(
     from preftune import tracking
     from preftune.common.device import select_device
     from preftune.reward.mlflow_model import log_reward_model
-    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer, disable_dropout
-    from preftune.scoring.model import (
-        add_lora,
-        check_pooling,
-        enable_gradient_checkpointing,
-        load_sequence_classifier,
-        load_tokenizer,
-        save_reward_model,
-    )
+    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer
+    from preftune.scoring.model import load_tokenizer, save_reward_model
     from preftune.storage import Storage
 
     rc = cfg.reward
@@ -222,14 +216,7 @@ def train_reward(
 
     set_seed(cfg.run.seed)
     tokenizer = load_tokenizer(base_path)
-    model = load_sequence_classifier(base_path, tokenizer, dev)
-    if rc.disable_dropout:
-        disable_dropout(model)
-    if rc.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if rc.mode == "lora":
-        model = add_lora(model, rc.lora_r, rc.lora_alpha, rc.lora_dropout)
-    check_pooling(model, rc.pooling)
+    model = new_reward_model(base_path, tokenizer, dev, rc)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -277,14 +264,20 @@ def train_reward(
                 f"{err}; lower reward.lr (now {rc.lr}) or raise reward.warmup_ratio", ExitCode.TRAINING_DIVERGED
             ) from None
         ev = evaluate_held_out(trainer, eval_tok, dataset.eval)
+        crossfit = None
+        if rc.gate.cross_fit_folds >= 2:
+            crossfit = cross_fit_gate_evidence(cfg, dataset, base_path, tokenizer, dev, progress=progress)
+            mlflow.log_metrics(crossfit.metrics())
         verdict = evaluate_gate(
-            accuracy_per_pair=ev.outcomes,
+            accuracy_per_pair=ev.outcomes if crossfit is None else crossfit.credit,
             train_pairs=dataset.train,
-            eval_pairs=dataset.eval,
+            eval_pairs=dataset.eval if crossfit is None else crossfit.pairs,
             gate=rc.gate,
             min_accuracy=rc.min_accuracy,
             fit_report=read_fit_report(dataset_root),
             seed=cfg.run.seed,
+            baseline_credit=None if crossfit is None else crossfit.baselines,
+            cross_fit_folds=None if crossfit is None else crossfit.k,
         )
         (log.info if verdict.passed else log.warning)("%s", verdict.reason)
 
@@ -326,6 +319,16 @@ def train_reward(
                 "dataset_hash": dataset.hash,
                 "gate": verdict.to_dict(),
                 "eval": ev.to_dict(),
+                "cross_fit": None
+                if crossfit is None
+                else {
+                    "folds": crossfit.k,
+                    "pairs": len(crossfit.pairs),
+                    "accuracy": float(crossfit.credit.mean()),
+                    "baselines": {k: float(x.mean()) for k, x in crossfit.baselines.items()},
+                    "fold_accuracy": crossfit.fold_accuracy,
+                    "seconds": crossfit.seconds,
+                },
                 "training": {
                     "optimizer_steps": fit.optimizer_steps,
                     "pairs_seen": fit.pairs_seen,
@@ -382,6 +385,59 @@ def train_reward(
         metrics=metrics,
         mlflow_run_id=run_id,
         model_uri=getattr(logged, "model_uri", None),
+    )
+
+
+def new_reward_model(base_path: Path, tokenizer: Any, dev: Any, rc: Any) -> Any:
+    """A fresh one-output sequence classifier from ``base_path``, set up as ``reward`` (``rc``) says."""
+    from preftune.reward.trainer import disable_dropout
+    from preftune.scoring.model import add_lora, check_pooling, enable_gradient_checkpointing, load_sequence_classifier
+
+    model = load_sequence_classifier(base_path, tokenizer, dev)
+    if rc.disable_dropout:
+        disable_dropout(model)
+    if rc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if rc.mode == "lora":
+        model = add_lora(model, rc.lora_r, rc.lora_alpha, rc.lora_dropout)
+    check_pooling(model, rc.pooling)
+    return model
+
+
+def cross_fit_gate_evidence(
+    cfg: RunConfig, dataset: PreferenceDataset, base_path: Path, tokenizer: Any, dev: Any, *, progress: bool
+) -> CrossFit:
+    """``reward.gate.cross_fit_folds`` reward models, each trained on the other folds, scoring every pair once.
+
+    Each fold's model is trained exactly as the published one (same settings, early stopping on
+    a validation split carved from its own training prompts) and then discarded.
+    """
+    from transformers import set_seed
+
+    from preftune.reward.trainer import PairwiseRewardTrainer
+
+    rc = cfg.reward
+
+    def fit_and_score(train: list[Any], test: list[Any], fold: int) -> np.ndarray:
+        set_seed(cfg.run.seed)
+        model = new_reward_model(base_path, tokenizer, dev, rc)
+        fit_pairs, val_pairs = split_by_prompt(train, VALIDATION_FRACTION, cfg.run.seed)
+        trainer = PairwiseRewardTrainer(model, tokenizer.pad_token_id, rc, dev, seed=cfg.run.seed, progress=False)
+        trainer.fit(
+            tokenize_pairs(fit_pairs, tokenizer, rc.max_length),
+            tokenize_pairs(val_pairs, tokenizer, rc.max_length) if val_pairs else None,
+        )
+        res = trainer.evaluate(tokenize_pairs(test, tokenizer, rc.max_length))
+        log.info("cross-fit fold %d: accuracy %.3f on %d pairs", fold, res.accuracy, len(test))
+        return pairwise_outcomes(res.chosen, res.rejected)
+
+    return cross_fit(
+        dataset.train + dataset.eval,
+        rc.gate.cross_fit_folds,
+        fit_and_score,
+        baselines=rc.gate.baselines,
+        seed=cfg.run.seed,
+        progress=progress,
     )
 
 
