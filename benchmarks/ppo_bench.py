@@ -512,6 +512,7 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": {"rollout_dtype": "bf16"},
     "early_exit+merge_lora": {"rollout_early_exit": True, "rollout_merge_lora": True},
     "early_exit+merge_lora+bf16": {"rollout_early_exit": True, "rollout_merge_lora": True, "rollout_dtype": "bf16"},
+    "merge_lora+compile": {"rollout_merge_lora": True, "rollout_compile": True},
 }
 
 
@@ -538,6 +539,8 @@ def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
     def useful(resp: torch.Tensor) -> int:
         return int(core.response_mask(resp, tok.eos_token_id).sum())
 
+    first_call: dict[str, float] = {}
+
     def best(fn: Any) -> tuple[float, int]:
         times, tokens = [], 0
         for r in range(spec["repeats"]):
@@ -545,6 +548,7 @@ def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             tokens = fn(r)
             times.append(time.perf_counter() - t0)
+        first_call["seconds"] = times[0]  # includes torch.compile's one-off compile, when there is one
         return min(times), tokens
 
     rows: dict[str, Any] = {}
@@ -570,7 +574,10 @@ def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
         "engine, lora merged": {"merge_lora": True},
         "engine, lora merged + early exit": {"merge_lora": True, "early_exit": True},
         "engine, lora merged + early exit + bf16": {"merge_lora": True, "early_exit": True, "dtype": "bf16"},
+        "engine, lora merged + static cache compiled": {"merge_lora": True, "compile": True},
     }
+    if spec.get("decode_variants"):
+        variants = {k: v for k, v in variants.items() if any(w in k for w in spec["decode_variants"])}
     for name, opt in variants.items():
         opt = dict(opt)
         with_scores = opt.pop("scores", True)
@@ -582,7 +589,10 @@ def worker_decode(spec: dict[str, Any]) -> dict[str, Any]:
                 return useful(engine.generate(ids, mask, p, torch.Generator().manual_seed(r)).response_ids)
 
         sec, toks = best(run)
-        rows[name] = {"seconds": sec, "tokens": toks, "tokens_per_s": toks / sec}
+        rows[name] = {"seconds": sec, "tokens": toks, "tokens_per_s": toks / sec, "first_call_s": first_call["seconds"]}
+        if engine.decoder is not None:
+            rows[name]["compiled"] = engine.decoder.is_compiled
+            rows[name]["compile_failure"] = engine.decoder.failed
     return {"impl": "decode", "batch_size": spec["batch_size"], "max_new_tokens": n_new, "rows": rows}
 
 
@@ -671,10 +681,13 @@ def mode_engine(args: argparse.Namespace) -> dict[str, Any]:
         spec = {**base_spec(argparse.Namespace(**{**vars(args), "size": size})), **paths}
         if size == "small":
             spec["updates"] = args.small_updates
-        out["decode"] = run_worker("decode", {**spec, "repeats": args.repeats}, args.threads)
+        decode_spec = {**spec, "repeats": args.repeats, "decode_variants": args.decode_variants}
+        out["decode"] = run_worker("decode", decode_spec, args.threads)
         if args.decode_only:
             return out
         for name, overrides in ENGINE_VARIANTS.items():
+            if args.variants and name not in args.variants:
+                continue
             r = run_worker("preftune", {**spec, "overrides": {**overrides, **args.overrides}}, args.threads)
             out["variants"].append({"variant": name, **overrides, **r})
         if not args.skip_groups:
@@ -984,6 +997,12 @@ def main() -> None:
         "--with-defaults", action="store_true", help="compare: with --set, also preftune's defaults (before/after)"
     )
     p.add_argument("--skip-groups", action="store_true", help="engine: skip the k-per-prompt prefill pair")
+    p.add_argument(
+        "--variants", nargs="*", default=None, help=f"engine: only these PPO-run variants (of {list(ENGINE_VARIANTS)})"
+    )
+    p.add_argument(
+        "--decode-variants", nargs="*", default=None, help="engine: only the decode rows whose name contains a word"
+    )
     p.add_argument("--bon-ns", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64], help="sweep: best-of-n's n")
     args = p.parse_args()
     import yaml

@@ -221,3 +221,102 @@ def test_an_engine_without_log_probs_gets_them_recomputed_by_the_trainer(policy_
     assert maker.engine.synced == 1  # the engine is synced before every rollout (= after every update)
     assert torch.equal(got.response_ids, want.response_ids)
     assert torch.equal(got.logprobs, want.logprobs) and torch.equal(got.values, want.values)
+
+
+# -- static KV cache + compiled decode step (ppo.rollout_compile) ---------------------------------
+
+
+def _static_vs_eager(policy_dir: Path, compile_step: bool, seed: int = 4, num_samples: int = 1):
+    from preftune.ppo.static_decode import StaticDecoder
+
+    model, tok, ids, mask = _load(policy_dir)
+    eager, state_eager = _sample(model, tok, ids, mask, seed=seed, num_samples=num_samples)
+    decoder = StaticDecoder(model, bucket=16, compile_step=compile_step)
+    static, state_static = _sample(model, tok, ids, mask, seed=seed, num_samples=num_samples, decoder=decoder)
+    return tok, eager, state_eager, static, state_static, decoder
+
+
+def _assert_same_rollout(tok, eager, state_eager, static, state_static) -> None:
+    resp_mask = core.response_mask(eager.response_ids, tok.eos_token_id)
+    assert len(set(resp_mask.sum(dim=1).tolist())) > 1  # rows of different lengths: the mask really matters
+    assert torch.equal(static.response_ids, eager.response_ids)
+    assert torch.equal(state_static, state_eager)
+    assert static.n_forward_tokens == eager.n_forward_tokens
+    # the softmax over the longer (masked) static row sums in another order: float rounding, not bit for bit
+    for got, want in ((static.logprobs, eager.logprobs), (static.entropy, eager.entropy)):
+        assert torch.allclose(got * resp_mask, want * resp_mask, atol=1e-5, rtol=0)
+    assert torch.allclose(static.hidden[resp_mask], eager.hidden[resp_mask], atol=1e-5, rtol=0)
+
+
+def test_static_cache_decode_samples_what_the_eager_sampler_samples(policy_dir: Path) -> None:
+    _assert_same_rollout(*_static_vs_eager(policy_dir, compile_step=False)[:5])
+
+
+def test_static_cache_decode_with_k_samples_from_one_prefill(policy_dir: Path) -> None:
+    tok, eager, s1, static, s2, _ = _static_vs_eager(policy_dir, compile_step=False, num_samples=2)
+    assert static.response_ids.shape[0] == 2 * len(TEXTS)
+    _assert_same_rollout(tok, eager, s1, static, s2)
+
+
+def test_cache_length_rounds_up_to_the_bucket() -> None:
+    from preftune.ppo.static_decode import cache_length
+
+    assert cache_length(10, 32, 64) == 64
+    assert cache_length(33, 32, 64) == 128
+    assert cache_length(32, 32, 64) == 64
+    assert cache_length(5, 3, 1) == 8
+
+
+def test_a_failing_compile_falls_back_to_the_eager_static_step_logged_once(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from preftune.ppo import static_decode
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler here")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(static_decode, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="preftune.ppo.static_decode"):
+        tok, eager, s1, static, s2, decoder = _static_vs_eager(policy_dir, compile_step=True)
+        _static_vs_eager(policy_dir, compile_step=True)  # a second decoder: no second warning
+    assert not decoder.is_compiled and "no C++ compiler here" in (decoder.failed or "")
+    _assert_same_rollout(tok, eager, s1, static, s2)  # the failed first call left the cache as it was
+    warnings = [r for r in caplog.records if "rollout_compile" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_compile_and_early_exit_are_refused_together() -> None:
+    from pydantic import ValidationError
+
+    from preftune.ppo.config import PPOSection
+
+    with pytest.raises(ValidationError, match="rollout_early_exit"):
+        PPOSection(rollout_compile=True, rollout_early_exit=True)
+    with pytest.raises(ValueError, match="early_exit"):
+        KVCacheEngine(torch.nn.Linear(1, 1), compile=True, early_exit=True)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_samples_what_the_eager_sampler_samples(policy_dir: Path) -> None:
+    """The real torch.compile (tens of seconds on CPU): the same tokens, log-probs to float rounding."""
+    tok, eager, s1, static, s2, decoder = _static_vs_eager(policy_dir, compile_step=True)
+    if decoder.failed:
+        pytest.skip(f"torch.compile is unavailable here: {decoder.failed}")
+    assert decoder.is_compiled
+    _assert_same_rollout(tok, eager, s1, static, s2)
+
+
+def test_rollout_with_compile_on_keeps_the_rollout(policy_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ppo.rollout_compile through the rollout maker (eager static step here: the compile itself is tested above)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the static step, run eagerly
+    items = _items(1) * 2
+    got = _maker(policy_dir, rollout_compile=True, rollout_compile_bucket=8).make(items, 1, 0.05)
+    want = _maker(policy_dir).make(items, 1, 0.05)
+    assert torch.equal(got.response_ids, want.response_ids)
+    assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5, rtol=0)
+    assert torch.allclose(got.values, want.values, atol=1e-5, rtol=0)
+    assert got.responses == want.responses

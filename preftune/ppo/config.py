@@ -121,6 +121,22 @@ class PPOSection(Section):
         " fp32: exact.",
     )
 
+    rollout_compile: bool = Field(
+        False,
+        description="Decode on a static KV cache with the one-token decode step compiled by torch.compile (the "
+        "prefill stays eager); falls back to the same static-cache step run eagerly, logged once, where compiling "
+        "is unavailable or fails. The same sampled tokens; log-probs to float rounding (~1e-6). Compiling costs "
+        "tens of seconds once per process and shape; not combinable with rollout_early_exit.",
+    )
+    rollout_compile_bucket: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="rollout_compile: the static cache holds prompt + max_new_tokens positions rounded up to a "
+        "multiple of this, so prompt batches of nearby lengths reuse one compiled graph (larger: fewer recompiles, "
+        "more masked attention work per step).",
+    )
+
     # -- reward -----------------------------------------------------------------------------
     reward_normalize: bool = Field(
         True, description="Standardise rewards with the mean and std that train-reward saved in reward_model.json."
@@ -357,6 +373,11 @@ class PPOSection(Section):
                 "critic_init 'reward_model' copies the reward model into a critic of its own: it needs mode: full "
                 f"and critic: separate (this run has mode: {self.mode}, critic: {self.critic}); use 'auto' or 'zero' "
                 "with critic_warmup_updates"
+            )
+        if self.rollout_compile and self.rollout_early_exit:
+            raise ValueError(
+                "rollout_compile decodes on a static KV cache, whose rows cannot leave the batch: turn off "
+                "rollout_early_exit or rollout_compile"
             )
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(

@@ -32,6 +32,9 @@ same line OpenRLHF and verl draw around vLLM/SGLang. An engine
   log-probs to float rounding (tested).
 - ``dtype="bf16"``: CPU/GPU autocast to bfloat16 for the rollout only (the update stays fp32);
   log-probs within a stated tolerance, not identical.
+- ``compile`` (``ppo.rollout_compile``): the decode steps on a static KV cache, the one-token step
+  compiled by ``torch.compile`` (:mod:`preftune.ppo.static_decode`; eager fallback logged once);
+  the same tokens, log-probs to float rounding (~1e-6; tested). Not with ``early_exit``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from preftune.ppo.sampling import sample
+from preftune.ppo.static_decode import StaticDecoder
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,14 @@ class KVCacheEngine:
         early_exit: bool = False,
         dtype: Literal["fp32", "bf16"] = "fp32",
         autocast: Any = contextlib.nullcontext,
+        compile: bool = False,
+        compile_bucket: int = 64,
     ) -> None:
+        if compile and early_exit:
+            raise ValueError("compile (a static KV cache) and early_exit cannot be combined: turn one of them off")
         self.lm = lm
+        # one decoder for the whole run: its compiled graphs are reused by every rollout
+        self.decoder = StaticDecoder(lm, bucket=compile_bucket) if compile else None
         self.merge_lora = merge_lora and hasattr(lm, "disable_adapter") and hasattr(lm, "peft_config")
         self.early_exit = early_exit
         self.dtype = dtype
@@ -170,6 +180,7 @@ class KVCacheEngine:
                         with_scores=params.with_scores,
                         num_samples=k,
                         early_exit=self.early_exit,
+                        decoder=self.decoder,
                     )
                 )
         R = max(c.response_ids.shape[1] for c in chunks)

@@ -222,6 +222,8 @@ class RolloutMaker:
             early_exit=settings.rollout_early_exit,
             dtype=settings.rollout_dtype,
             autocast=self.autocast,
+            compile=settings.rollout_compile,
+            compile_bucket=settings.rollout_compile_bucket,
         )
 
     # -- text in and out -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 
 from preftune.ppo import core
 from preftune.ppo.policy import position_ids_from_mask
+from preftune.ppo.static_decode import StaticDecoder
 
 
 class NonFiniteLogits(RuntimeError):
@@ -53,6 +54,7 @@ def sample(
     with_scores: bool = False,
     num_samples: int = 1,
     early_exit: bool = False,
+    decoder: StaticDecoder | None = None,
 ) -> Samples:
     """Sample ``num_samples`` responses per (left-padded) prompt row; rows stop at EOS, the batch when all have.
 
@@ -64,7 +66,14 @@ def sample(
     are selected away, nothing is re-padded). The sampled tokens do not change: the random draw
     still covers every row (a finished row draws from a point mass on the pad token), so the
     generator advances exactly as without it.
+
+    ``decoder`` (``ppo.rollout_compile``): after the same eager prefill, the decode steps run on a
+    static KV cache through :class:`~preftune.ppo.static_decode.StaticDecoder` (compiled when
+    possible); the same random draws, log-probs to float rounding. Not combinable with
+    ``early_exit`` (a static cache keeps its rows).
     """
+    if decoder is not None and early_exit:
+        raise ValueError("early_exit needs a cache whose rows can be dropped; the static decoder keeps them all")
     k = int(num_samples)
     device = prompt_ids.device
     attention = prompt_mask.long()
@@ -88,6 +97,10 @@ def sample(
         prompt_ids = prompt_ids.repeat_interleave(k, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
     batch = prompt_ids.shape[0]
+    prompt_len = int(attention.shape[1])
+    static_mask = None
+    if decoder is not None:  # trick: static KV cache, one compiled graph for every decode step
+        past, static_mask = decoder.prepare(past, attention, max_new_tokens)
     logprobs: list[torch.Tensor] = []
     entropies: list[torch.Tensor] = []
     hiddens: list[torch.Tensor] = []
@@ -136,6 +149,12 @@ def sample(
                 next_pos = next_pos[local]
             step_ids = nxt[active]
             step_attention = attention
+        if decoder is not None:
+            static_mask[:, prompt_len + step] = 1
+            logits, hidden = decoder.step(step_ids.unsqueeze(1), static_mask, next_pos, past, with_scores)
+            next_pos = next_pos + 1
+            n_tokens += int(active.shape[0])
+            continue
         attention = torch.cat([step_attention, torch.ones_like(step_attention[:, :1])], dim=1)
         out = lm(
             input_ids=step_ids.unsqueeze(1),
