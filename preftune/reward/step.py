@@ -414,7 +414,7 @@ def cross_fit_gate_evidence(
     """
     from transformers import set_seed
 
-    from preftune.reward.trainer import PairwiseRewardTrainer
+    from preftune.reward.trainer import DivergedError, PairwiseRewardTrainer
 
     rc = cfg.reward
 
@@ -423,10 +423,16 @@ def cross_fit_gate_evidence(
         model = new_reward_model(base_path, tokenizer, dev, rc)
         fit_pairs, val_pairs = split_by_prompt(train, VALIDATION_FRACTION, cfg.run.seed)
         trainer = PairwiseRewardTrainer(model, tokenizer.pad_token_id, rc, dev, seed=cfg.run.seed, progress=False)
-        trainer.fit(
-            tokenize_pairs(fit_pairs, tokenizer, rc.max_length),
-            tokenize_pairs(val_pairs, tokenizer, rc.max_length) if val_pairs else None,
-        )
+        try:
+            trainer.fit(
+                tokenize_pairs(fit_pairs, tokenizer, rc.max_length),
+                tokenize_pairs(val_pairs, tokenizer, rc.max_length) if val_pairs else None,
+            )
+        except DivergedError as err:
+            raise PreftuneError(
+                f"cross-fit fold {fold}: {err}; lower reward.lr (now {rc.lr}) or raise reward.warmup_ratio",
+                ExitCode.TRAINING_DIVERGED,
+            ) from None
         res = trainer.evaluate(tokenize_pairs(test, tokenizer, rc.max_length))
         log.info("cross-fit fold %d: accuracy %.3f on %d pairs", fold, res.accuracy, len(test))
         return pairwise_outcomes(res.chosen, res.rejected)
