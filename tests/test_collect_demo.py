@@ -9,21 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.threads import one_thread  # noqa: F401 - autouse: torch on one thread
 
 from preftune.config import parse_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The demo policy is tiny: one thread is faster, and the suite shares two cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_demo_world_collect_then_check_fit(tmp_path):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from support.threads import one_thread  # noqa: F401 - autouse: torch on one thread
 
 from preftune.config import parse_config
 from preftune.data.validation import ValidationReport
@@ -45,17 +46,6 @@ def _tiny_lm(root: Path, uniform: bool) -> str:
     model.save_pretrained(path)
     hf_tok.save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are faster on one thread, and the suite shares two cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.threads import one_thread  # noqa: F401 - autouse: torch on one thread
 from test_reward import build_tiny, synth_pairs, write_dataset
 
 from preftune.config import parse_config
@@ -30,14 +31,6 @@ from preftune.scoring.model import (
 )
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build_tiny_encoder(kind: str, out: Path, tokenizer_from: Path) -> Path:
