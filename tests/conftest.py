@@ -38,6 +38,26 @@ from support.postgres import *  # noqa: E402,F401,F403
 from support.pushgateway import *  # noqa: E402,F401,F403
 from support.s3 import *  # noqa: E402,F401,F403
 
+# The files holding the longest tests, longest first (``--durations`` of a clean-clone .ci/run: the
+# demo with its observed week ~6 min, the local pipeline ~4, the real-data reward model ~2, ...).
+# xdist's --dist loadfile hands files out in collection order (``--no-loadscope-reorder`` in addopts;
+# its default order, most tests first, left the six-minute demo for last on one worker while the other
+# sat idle): handed out first, they run beside the many short files instead of after them.
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_pipeline_local.py",
+    "test_reward_real.py",
+    "test_pilot_demo.py",
+    "test_single_rated_run.py",
+    "test_world.py",
+    "test_evaluate_demo.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest's hook signature
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(autouse=True)
 def _no_leaked_tracking_uri():
