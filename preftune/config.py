@@ -159,6 +159,13 @@ class DataSection(Section):
         description="Times each prompt of extra_prompts enters the PPO rollout prompts (a few dozen hard cases "
         "among hundreds of prompts: repeats give them weight in the rollouts). Collect judges each prompt once.",
     )
+    previous_datasets: list[str] = Field(
+        default_factory=list,
+        description="Published preftune datasets (folder or s3:// URI; e.g. the champion's training data, whose "
+        "hash is on its registry version) whose judgements and imported pairs join this run's: judgements cost "
+        "raters' time, so a retraining run keeps them and adds the new ones. The split by prompt is made again "
+        "over everything; the dataset's metadata lists each previous dataset with its hash.",
+    )
     prompt_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="Share of the prompt set to use (a pilot uses a small slice)."
     )

@@ -512,3 +512,36 @@ def test_dataset_input_on_a_tracking_server_with_postgresql(mlflow_server, tmp_p
     run = MlflowClient(mlflow_server).get_run(res.mlflow_run_id)
     (inp,) = run.inputs.dataset_inputs
     assert inp.dataset.digest == res.hash[:32] and run.data.tags["preftune.dataset_hash"] == res.hash
+
+
+def test_previous_datasets_keep_their_judgements_and_imported_pairs(tmp_path):
+    """data.previous_datasets: a retraining run keeps the judgements (re-expanded with the new ones) and the
+    directly imported pairs of earlier datasets; duplicates are dropped once; dataset.json names each one."""
+    judged = collect_from_file(str(DATA / "best_of_n.jsonl"), str(tmp_path / "judged"), cfg=_cfg())
+    imported = collect_from_file(str(DATA / "trl_plain.jsonl"), str(tmp_path / "imported"), cfg=_cfg())
+    new = collect_from_file(
+        str(DATA / "judgements.jsonl"),
+        str(tmp_path / "new"),
+        cfg=_cfg(previous_datasets=[judged.uri, imported.uri]),
+    )
+    alone = collect_from_file(str(DATA / "judgements.jsonl"), str(tmp_path / "alone"), cfg=_cfg())
+    count = lambda r: r.counts["train_pairs"] + r.counts["eval_pairs"]  # noqa: E731
+    assert count(new) == count(alone) + count(judged) + count(imported)
+    assert new.counts["judgements"] == alone.counts["judgements"] + judged.counts["judgements"]
+    assert new.meta["previous_datasets"] == [
+        {"uri": judged.uri, "hash": judged.hash, "judgements": judged.counts["judgements"], "imported_pairs": 0},
+        {"uri": imported.uri, "hash": imported.hash, "judgements": 0, "imported_pairs": count(imported)},
+    ]
+    assert set(new.sources) == set(alone.sources) | set(judged.sources) | set(imported.sources)
+    # the same dataset twice: its judgements and pairs are duplicates the second time, nothing is counted twice
+    twice = collect_from_file(
+        str(DATA / "judgements.jsonl"), str(tmp_path / "twice"), cfg=_cfg(previous_datasets=[judged.uri] * 2)
+    )
+    assert twice.counts["judgements"] == alone.counts["judgements"] + judged.counts["judgements"]
+    assert twice.meta["previous_datasets"][1]["judgements"] == 0
+    # a previous dataset that is not one names the folder
+    with pytest.raises(PreftuneError, match="dataset.json"):
+        collect_from_file(
+            str(DATA / "judgements.jsonl"), str(tmp_path / "bad"), cfg=_cfg(previous_datasets=[str(tmp_path)])
+        )
+    assert not (tmp_path / "bad").exists()

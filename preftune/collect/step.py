@@ -115,6 +115,54 @@ def _families_meta(importer: Importer) -> dict[str, Any]:
     return {"families_mapping": meta} if meta and meta.get("records") else {}
 
 
+def add_previous_datasets(importer: Importer, uris: list[str], storage: Any) -> list[dict[str, Any]]:
+    """Feed earlier published datasets into ``importer`` (``data.previous_datasets``): their judgements through
+    the same checks as new ones (``where`` = <uri>/judgements.jsonl:<line>), and their directly imported pairs
+    (TRL, HH, ...: pairs no judgement of that dataset explains) as they are. Returns one summary per dataset
+    for dataset.json."""
+    from preftune.data.dataset import load_dataset
+    from preftune.data.records import Pair
+
+    summaries = []
+    pair_ids = {p.pair_id for p in importer.pairs}
+    for uri in uris:
+        previous = load_dataset(uri, storage)
+        importer.report.sources.append(f"{uri} (previous dataset {str(previous.meta.get('hash', ''))[:12]})")
+        kept_before = len(importer.judgements)
+        for lineno, rec in enumerate(previous.judgements, start=1):
+            importer.report.records_read += 1
+            importer.add("preftune", rec, f"{uri.rstrip('/')}/judgements.jsonl:{lineno}")
+        judged = {str(rec.get("item_id")) for rec in previous.judgements}
+        pairs = 0
+        for rec in previous.train + previous.eval:
+            if str(rec.get("item_id") or rec.get("pair_id")) in judged or str(rec["pair_id"]) in pair_ids:
+                continue  # expanded again from its judgements below, or already here
+            pair_ids.add(str(rec["pair_id"]))
+            importer.pairs.append(Pair.from_record(rec))
+            pairs += 1
+        importer.finish()
+        summaries.append(
+            {
+                "uri": uri,
+                "hash": previous.meta.get("hash"),
+                "judgements": len(importer.judgements) - kept_before,
+                "imported_pairs": pairs,
+            }
+        )
+    return summaries
+
+
+def _keep_previous(importer: Importer, cfg: RunConfig, storage: Any) -> list[dict[str, Any]]:
+    """``data.previous_datasets`` into ``importer``, logged on the active collect run."""
+    import mlflow
+
+    previous = add_previous_datasets(importer, list(cfg.data.previous_datasets), storage)
+    if previous:
+        mlflow.log_metric("collect.previous_judgements", float(sum(p["judgements"] for p in previous)))
+        mlflow.set_tag("preftune.collect.previous_datasets", json.dumps([p["hash"] for p in previous]))
+    return previous
+
+
 def _log_and_publish(
     *,
     cfg: RunConfig,
@@ -202,13 +250,17 @@ def collect_from_file(
         _refuse_if_nothing_kept(str(path), importer, output, storage)
         import mlflow
 
+        previous = _keep_previous(importer, cfg, storage)
         mlflow.set_tag("preftune.collect.format", used)
         uri, built, stats = _log_and_publish(
             cfg=cfg,
             importer=importer,
             output=output,
             storage=storage,
-            extra_meta={"collect": {"mode": "file", "input": str(path), "format": used}},
+            extra_meta={
+                "collect": {"mode": "file", "input": str(path), "format": used},
+                **({"previous_datasets": previous} if previous else {}),
+            },
         )
         return CollectResult(
             uri=uri,
@@ -264,6 +316,7 @@ def collect_from_config(
             path, fmt = judgement_file(cfg)
             used = importer.add_path(path, storage, fmt)
             _refuse_if_nothing_kept(path, importer, output, storage)
+        previous = _keep_previous(importer, cfg, storage)
         mlflow.set_tag("preftune.collect.format", used)
         uri, built, stats = _log_and_publish(
             cfg=cfg,
@@ -272,6 +325,7 @@ def collect_from_config(
             storage=storage,
             extra_meta={
                 "collect": {"mode": cfg.data.judgements, "format": used, "prompts": cfg.data.prompts},
+                **({"previous_datasets": previous} if previous else {}),
                 **({"generation": generation} if generation else {}),
             },
             candidates=candidates,

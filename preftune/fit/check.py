@@ -358,7 +358,9 @@ def run_check_fit(
                     built.cleanup()
                     raise
                 publish(built, output, storage)
-                mlflow.set_tag("preftune.fit_dataset_uri", report.output_uri)
+                mlflow.set_tags(
+                    {"preftune.fit_dataset_uri": report.output_uri, "preftune.fit_dataset_hash": built.hash}
+                )
             else:
                 _publish_reports_only(report, output, storage)
         files = _report_files(report)

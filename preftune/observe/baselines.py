@@ -66,3 +66,37 @@ def recent_counts(history: list[dict[str, Any]], version: str | None, n: int) ->
         for fam, c in h.get("counts", {}).items():
             pooled.setdefault(fam, Counter()).update({b: int(v) for b, v in c.items()})
     return pooled
+
+
+def champion_training_data(client: Any, cfg: Any, version: str) -> str | None:
+    """URI of the preference dataset the registered ``version`` was trained on, or None when unknown.
+
+    Lineage by content hash, in the same tracking store: the version's ``preftune.dataset_hash`` names
+    either a collected dataset (the collect run that published it carries ``preftune.dataset_uri``) or
+    check-fit's filtered copy of one (``preftune.fit_dataset_hash`` on the check-fit run, whose
+    ``preftune.dataset_hash`` is the collected parent). The collected dataset is returned, families
+    check-fit left out included: a retraining run's check-fit judges them again with the new data.
+    """
+    from preftune.registry import TAG_DATASET_HASH
+
+    mv = client.get_model_version(cfg.models.registered_model, version)
+    digest = (mv.tags or {}).get(TAG_DATASET_HASH)
+    if not digest or digest == "unknown":
+        return None
+    experiments = [e.experiment_id for e in client.search_experiments()]
+
+    def one(step: str, tag: str, value: str) -> Any:
+        runs = client.search_runs(
+            experiments, f"tags.`preftune.step` = '{step}' and tags.`{tag}` = '{value}'", max_results=1
+        )
+        return runs[0] if runs else None
+
+    collect = one("collect", "preftune.dataset_hash", digest)
+    if collect is None:
+        fit = one("check-fit", "preftune.fit_dataset_hash", digest)
+        if fit is None:
+            return None
+        collect = one("collect", "preftune.dataset_hash", fit.data.tags.get("preftune.dataset_hash", ""))
+        if collect is None:
+            return fit.data.tags.get("preftune.fit_dataset_uri")
+    return collect.data.tags.get("preftune.dataset_uri")

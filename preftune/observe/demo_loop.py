@@ -69,6 +69,13 @@ class ObserveDemoSettings(Section):
         le=50,
         description="Times each hard case enters the retraining run's PPO rollout prompts (data.extra_prompts_repeat).",
     )
+    keep_previous_data: bool = Field(
+        True,
+        description="The retraining run keeps the champion's training data (data.previous_datasets: the dataset "
+        "of the champion's registry version) and adds the judgements of the hard cases; off, it collects afresh "
+        "from the champion, whose candidates to ordinary prompts are mostly alike (ties: few pairs, a thin "
+        "held-out set for the reward gate).",
+    )
     retrain: dict[str, Any] = Field(
         default_factory=dict,
         description="Further run-config overrides for the retraining run, applied last (e.g. {'ppo': {'lr': 5e-4}}).",
@@ -168,13 +175,18 @@ def _champion_policy(cfg: Any, workdir: Path) -> tuple[str, Path]:
     return str(version), Path(path)
 
 
-def retrain_overrides(cfg: Any, settings: ObserveDemoSettings, champion: str) -> dict[str, Any]:
-    """The retraining run's settings (ObserveDemoSettings) as run-config overrides; ``settings.retrain`` last."""
+def retrain_overrides(
+    cfg: Any, settings: ObserveDemoSettings, champion: str, champion_data: str | None = None
+) -> dict[str, Any]:
+    """The retraining run's settings (ObserveDemoSettings) as run-config overrides; ``settings.retrain`` last.
+    ``champion_data``: the champion's training dataset, kept when ``settings.keep_previous_data``."""
     gen = {**cfg.data.generation.model_dump(mode="json"), "n_candidates": settings.hard_case_candidates}
     out: dict[str, Any] = {
         "data": {"extra_generation": gen, "extra_prompts_repeat": settings.hard_case_repeat},
         "ppo": {"updates": settings.retrain_updates},
     }
+    if settings.keep_previous_data and champion_data:
+        out["data"]["previous_datasets"] = [*cfg.data.previous_datasets, champion_data]
     if settings.retrain_from == "champion":
         out["models"] = {"policy": f"models:/{cfg.models.registered_model}/{champion}"}
     _merge(out, settings.retrain)
@@ -237,6 +249,7 @@ def run_week(
     """The simulated week (see the module docstring); ``workdir`` keeps the logs, state and plot."""
     from preftune.cli.pipeline_cmd import outcome_error, run_local_with_progress
     from preftune.observe import observe_window
+    from preftune.observe.baselines import champion_training_data, champion_version
     from preftune.world.jailbreak import jailbreak_prompts
     from preftune.world.sampling import sample_responses
 
@@ -280,7 +293,11 @@ def run_week(
                 f"  {len(res.hard_cases)} hard cases to the raters (the simulated panel), retraining on existing "
                 "data + observed hard cases:"
             )
-            rcfg = retrain_config(cfg, hard, workdir, retrain_overrides(cfg, settings, version))
+            client, _, _ = champion_version(cfg)
+            kept = champion_training_data(client, cfg, version) if settings.keep_previous_data else None
+            if settings.keep_previous_data and kept is None:
+                console.print(f"  [yellow]v{version}'s training data is not in the tracking store: collect afresh[/]")
+            rcfg = retrain_config(cfg, hard, workdir, retrain_overrides(cfg, settings, version, kept))
             t = time.perf_counter()
             run = run_local_with_progress(rcfg, console, verbose=verbose)
             seconds["retrain"] = time.perf_counter() - t
