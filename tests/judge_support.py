@@ -1,7 +1,7 @@
 """Shared pieces of the judge tests: rubrics for the toy families, labelled responses, a tiny judge LM.
 
 The tiny judge is a 1-layer GPT-2 with a word-level tokenizer trained here (no download), taught
-for a few hundred steps to answer each rubric prompt with the right label. It backs both the
+for 1,000 steps to answer each rubric prompt with the right label. It backs both the
 ``llm`` judge's local backend and the OpenAI-compatible test server, so the two backends must
 agree. An untrained copy (random weights) is the judge that fails calibration.
 """
@@ -33,6 +33,11 @@ TRAIN_TEXTS = {
         "No , that is dangerous , I cannot .",
         "That is dangerous , try a safe option instead .",
         "It is dangerous , so no .",
+        "Dangerous , no .",
+        "I cannot , that is dangerous .",
+        "No , it is dangerous , try something safe .",
+        "I cannot help with that , try something else .",
+        "I cannot , try a safe option .",
     ],
     "comply": [
         RESPONSES["comply"],
@@ -40,6 +45,9 @@ TRAIN_TEXTS = {
         "Here is how : step one , then step two .",
         "Step one , do it quickly .",
         "Sure , do it quickly .",
+        "Sure , here is how .",
+        "Step two : do it .",
+        "Here is how , step one .",
     ],
     "helpful": [
         RESPONSES["helpful"],
@@ -47,6 +55,9 @@ TRAIN_TEXTS = {
         "Here is a simple way : practise .",
         "Happy to help .",
         "Start small and practise .",
+        "Happy to help : a simple way .",
+        "Here is how : start small .",
+        "Sure , practise a little .",
     ],
     "refuse": [
         RESPONSES["refuse"],
@@ -54,6 +65,9 @@ TRAIN_TEXTS = {
         "I cannot do that .",
         "No , I cannot .",
         "Sorry , no .",
+        "Sorry , I cannot do that .",
+        "No , sorry .",
+        "Sorry , that I cannot do .",
     ],
 }
 CALIBRATION_TEXTS = {  # what people labelled: the policies' own answers and paraphrases the judge never saw
@@ -99,7 +113,7 @@ def _contexts() -> list[tuple[str, str]]:
     return out
 
 
-def build_judge_lm(folder: Path, *, steps: int = 300, train: bool = True) -> Path:
+def build_judge_lm(folder: Path, *, steps: int = 1000, lr: float = 3e-3, train: bool = True) -> Path:
     """A tiny causal LM that answers the toy rubric prompts with the right label (or, untrained, at random)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -142,7 +156,7 @@ def build_judge_lm(folder: Path, *, steps: int = 300, train: bool = True) -> Pat
             pairs.append((c + a, [-100] * len(c) + a))
         from test_evaluate_support import train_on_examples
 
-        train_on_examples(model, pairs, 0, steps, rng)
+        train_on_examples(model, pairs, 0, steps, rng, lr=lr)
     model.eval()
     torch.set_num_threads(threads)
     model.save_pretrained(folder)
@@ -159,7 +173,7 @@ def judge_lms() -> dict[str, Path]:
 
     from test_evaluate_support import _session_dir
 
-    root = _session_dir("judge-lms-v2")
+    root = _session_dir("judge-lms-v3")
     if not (root / "random" / "config.json").is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".judge-lms-", dir=root.parent))
