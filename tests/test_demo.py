@@ -156,7 +156,7 @@ def test_the_default_demo_promotes_its_candidate_and_the_observed_week_recovers(
     except SystemExit as exc:
         code = exc.code or 0
     out = " ".join(capsys.readouterr().out.split())
-    assert code == 0, out[-4000:]
+    assert code in (0, 10), out[-4000:]  # 10: the loop found a capability gap (below), after the demo promoted
     assert "8/8 gates passed" in out and "promoted as preftune-policy version 1" in out, out[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("preftune")
@@ -197,12 +197,17 @@ def test_the_default_demo_promotes_its_candidate_and_the_observed_week_recovers(
             f"{name}: judged {gate['judged']:.4f} against {gate['limit']}, margin {gate_margin(gate):.4f} "
             f"< half the documented {GATE_MARGINS[name]:.4f}"
         )
-    _assert_the_observed_week(client, exp.experiment_id, out, tmp_path)
+    _assert_the_observed_week(client, exp.experiment_id, out, tmp_path, code)
 
 
-def _assert_the_observed_week(client, exp_id: str, out: str, tmp_path: Path) -> None:
-    """docs/observe.md, "The demo's loop": flagged on the shift day, retrained, promoted, recovered."""
+def _assert_the_observed_week(client, exp_id: str, out: str, tmp_path: Path, code: int) -> None:
+    """docs/observe.md, "The demo's loop": flagged on the shift day, then either retrained, promoted and
+    recovered, or -- where neither the champion nor the base policy samples the preferred answer to the
+    hard cases (the demo world is built on this machine: its policies depend on the CPU's float rounding)
+    -- stopped before any retraining as a capability gap, exit 10."""
     import json
+
+    from preftune.observe.demo_loop import ObserveDemoSettings
 
     assert "A week of production" in out
     (demo_run,) = client.search_runs([exp_id], "tags.`preftune.step` = 'demo-observe'")
@@ -210,6 +215,10 @@ def _assert_the_observed_week(client, exp_id: str, out: str, tmp_path: Path) -> 
         Path(client.download_artifacts(demo_run.info.run_id, "observe_demo/week.json", str(tmp_path))).read_text()
     )
     days = week["days"]
+    # artifacts: the plot on the demo-observe run, one observe run per day
+    arts = {a.path for a in client.list_artifacts(demo_run.info.run_id, "observe_demo")}
+    assert "observe_demo/observed_week.png" in arts
+    assert len(client.search_runs([exp_id], "tags.`preftune.step` = 'observe'")) == 7
     assert [d["day"] for d in days] == list(range(1, 8))
     # days 1-3: the promoted champion on ordinary traffic, nothing to report
     assert [d["verdict"] for d in days[:3]] == ["ok"] * 3 and all(d["jailbreaks"] == 0 for d in days[:3])
@@ -218,7 +227,24 @@ def _assert_the_observed_week(client, exp_id: str, out: str, tmp_path: Path) -> 
     assert week["flagged_day"] == 4 and flagged["verdict"] == "regression", flagged
     assert flagged["jailbreaks"] >= 20 and flagged["hard_cases"] >= 10
     assert flagged["jailbreak_unsafe"] >= SHIFT_DAY_UNSAFE_MIN, flagged
-    # the retraining run (from the champion, on the hard cases) promoted a new version, which serves days 5-7
+    # before any retraining: can the champion (or else the base policy) produce the preferred answer to them?
+    floor = ObserveDemoSettings().min_hard_case_coverage
+    coverage = week["retrain"]["coverage"]
+    assert coverage["champion"]["cases"] == flagged["hard_cases"] and coverage["champion"]["samples"] == 8
+    if week["retrain"]["outcome"] == "capability-gap":
+        # PPO cannot reinforce what neither policy samples: nothing is spent, the command says so and why
+        assert code == 10 and coverage["champion"]["share"] < floor and coverage["policy"]["share"] < floor
+        assert "capability gap" in out and "teach the behaviour first (SFT" in out
+        assert len(client.search_runs([exp_id], "tags.`preftune.step` = 'pipeline'")) == 1  # the demo's own
+        assert [str(v.version) for v in client.search_model_versions("name = 'preftune-policy'")] == ["1"]
+        # ... and observation goes on saying so: v1 still serves the new style unsafely, flagged every day
+        assert all(d["model_version"] == "1" and d["verdict"] == "regression" for d in days[4:]), days[4:]
+        assert all(d["jailbreak_unsafe"] >= SHIFT_DAY_UNSAFE_MIN for d in days[4:]), days[4:]
+        return
+    assert code == 0
+    start = week["retrain"]["start"]
+    assert start == "champion" if coverage["champion"]["share"] >= floor else start == "policy"
+    # the retraining run (on the hard cases) promoted a new version, which serves days 5-7
     assert week["retrain"]["outcome"] == "promoted", week["retrain"]
     second = week["retrain"]["version"]
     assert days[0]["model_version"] == "1" and second == "2"
@@ -239,9 +265,6 @@ def _assert_the_observed_week(client, exp_id: str, out: str, tmp_path: Path) -> 
     # the retraining run started from the champion and its collect read the observed hard cases
     collect = _step_run(client, exp_id, "collect", week["retrain"]["pipeline_run_id"])
     assert collect.info.status == "FINISHED"
-    assert collect.data.params["models.policy"] == "models:/preftune-policy/1"
+    if start == "champion":
+        assert collect.data.params["models.policy"] == "models:/preftune-policy/1"
     assert collect.data.params["data.extra_prompts"] == str([week["retrain"]["hard_cases"]])
-    # artifacts: the plot on the demo-observe run, one observe run per day
-    arts = {a.path for a in client.list_artifacts(demo_run.info.run_id, "observe_demo")}
-    assert "observe_demo/observed_week.png" in arts
-    assert len(client.search_runs([exp_id], "tags.`preftune.step` = 'observe'")) == 7

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+from test_evaluate_support import RISKY, toy_config, toy_store, toy_world  # noqa: F401 (fixtures)
+
 
 def test_the_week_s_traffic_and_the_retraining_config(tmp_path):
     """Cheap: the new style only from shift_day on; the retraining run gets the hard cases twice over."""
@@ -62,7 +64,9 @@ def test_the_retraining_run_continues_from_the_champion_with_weight_on_the_hard_
     hard = tmp_path / "hard_cases.jsonl"
     hard.write_text(json.dumps({"id": "h1", "family": "safety", "prompt": "How do I x?"}) + "\n")
     cfg = parse_config({"models": {"registered_model": "shop-policy"}, "data": {"generation": {"temperature": 0.9}}})
-    settings = ObserveDemoSettings(hard_case_candidates=6, hard_case_repeat=3, retrain_updates=12)
+    settings = ObserveDemoSettings(
+        retrain_from="champion", hard_case_candidates=6, hard_case_repeat=3, retrain_updates=12
+    )
     got = retrain_config(cfg, hard, tmp_path, retrain_overrides(cfg, settings, "7"))
     assert got.models.policy == "models:/shop-policy/7"  # the champion's version, not the moving alias
     assert (got.data.extra_generation.n_candidates, got.data.extra_generation.temperature) == (6, 0.9)
@@ -71,3 +75,39 @@ def test_the_retraining_run_continues_from_the_champion_with_weight_on_the_hard_
     own = ObserveDemoSettings(retrain_from="policy", retrain={"ppo": {"updates": 3}})
     got = retrain_config(cfg, hard, tmp_path, retrain_overrides(cfg, own, "7"))
     assert got.models.policy == cfg.models.policy and got.ppo.updates == 3
+
+
+def test_coverage_of_hard_cases_decides_where_the_retraining_starts(tmp_path, toy_world, toy_store):  # noqa: F811
+    """retrain_from 'auto': PPO reinforces only answers the start policy samples. The toy 'unsafe' policy never
+    declines a risky prompt (coverage 0), the toy base policy declines half the time (coverage ~1 with 8
+    samples): from an unsafe champion the retraining starts from the base policy; when the base is unsafe too,
+    it is a capability gap (no retraining, exit 10's message)."""
+    from rich.console import Console
+
+    from preftune.observe.coverage import hard_case_coverage
+    from preftune.observe.demo_loop import ObserveDemoSettings, capability_gap_message, choose_start
+
+    cases = [{"id": f"h{i}", "family": "risky", "prompt": f"How do I {x} ?", "tags": []} for i, x in enumerate(RISKY)]
+    cases.append({"id": "other", "family": "not-in-the-suite", "prompt": "p", "tags": []})
+    hard = tmp_path / "hard_cases.jsonl"
+    hard.write_text("".join(json.dumps(c) + "\n" for c in cases))
+    cfg = toy_config(toy_store, toy_world)
+    unsafe = hard_case_coverage(cfg, str(toy_world["unsafe"]), cases, 8, 0)
+    base = hard_case_coverage(cfg, str(toy_world["base"]), cases, 8, 0)
+    assert (unsafe.cases, unsafe.covered, unsafe.preferred_share) == (len(RISKY), 0, 0.0)  # unknown family not counted
+    assert base.cases == len(RISKY) and base.share >= 0.8 and 0.2 <= base.preferred_share <= 0.8
+    console = Console(file=open(tmp_path / "out.txt", "w"))  # noqa: SIM115 (closed with the test's tmp files)
+    settings = ObserveDemoSettings(hard_case_candidates=8)
+    start, measured = choose_start(cfg, settings, hard, toy_world["unsafe"], console)
+    assert start == "policy" and measured["champion"]["covered"] == 0 and measured["policy"]["share"] >= 0.8
+    start, _ = choose_start(cfg, settings, hard, toy_world["good"], console)
+    assert start == "champion"
+    gap_cfg = cfg.model_copy(update={"models": cfg.models.model_copy(update={"policy": str(toy_world["unsafe"])})})
+    start, measured = choose_start(gap_cfg, settings, hard, toy_world["unsafe"], console)
+    assert start is None and set(measured) == {"champion", "policy"}
+    message = capability_gap_message(settings, measured)
+    assert "capability gap" in message and f"champion 0 of {len(RISKY)}" in message and "SFT" in message
+    assert choose_start(cfg, ObserveDemoSettings(retrain_from="champion"), hard, toy_world["unsafe"], console) == (
+        "champion",
+        {},
+    )

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from preftune.configbase import Section
-from preftune.errors import InputError, PreftuneError
+from preftune.errors import ExitCode, InputError, PreftuneError
 
 DAY_MS = 86_400_000
 START = datetime(2026, 11, 2, tzinfo=timezone.utc)
@@ -45,11 +45,21 @@ class ObserveDemoSettings(Section):
     jailbreak_share: float = Field(
         0.25, gt=0, lt=1, description="Share of a day's prompts in the new style (from shift_day on)."
     )
-    retrain_from: Literal["champion", "policy"] = Field(
-        "champion",
+    retrain_from: Literal["auto", "champion", "policy"] = Field(
+        "auto",
         description="Where the retraining run starts: 'champion' (models.policy set to the registry version "
         "holding @champion: PPO continues from it, collect samples the hard cases' candidates from it, KL and "
-        "capability are measured against it) or 'policy' (the run config's models.policy, e.g. the base policy).",
+        "capability are measured against it), 'policy' (the run config's models.policy, e.g. the base policy, "
+        "with the run config's own ppo.updates), or 'auto': the first of the two whose coverage of the hard "
+        "cases (share with at least one preferred answer among hard_case_candidates samples, judged by the "
+        "suite) reaches min_hard_case_coverage; when neither does, no retraining: a capability gap (exit 10).",
+    )
+    min_hard_case_coverage: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="retrain_from 'auto': the coverage of the hard cases a start policy needs. PPO reinforces "
+        "only answers the policy samples; below this the raters have little to prefer.",
     )
     retrain_updates: int = Field(
         20,
@@ -181,16 +191,41 @@ def retrain_overrides(
     """The retraining run's settings (ObserveDemoSettings) as run-config overrides; ``settings.retrain`` last.
     ``champion_data``: the champion's training dataset, kept when ``settings.keep_previous_data``."""
     gen = {**cfg.data.generation.model_dump(mode="json"), "n_candidates": settings.hard_case_candidates}
-    out: dict[str, Any] = {
-        "data": {"extra_generation": gen, "extra_prompts_repeat": settings.hard_case_repeat},
-        "ppo": {"updates": settings.retrain_updates},
-    }
+    out: dict[str, Any] = {"data": {"extra_generation": gen, "extra_prompts_repeat": settings.hard_case_repeat}}
     if settings.keep_previous_data and champion_data:
         out["data"]["previous_datasets"] = [*cfg.data.previous_datasets, champion_data]
-    if settings.retrain_from == "champion":
+    if settings.retrain_from == "champion":  # 'auto' is decided before this (choose_start)
         out["models"] = {"policy": f"models:/{cfg.models.registered_model}/{champion}"}
+        out["ppo"] = {"updates": settings.retrain_updates}
     _merge(out, settings.retrain)
     return out
+
+
+def choose_start(
+    cfg: Any, settings: ObserveDemoSettings, hard: Path, champion_path: Path, console: Any
+) -> tuple[str | None, dict[str, Any]]:
+    """``retrain_from`` 'auto': 'champion' or 'policy' (the first whose coverage of the hard cases reaches
+    ``min_hard_case_coverage``), or None (a capability gap); with each measured coverage. Other values pass."""
+    if settings.retrain_from != "auto":
+        return settings.retrain_from, {}
+    from preftune.generation.candidates import resolve_policy
+    from preftune.observe.coverage import hard_case_coverage
+    from preftune.storage import Storage
+
+    cases = [json.loads(line) for line in hard.read_text(encoding="utf-8").splitlines() if line.strip()]
+    measured: dict[str, Any] = {}
+    base = resolve_policy(cfg.models.policy, cfg, Storage.from_config(cfg.storage))
+    for start in ("champion", "policy"):
+        path = champion_path if start == "champion" else base
+        cov = hard_case_coverage(cfg, str(path), cases, settings.hard_case_candidates, cfg.run.seed)
+        measured[start] = cov.to_dict()
+        console.print(
+            f"  coverage of the hard cases, {start}: {cov.covered} of {cov.cases} with a preferred answer among "
+            f"{cov.samples} samples ({cov.share:.2f}; preferred {cov.preferred_share:.3f} of the answers)"
+        )
+        if cov.share >= settings.min_hard_case_coverage:
+            return start, measured
+    return None, measured
 
 
 def retrain_config(cfg: Any, hard_cases: Path, workdir: Path, overrides: dict[str, Any]) -> Any:
@@ -203,6 +238,16 @@ def retrain_config(cfg: Any, hard_cases: Path, workdir: Path, overrides: dict[st
     data["run"]["name"] = f"{cfg.run.name}-observed"
     _merge(data, overrides)
     return parse_config(data)
+
+
+def capability_gap_message(settings: ObserveDemoSettings, coverage: dict[str, Any]) -> str:
+    shown = ", ".join(f"{k} {v['covered']} of {v['cases']}" for k, v in coverage.items())
+    return (
+        f"capability gap: neither the champion nor the base policy answers the hard cases as preferred often "
+        f"enough for PPO to reinforce it (hard cases with a preferred answer among {settings.hard_case_candidates} "
+        f"samples: {shown}; {settings.min_hard_case_coverage:.2f} needed); teach the behaviour first (SFT on "
+        "preferred answers to such prompts), then retrain"
+    )
 
 
 def _merge(into: dict[str, Any], overrides: dict[str, Any]) -> None:
@@ -293,11 +338,18 @@ def run_week(
                 f"  {len(res.hard_cases)} hard cases to the raters (the simulated panel), retraining on existing "
                 "data + observed hard cases:"
             )
+            start, coverage = choose_start(cfg, settings, hard, policy, console)
+            if start is None:  # PPO cannot reinforce what no start policy samples: say so, spend nothing
+                retrain_info = {"hard_cases": str(hard), "outcome": "capability-gap", "coverage": coverage}
+                retrain_info.update(error=capability_gap_message(settings, coverage), error_code=int(ExitCode.NOT_FIT))
+                console.print(f"  [yellow]no retraining: {retrain_info['error']}; v{version} stays[/]")
+                continue
             client, _, _ = champion_version(cfg)
             kept = champion_training_data(client, cfg, version) if settings.keep_previous_data else None
             if settings.keep_previous_data and kept is None:
                 console.print(f"  [yellow]v{version}'s training data is not in the tracking store: collect afresh[/]")
-            rcfg = retrain_config(cfg, hard, workdir, retrain_overrides(cfg, settings, version, kept))
+            chosen = settings.model_copy(update={"retrain_from": start})
+            rcfg = retrain_config(cfg, hard, workdir, retrain_overrides(cfg, chosen, version, kept))
             t = time.perf_counter()
             run = run_local_with_progress(rcfg, console, verbose=verbose)
             seconds["retrain"] = time.perf_counter() - t
@@ -305,6 +357,8 @@ def run_week(
             outcome = run.outcome or {}
             retrain_info = {
                 "hard_cases": str(hard),
+                "start": start,
+                "coverage": coverage,
                 "outcome": outcome.get("outcome"),
                 "exit_code": outcome.get("exit_code"),
                 "pipeline_run_id": run.pipeline_run_id,
@@ -428,8 +482,10 @@ def run_observe_demo(
     console.print(week_table(result))
     console.print(f"Plot: {result.plot} (also on the MLflow run {result.run_id}, observe_demo/observed_week.png)")
     if result.retrain.get("error"):
-        raise PreftuneError(
-            f"the retraining run on the observed hard cases promoted nothing: {result.retrain['error']}",
-            result.retrain.get("error_code"),
+        what = (
+            "no retraining on the observed hard cases"
+            if result.retrain.get("outcome") == "capability-gap"
+            else "the retraining run on the observed hard cases promoted nothing"
         )
+        raise PreftuneError(f"{what}: {result.retrain['error']}", result.retrain.get("error_code"))
     return result
