@@ -335,8 +335,8 @@ def run_week(
             if not res.hard_cases:
                 raise PreftuneError(f"day {day}: observe flagged {res.verdict} but wrote no hard case")
             console.print(
-                f"  {len(res.hard_cases)} hard cases to the raters (the simulated panel), retraining on existing "
-                "data + observed hard cases:"
+                f"  {len(res.hard_cases)} hard cases: can PPO fix them? Then to the raters (the simulated panel) "
+                "and a retraining run on existing data + observed hard cases:"
             )
             start, coverage = choose_start(cfg, settings, hard, policy, console)
             if start is None:  # PPO cannot reinforce what no start policy samples: say so, spend nothing
