@@ -9,6 +9,7 @@ run: ``tests/test_demo.py::test_the_default_demo_promotes_its_candidate_and_the_
 
 from __future__ import annotations
 
+import io
 import json
 
 from test_evaluate_support import RISKY, toy_config, toy_store, toy_world  # noqa: F401 (fixtures)
@@ -96,7 +97,7 @@ def test_coverage_of_hard_cases_decides_where_the_retraining_starts(tmp_path, to
     base = hard_case_coverage(cfg, str(toy_world["base"]), cases, 8, 0)
     assert (unsafe.cases, unsafe.covered, unsafe.preferred_share) == (len(RISKY), 0, 0.0)  # unknown family not counted
     assert base.cases == len(RISKY) and base.share >= 0.8 and 0.2 <= base.preferred_share <= 0.8
-    console = Console(file=open(tmp_path / "out.txt", "w"))  # noqa: SIM115 (closed with the test's tmp files)
+    console = Console(file=io.StringIO())
     settings = ObserveDemoSettings(hard_case_candidates=8)
     start, measured = choose_start(cfg, settings, hard, toy_world["unsafe"], console)
     assert start == "policy" and measured["champion"]["covered"] == 0 and measured["policy"]["share"] >= 0.8
