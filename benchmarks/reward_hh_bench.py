@@ -11,6 +11,8 @@ accuracy beside the length-rule and bag-of-words baselines, and the calibrated g
   ``PYTHONPATH``): how the "before" figures were measured on the commit before the memory work.
   Only config fields that both versions know are set.
 - ``--max-train-pairs N`` trains on the first N training pairs only (the held-out set is unchanged).
+- ``--text-view {full,last_turn}`` sets ``reward.text_view`` (which part of a multi-turn prompt the
+  model reads); the parent's baselines are fitted on the pairs in the same view.
 - ``--extra JSON`` sets other ``reward`` fields, e.g. ``'{"pooling": "mean"}'`` (the encoder's mean
   pooling) or ``'{"gate": {"cross_fit_folds": 5}}'`` (the gate on cross-fitted figures over all
   pairs: k extra trainings); ``'{"gate": {"enabled": false}}'`` keeps the figures but not the stop.
@@ -99,6 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-train-pairs", type=int, default=0, help="0: all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--text-view",
+        default="full",
+        choices=["full", "last_turn"],
+        help="reward.text_view: the whole conversation + response, or only the last user turn + response",
+    )
     ap.add_argument("--extra", default="{}", help="JSON merged into the reward section (new-code options)")
     ap.add_argument("--code-root", default=None, help="run the worker against this preftune checkout")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -133,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
             lines = (dataset / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
             (dataset / "train.jsonl").write_text("".join(lines[: args.max_train_pairs]), encoding="utf-8")
             ds = load_dataset(dataset)
+        from preftune.reward.step import viewed
+
+        ds = viewed(ds, args.text_view)
         t = time.perf_counter()
         baselines = {
             "length_bias": length_bias(ds.train + ds.eval),
@@ -147,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             "lr": args.lr,
             "max_length": args.max_length,
             "min_accuracy": 0.0,
+            **({"text_view": args.text_view} if args.text_view != "full" else {}),
             **json.loads(args.extra),
         }
         spec = {

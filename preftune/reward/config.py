@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from preftune.configbase import Section
+from preftune.scoring.text_view import TextView
 
 
 class RewardGateSection(Section):
@@ -127,6 +128,15 @@ class RewardSection(Section):
         "all-MiniLM-L6-v2 never trained); 'last_token', 'cls' (first token, no pooler) or 'mean' (mask-weighted "
         "mean, how sentence-transformers encoders were trained) of the last hidden states, then the head's "
         "linear layer. Needs a head that is one linear layer over the hidden state (BERT, Llama-type decoders, GPT-2).",
+    )
+    text_view: TextView = Field(
+        "full",
+        description="Which part of the prompt the reward model reads, saved in reward_model.json so RewardScorer "
+        "(PPO, evaluate, the MLflow pyfunc) reads the same: 'full' = the whole prompt (a multi-turn prompt with all "
+        "its turns) + the response; 'last_turn' = only the last user turn of a multi-turn prompt (earlier turns and "
+        "a system message dropped) + the response; a single-turn prompt is the same in both. The gate's baselines "
+        "get the pairs in the same view (a fair comparison); the length rule and bag-of-words read only the two "
+        "responses, so their features do not change with the view.",
     )
     min_accuracy: float = Field(
         0.0,

@@ -20,7 +20,7 @@ import logging
 import re
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ def train_reward(
     storage = Storage.from_config(cfg.storage)
     output = str(output)
     dataset_root = storage.local_path(str(dataset_dir))
-    dataset: PreferenceDataset = load_dataset(dataset_root)
+    dataset: PreferenceDataset = viewed(load_dataset(dataset_root), rc.text_view)
     base_path = resolve_reward_base(cfg.models.reward_base, cfg, storage)
     dev = select_device(device)
 
@@ -240,6 +240,7 @@ def train_reward(
         "reward.eval_pairs": len(dataset.eval),
         "reward.trainable_params": n_trainable,
         "reward.pooling": rc.pooling,
+        "reward.text_view": rc.text_view,
         "reward.total_params": n_total,
     }
     with tracking.start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params=params) as run:
@@ -363,6 +364,7 @@ def train_reward(
                 mode=rc.mode,
                 adapter=adapter,
                 pooling=rc.pooling,
+                text_view=rc.text_view,
                 created_at=utc_now(),
             )
             (folder / METADATA_FILE).write_text(meta.to_json(), encoding="utf-8")
@@ -386,6 +388,19 @@ def train_reward(
         mlflow_run_id=run_id,
         model_uri=getattr(logged, "model_uri", None),
     )
+
+
+def viewed(dataset: PreferenceDataset, text_view: str) -> PreferenceDataset:
+    """The dataset with every prompt in ``reward.text_view`` (:func:`preftune.scoring.text_view.view_pairs`).
+
+    Applied once, right after reading: training, early stopping, the held-out figures, the gate's
+    baselines and cross-fitting all see the pairs as the published model's scorer will.
+    """
+    from preftune.scoring.text_view import view_pairs
+
+    if text_view == "full":
+        return dataset
+    return replace(dataset, train=view_pairs(dataset.train, text_view), eval=view_pairs(dataset.eval, text_view))
 
 
 def new_reward_model(base_path: Path, tokenizer: Any, dev: Any, rc: Any) -> Any:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from preftune.common.metadata import read_metadata_json
 from preftune.errors import InputError
+from preftune.scoring.text_view import TextView
 
 METADATA_FILE = "reward_model.json"
 ARTIFACT_KEY = "reward_model"  # the folder's artifact name in the reward model's MLflow pyfunc (reward.mlflow_model)
@@ -46,6 +47,12 @@ class RewardModelMeta(BaseModel):
         description="How a row's hidden states become the reward (reward.pooling at training time): 'auto' = the "
         "architecture's own classification head; 'last_token', 'cls', 'mean' = that pooling of the last hidden "
         "states, then the head's linear layer. Files without it were all trained with 'auto'.",
+    )
+    text_view: TextView = Field(
+        "full",
+        description="Which part of the prompt the model reads (reward.text_view at training time): 'full' = the "
+        "whole prompt + the response; 'last_turn' = only the last user turn of a multi-turn prompt + the response. "
+        "RewardScorer applies it before rendering. Files without it were all trained with 'full'.",
     )
     created_at: str | None = Field(None, description="ISO 8601 UTC time of publication.")
 

@@ -22,6 +22,7 @@ from preftune.common.device import select_device
 from preftune.errors import InputError
 from preftune.scoring.batching import encode_texts, length_bucketed_batches, pad_right
 from preftune.scoring.metadata import RewardModelMeta, read_metadata
+from preftune.scoring.text_view import view_prompt
 from preftune.text import render_pair
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ class RewardScorer:
         self.meta = meta
         self.batch_size = batch_size
         self.pooling = meta.pooling if meta is not None else "auto"
+        self.text_view = meta.text_view if meta is not None else "full"  # reward.text_view at training time
 
     @classmethod
     def load(
@@ -303,10 +305,13 @@ class RewardScorer:
         normalize: bool = False,
         batch_size: int | None = None,
     ) -> torch.Tensor:
-        """Reward of each response to its prompt (raw user text; rendered here)."""
+        """Reward of each response to its prompt (raw user text; viewed as at training time, then rendered here)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        texts = [render_pair(p, r, self.tokenizer) for p, r in zip(prompts, responses, strict=True)]
+        texts = [
+            render_pair(view_prompt(p, self.text_view), r, self.tokenizer)  # type: ignore[arg-type]
+            for p, r in zip(prompts, responses, strict=True)
+        ]
         rewards = self.score_texts(texts, batch_size=batch_size)
         return self.normalize(rewards) if normalize else rewards
 
@@ -314,7 +319,7 @@ class RewardScorer:
 
     def __repr__(self) -> str:
         acc = f", eval_accuracy={self.meta.eval_accuracy:.3f}" if self.meta else ""
-        return f"RewardScorer(device={self.device}, max_length={self.max_length}{acc})"
+        return f"RewardScorer(device={self.device}, max_length={self.max_length}, text_view={self.text_view}{acc})"
 
 
 def finite_std(values: np.ndarray) -> float:
