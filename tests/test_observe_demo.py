@@ -50,6 +50,7 @@ def test_the_week_s_traffic_and_the_retraining_config(tmp_path):
     cfg = parse_config({"data": {"prompts": str(prompts), "generation": {"n_candidates": 3}}})
     got = retrain_config(cfg, hard, tmp_path, {"data": {"generation": {"max_new_tokens": 40}}, "ppo": {"updates": 5}})
     assert got.data.extra_prompts == [str(hard)]
+    assert got.evaluation.observed_cases == [str(hard)]  # its held-out split judges the candidate
     assert (got.data.generation.n_candidates, got.data.generation.max_new_tokens) == (3, 40)  # merged, not replaced
     assert got.ppo.updates == 5 and got.run.name.endswith("-observed")
     assert got.ppo.prompts is None  # the rollouts read data.prompts + data.extra_prompts (ppo.step.load_prompt_items)

@@ -16,6 +16,7 @@ dataset folder last and atomically: when any of it fails, nothing is published.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from preftune.config import RunConfig
 
 STEP = "collect"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -350,14 +352,19 @@ def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bo
         resolve_policy,
         sample_candidates,
         select_fraction,
+        training_prompts,
     )
 
     prompts = load_prompts(cfg.data.prompts, cfg, storage, report)
     prompts = select_fraction(prompts, cfg.data.prompt_fraction, cfg.run.seed)
     seen = {prompt_key(p.prompt) for p in prompts}
     extras = []
-    for extra in cfg.data.extra_prompts:  # e.g. observe's hard cases: always all of them
-        for p in load_prompts(extra, cfg, storage, report):
+    for extra in cfg.data.extra_prompts:  # e.g. observe's hard cases: all of them but the held-out ones
+        loaded, held_out = training_prompts(load_prompts(extra, cfg, storage, report))
+        report.records_kept -= held_out
+        if held_out:
+            log.info("%s: %d prompts held out for evaluation (split: heldout) are not collected", extra, held_out)
+        for p in loaded:
             if prompt_key(p.prompt) in seen:
                 report.drop("duplicate", p.where, "extra prompts: the prompt is already in the prompt set")
                 report.records_kept -= 1

@@ -78,6 +78,21 @@ class GatesSection(Section):
         "elsewhere. Null: reported, not gated.",
     )
 
+    observed_non_regression: dict[str, float] | None = Field(
+        None,
+        description="Tolerances of the non-regression gates on the held-out observed hard cases "
+        "(evaluation.observed_cases), per family, judged like non_regression. Null: the same as non_regression; "
+        "empty: the observed cases are reported, not gated.",
+    )
+    observed_min_gain: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="On the held-out observed hard cases, pooled over families: the lower confidence bound of the "
+        "candidate's preferred share minus the champion's must be at least this (0.0: the retraining must be shown "
+        "to fix some of them, not only to do no harm). Null: not gated. Needs a champion.",
+    )
+
     @field_validator("thresholds")
     @classmethod
     def _known_metrics(cls, v: dict[str, dict[str, Threshold]]) -> dict[str, dict[str, Threshold]]:
@@ -90,10 +105,10 @@ class GatesSection(Section):
         check_threshold_metrics({"every_family": v}, "gates")
         return v
 
-    @field_validator("non_regression")
+    @field_validator("non_regression", "observed_non_regression")
     @classmethod
-    def _known_nr(cls, v: dict[str, float]) -> dict[str, float]:
-        for metric, tol in v.items():
+    def _known_nr(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for metric, tol in (v or {}).items():
             if metric in COMPARISON_METRICS:
                 raise ValueError(
                     f"non_regression.{metric}: already a comparison with the champion; bound it in "
@@ -107,6 +122,10 @@ class GatesSection(Section):
             if tol < 0:
                 raise ValueError(f"non_regression.{metric}: tolerance must be >= 0, got {tol}")
         return v
+
+    def observed_tolerances(self) -> dict[str, float]:
+        """The non-regression tolerances on the observed hard cases."""
+        return dict(self.non_regression if self.observed_non_regression is None else self.observed_non_regression)
 
 
 class EvaluationSection(Section):
@@ -162,6 +181,22 @@ class EvaluationSection(Section):
         description="Reuse a registry champion's samples from the evaluation that promoted it when that used the same "
         "suite (hash), reference and model files (they are what sampling it again with the same seeds gives); "
         "false: always sample the champion again.",
+    )
+    observed_cases: list[str] = Field(
+        default_factory=list,
+        description="Prompt files of observed hard cases (observe's observe/hard_cases.jsonl; local or s3://): the "
+        "records marked 'split: heldout' (all records when none is marked) are sampled and judged for the candidate "
+        "and the champion with the suite's judges of their family, reported as the families 'observed.<family>' "
+        "and gated by gates.observed_non_regression / observed_min_gain. Training skips held-out records, so a "
+        "retraining on observed hard cases is judged on hard cases it never saw. Records of a family the suite "
+        "does not have are counted and left out.",
+    )
+    observed_samples_per_prompt: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Samples per observed hard case (hard cases are few: more samples narrow the intervals). "
+        "Empty: the suite's samples_per_prompt.",
     )
     gates: GatesSection = Field(default_factory=GatesSection)
 

@@ -227,7 +227,14 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _family_title(family: str) -> str:
-    return {POOLED: "all families (pooled)", CAPABILITY: "capability retention"}.get(family, family)
+    if family.startswith("observed."):
+        return f"{family[len('observed.') :]}: held-out observed hard cases (evaluation.observed_cases)"
+    titles = {
+        POOLED: "all families (pooled)",
+        CAPABILITY: "capability retention",
+        "observed": "observed hard cases (pooled)",
+    }
+    return titles.get(family, family)
 
 
 def _verdict_icon(g: GateResult) -> str:

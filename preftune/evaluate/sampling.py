@@ -148,6 +148,8 @@ def sample_and_judge(
     tmp: Path,
     reference_hash: str,
     progress: bool | None,
+    *,
+    reuse: bool = True,
 ) -> tuple[list[SampleRecord], dict[str, dict[str, float]], str | None]:
     """Sample and judge the candidate and (unless its stored samples can be reused) the champion."""
     from tqdm.auto import tqdm
@@ -164,10 +166,10 @@ def sample_and_judge(
         if suite.capability:
             capability["reference"] = _capability(ref_policy, suite)
         todo = [(CANDIDATE, models.candidate)] + ([(CHAMPION, champ)] if champ is not None else [])
-        reuse = None
-        if champ is not None and ev.reuse_champion_samples:
-            reuse = stored_champion_samples(client, uri, tmp, cfg, suite, champ, reference_hash)
-            if reuse is not None:
+        stored = None
+        if champ is not None and reuse and ev.reuse_champion_samples:
+            stored = stored_champion_samples(client, uri, tmp, cfg, suite, champ, reference_hash)
+            if stored is not None:
                 todo = todo[:1]
         bar = tqdm(
             total=len(suite.cases) * gen.samples_per_prompt * len(todo),
@@ -185,8 +187,8 @@ def sample_and_judge(
                     capability[label] = cap
         finally:
             bar.close()
-        if reuse is not None:
-            reused_from, champ_records, champ_cap = reuse
+        if stored is not None:
+            reused_from, champ_records, champ_cap = stored
             if scorer is not None:
                 prompts = {c.id: c.prompt for c in suite.cases}
                 scores = scorer.score([prompts[r.case_id] for r in champ_records], [r.text for r in champ_records])

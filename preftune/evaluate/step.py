@@ -38,6 +38,13 @@ from preftune.evaluate.metrics import (
     corrected_shares,
     metrics_to_json,
 )
+from preftune.evaluate.observed import (
+    load_observed_cases,
+    observed_gates,
+    observed_metrics,
+    observed_suite,
+    relabel,
+)
 from preftune.evaluate.sampling import (  # noqa: F401 (torch_threads: public here too)
     Models,
     sample_and_judge,
@@ -58,6 +65,7 @@ from preftune.evaluate.stored import (  # noqa: F401 (re-exported: promote reads
 log = logging.getLogger(__name__)
 
 REPORT_MD = "report.md"
+OBSERVED_SAMPLES_FILE = "observed_samples.jsonl"  # the observed hard cases' samples (evaluation.observed_cases)
 REPORT_HTML = "report.html"
 
 RUN_TAG_SUITE = "preftune.eval.suite"
@@ -82,6 +90,7 @@ class EvalResult:
     output: str
     records: list[SampleRecord] = field(default_factory=list)
     capability: dict[str, dict[str, float]] = field(default_factory=dict)
+    observed_records: list[SampleRecord] = field(default_factory=list)  # evaluation.observed_cases, relabelled
 
     @property
     def first_promotion(self) -> bool:
@@ -419,6 +428,7 @@ def evaluate(
     reward_model = reward_model or ev.reward_model
     the_suite = load_suite(suite or ev.suite, reward_model=reward_model, world=cfg.world)
     thresholds_for(the_suite, ev.gates)  # config thresholds naming unknown families fail here
+    observed = _observed_cases(cfg, the_suite)  # a bad observed-case file fails here, before any generation
     t0 = time.perf_counter()
 
     uri = tracking.resolve_tracking_uri(cfg.tracking)
@@ -450,15 +460,23 @@ def evaluate(
             records, capability, reused_from = sample_and_judge(
                 models, the_suite, judges, scorer, device, cfg, client, uri, tmp, reference_hash, progress
             )
+            obs_records = _sample_observed(
+                observed, models, the_suite, judges, scorer, device, cfg, client, uri, tmp, reference_hash, progress
+            )
             t_gen = time.perf_counter() - t0
             metrics = _all_metrics(records, capability, the_suite, cfg, calibration, scorer is not None)
+            champion_label = champ.label if champ else "champion"
             gates = compute_gates(
-                cfg,
-                the_suite,
-                metrics,
-                has_champion=champ is not None,
-                champion_label=champ.label if champ else "champion",
+                cfg, the_suite, metrics, has_champion=champ is not None, champion_label=champion_label
             )
+            if observed is not None:
+                metrics.update(
+                    observed_metrics(obs_records, observed.families, cfg, the_suite.generation.seed, scorer is not None)
+                )
+                if champ is not None:
+                    gates += observed_gates(
+                        metrics, observed.families, ev.gates, confidence=ev.confidence, champion_label=champion_label
+                    )
             passed, reasons = verdict(gates)
             results = _results(
                 cfg,
@@ -476,8 +494,20 @@ def evaluate(
                 reused_from,
                 t_gen,
             )
+            if observed is not None:
+                results["observed"] = {
+                    **observed.to_json(),
+                    "samples_per_prompt": ev.observed_samples_per_prompt or the_suite.generation.samples_per_prompt,
+                    "behaviour_shares": {
+                        CANDIDATE: behaviour_shares(obs_records, CANDIDATE),
+                        CHAMPION: behaviour_shares(obs_records, CHAMPION) if champ else None,
+                    },
+                }
             staging = tmp / "report"
             _write_output(staging, results, records, capability, gates, metrics, ev.gates.non_regression)
+            if observed is not None:
+                with open(staging / OBSERVED_SAMPLES_FILE, "w", encoding="utf-8") as fh:
+                    fh.writelines(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in obs_records)
             if calibration is not None:
                 (staging / CALIBRATION_FILE).write_text(
                     json.dumps(calibration.to_json(), indent=2) + "\n", encoding="utf-8"
@@ -485,7 +515,40 @@ def evaluate(
             published = _publish(staging, output or ev.output or str(_default_output(run_id)), cfg)
             _log_run(results, metrics, gates, passed, reasons, champ is None, t0, staging, published)
             _log_views(the_suite, records, cand_hash, metrics)
-    return EvalResult(passed, reasons, gates, metrics, results, run_id, published, records, capability)
+    return EvalResult(passed, reasons, gates, metrics, results, run_id, published, records, capability, obs_records)
+
+
+def _observed_cases(cfg: RunConfig, suite: Suite) -> Any:
+    """``evaluation.observed_cases`` read (None when not set)."""
+    if not cfg.evaluation.observed_cases:
+        return None
+    from preftune.storage import Storage
+
+    return load_observed_cases(cfg.evaluation.observed_cases, suite, cfg, Storage.from_config(cfg.storage))
+
+
+def _sample_observed(
+    observed: Any,
+    models: Models,
+    suite: Suite,
+    judges: Mapping[str, Any],
+    scorer: Any,
+    device: Any,
+    cfg: RunConfig,
+    client: Any,
+    uri: str,
+    tmp: Path,
+    reference_hash: str,
+    progress: bool | None,
+) -> list[SampleRecord]:
+    """Both models sampled and judged on the held-out observed hard cases (records relabelled ``observed.*``)."""
+    if observed is None or not observed.cases:
+        return []
+    osuite = observed_suite(suite, observed.cases, cfg.evaluation.observed_samples_per_prompt)
+    records, _, _ = sample_and_judge(
+        models, osuite, judges, scorer, device, cfg, client, uri, tmp, reference_hash, progress, reuse=False
+    )
+    return relabel(records)
 
 
 def _log_run(

@@ -39,6 +39,16 @@ class PromptRecord:
     tags: tuple[str, ...]
     prompt: str
     where: str = ""
+    split: str = ""  # "heldout": observe held this hard case out of training, for evaluate; "train" or unmarked: not
+
+
+SPLITS = ("", "train", "heldout")
+
+
+def training_prompts(prompts: Sequence[PromptRecord]) -> tuple[list[PromptRecord], int]:
+    """The prompts training may use (``split`` not "heldout"), and how many were held out."""
+    kept = [p for p in prompts if p.split != "heldout"]
+    return kept, len(prompts) - len(kept)
 
 
 # --------------------------------------------------------------------------------------
@@ -57,6 +67,9 @@ def _prompt_from_record(rec: Any, where: str, max_chars: int | None, report: Val
             raise RecordError("empty_text", "empty prompt")
         family, tags = _family(rec), _tags(rec)
         pid = _opt_str(rec, "id") or _opt_str(rec, "prompt_id")
+        split = _opt_str(rec, "split") or ""
+        if split not in SPLITS:
+            raise RecordError("schema_error", f"prompt set: 'split' must be 'train' or 'heldout', got {split!r}")
         _created_at(rec)
     except RecordError as err:
         report.drop(err.reason, where, err.detail)
@@ -64,7 +77,9 @@ def _prompt_from_record(rec: Any, where: str, max_chars: int | None, report: Val
     if max_chars is not None and len(text) > max_chars:
         report.repair("truncated", where, f"cut to {max_chars} chars: prompt ({len(text)} chars)")
         text = text[:max_chars]
-    return PromptRecord(prompt_id=pid or prompt_key(text), family=family, tags=tuple(tags), prompt=text, where=where)
+    return PromptRecord(
+        prompt_id=pid or prompt_key(text), family=family, tags=tuple(tags), prompt=text, where=where, split=split
+    )
 
 
 def load_prompts(spec: str, cfg: RunConfig, storage: Any, report: ValidationReport) -> list[PromptRecord]:

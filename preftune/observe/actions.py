@@ -2,8 +2,12 @@
 
 - *Hard cases*: the offending prompts -- in a family that drifted or broke its gate, answered with
   a forbidden, unknown or non-preferred behaviour -- and, when the window is not ok, the new prompt
-  types. Written as a prompt file (``{"id", "family", "prompt", "tags"}``, what ``data.prompts`` and
-  ``data.extra_prompts`` read), so the next retraining run samples and judges them.
+  types. Written as a prompt file (``{"id", "family", "prompt", "tags", "split"}``, what ``data.prompts`` and
+  ``data.extra_prompts`` read), so the next retraining run samples and judges them. A stable share
+  (``observe.hard_cases_heldout``, by a hash of the prompt, so a prompt keeps its side in every
+  window) is marked ``"split": "heldout"``: training skips those, and ``evaluation.observed_cases``
+  judges the next candidate on them against the champion -- a fix for the hard cases is measured on
+  hard cases it never trained on.
 - *To the feedback service* (``--to-service URL``): each hard case becomes a rating task with the
   champion's answer and fresh candidates from the policy (``preftune.candidates`` v1, posted to
   ``/api/admin/tasks/import`` with ``$PREFTUNE_ADMIN_TOKEN``).
@@ -23,7 +27,13 @@ from preftune.data.records import short_hash
 from preftune.errors import ConfigError, UnreachableError
 
 
-def hard_cases(result: Any, suite: Any, cap: int) -> list[dict[str, Any]]:
+def heldout(prompt: str, share: float) -> bool:
+    """Whether an observed prompt is held out for evaluation: a stable hash of its text against ``share``."""
+    key = " ".join(prompt.split())
+    return int(short_hash("observed-heldout", key, n=8), 16) / 16**8 < share
+
+
+def hard_cases(result: Any, suite: Any, cap: int, heldout_share: float = 0.0) -> list[dict[str, Any]]:
     flagged = {f for f, g in result.gates.items() if g.broken}
     flagged |= {t.family for tests in result.drift.values() for t in tests.values() if t.drift}
     out, seen = [], set()
@@ -43,6 +53,7 @@ def hard_cases(result: Any, suite: Any, cap: int) -> list[dict[str, Any]]:
                     "tags": ["observed", result.window["window"], "new-prompt-type" if new else rec["behaviour"]],
                     "champion_answer": rec["response"],
                     "model_version": rec["model_version"],
+                    "split": "heldout" if heldout(rec["prompt"], heldout_share) else "train",
                 }
             )
         if len(out) >= cap:
@@ -73,8 +84,10 @@ def _fresh_candidates(cases: list[dict[str, Any]], policy: str, cfg: Any, storag
 
 
 def send_to_service(result: Any, url: str | None, policy: str | None, cfg: Any, storage: Any) -> list[dict[str, Any]]:
-    """Post the hard cases as rating tasks; returns the action records."""
-    if not url or not result.hard_cases:
+    """Post the hard cases of the training split as rating tasks (held-out ones stay unseen by training, the
+    raters' judgements included); returns the action records."""
+    cases = [c for c in result.hard_cases if c.get("split") != "heldout"]
+    if not url or not cases:
         return []
     from preftune.generation.candidates import PromptRecord, candidate_records, candidates_jsonl
 
@@ -82,7 +95,6 @@ def send_to_service(result: Any, url: str | None, policy: str | None, cfg: Any, 
     if not token:
         raise ConfigError("--to-service needs the feedback service's admin token in $PREFTUNE_ADMIN_TOKEN")
     policy = policy or f"models:/{cfg.models.registered_model}@{cfg.promotion.champion_alias}"
-    cases = result.hard_cases
     fresh = _fresh_candidates(cases, policy, cfg, storage)
     prompts = [PromptRecord(c["id"], c["family"], tuple(c["tags"]), c["prompt"]) for c in cases]
     texts = [[c["champion_answer"], *f] for c, f in zip(cases, fresh, strict=True)]

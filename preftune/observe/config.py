@@ -94,3 +94,11 @@ class ObserveSection(Section):
     hard_cases_max: int = Field(
         200, ge=0, description="Offending prompts written as hard cases (and sent to the service) per window at most."
     )
+    hard_cases_heldout: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the hard cases marked 'split: heldout' (by a stable hash of the prompt, so a prompt "
+        "keeps its side in every window): training (data.extra_prompts) and the raters (--to-service) skip them, "
+        "and evaluation.observed_cases judges the next candidate on them against the champion. 0: none held out.",
+    )

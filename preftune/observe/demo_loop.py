@@ -230,11 +230,13 @@ def choose_start(
 
 def retrain_config(cfg: Any, hard_cases: Path, workdir: Path, overrides: dict[str, Any]) -> Any:
     """The retraining run: the same config plus the observed hard cases (``data.extra_prompts``: collect
-    samples and judges them, the PPO rollouts train on them), with ``overrides`` merged in."""
+    samples and judges the training split, the PPO rollouts train on it; ``evaluation.observed_cases``:
+    evaluate judges the candidate against the champion on the held-out split), with ``overrides`` merged in."""
     from preftune.config import parse_config
 
     data = cfg.model_dump(mode="json")
     data["data"]["extra_prompts"] = [*data["data"].get("extra_prompts", []), str(hard_cases)]
+    data["evaluation"]["observed_cases"] = [*data["evaluation"].get("observed_cases", []), str(hard_cases)]
     data["run"]["name"] = f"{cfg.run.name}-observed"
     _merge(data, overrides)
     return parse_config(data)

@@ -265,7 +265,7 @@ def observe_window(
         new_prompt_share=new_share,
         judge_errors=judge_errors,
     )
-    result.hard_cases = actions.hard_cases(result, suite, obs.hard_cases_max)
+    result.hard_cases = actions.hard_cases(result, suite, obs.hard_cases_max, obs.hard_cases_heldout)
     outputs.log_window(cfg, result, history, report, output=output, storage=storage)
     if verdict in ("drift", "regression"):
         result.actions += actions.send_to_service(result, to_service, policy, cfg, storage)

@@ -126,7 +126,7 @@ def load_prompt_items(
     """The rollout prompts (families in ``excluded``, or not in ``allowed``, left out) and counts per family."""
     from preftune.data.records import prompt_key
     from preftune.data.validation import ValidationReport
-    from preftune.generation.candidates import load_prompts
+    from preftune.generation.candidates import load_prompts, training_prompts
     from preftune.ppo.trainer import PromptItem
 
     spec = cfg.ppo.prompts or cfg.data.prompts
@@ -134,7 +134,7 @@ def load_prompt_items(
     records = load_prompts(spec, cfg, storage, report)
     seen = {prompt_key(r.prompt) for r in records}
     for extra in cfg.data.extra_prompts:  # observe's hard cases: collect judges them, the rollouts train on them
-        for r in load_prompts(extra, cfg, storage, report):
+        for r in training_prompts(load_prompts(extra, cfg, storage, report))[0]:  # held-out cases: evaluate's
             if prompt_key(r.prompt) not in seen:
                 seen.add(prompt_key(r.prompt))
                 records.extend([r] * cfg.data.extra_prompts_repeat)  # repeats: weight in the rollouts
