@@ -385,6 +385,12 @@ def worker_preftune(spec: dict[str, Any]) -> dict[str, Any]:
         "trainable_parameters": actor.n_trainable(),
         "advantage_estimator": s.advantage_estimator,
         "critic_start": critic_start,
+        "kl_controller": s.kl_controller
+        + (f" ({s.kl_controller_step}, horizon {s.kl_horizon})" if s.kl_controller == "adaptive" else ""),
+        "kl_coef_start": s.kl_coef,
+        "kl_coef_final": res.kl_coef,
+        "kl_coef_by_update": [round(h["ppo/kl_coef"], 5) for h in res.history],
+        "rollout_kl_by_update": [round(h["ppo/kl"], 3) for h in res.history],
     }
 
 
@@ -860,7 +866,8 @@ def _parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def mode_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """preftune variants (``--variant``; TRL's two rows with ``--trl``) over a sweep of the fixed KL coefficient,
+    """preftune variants (``--variant``; TRL's two rows with ``--trl``) over a sweep of the fixed KL coefficient
+    (of its starting value for a variant with ``kl_controller=adaptive``, whose runs report the final one),
     at the frontier's tiny setup; optionally the best-of-n curve. Reward gain at matched held-out KL, samples/s,
     memory, and the held-out KL per coefficient (smoothness)."""
     coefs = [float(c) for c in args.kl_coefs.split(",")]
@@ -899,6 +906,8 @@ def mode_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
             "peak_minus_imports_mb": max(r["peak_minus_imports_mb"] for r in rows),
             "held_out_kl_by_coef": {f"{r['kl_coef']:g}": round(r["held_out_kl"], 2) for r in rows},
+            "reward_gain_by_coef": {f"{r['kl_coef']:g}": round(r["reward_gain"], 3) for r in rows},
+            "final_kl_coef_by_coef": {f"{r['kl_coef']:g}": round(r["kl_coef_final"], 4) for r in rows},
             "held_out_kl_monotone_in_coef": all(
                 a[1] >= b[1] for a, b in zip(sorted(by_coef[v]), sorted(by_coef[v])[1:], strict=False)
             ),
@@ -906,6 +915,11 @@ def mode_sweep(args: argparse.Namespace) -> dict[str, Any]:
         for v in curves
         for rows in [[r for r in out["rows"] if r["variant"] == v and "error" not in r]]
     }
+    targets = sorted(
+        {ov["kl_target"] for _, ov in variants if ov.get("kl_controller") == "adaptive" and "kl_target" in ov}
+    )
+    if targets:  # adaptive variants: the coefficient swept is the controller's start, the KL it aims at is drawn
+        out["kl_targets"] = targets
     if args.plot:
         _plot_sweep(out, curves, by_coef, args.plot)
         out["plot"] = args.plot
@@ -941,8 +955,10 @@ def _plot_sweep(
     ax.set_xlabel("held-out KL to the initial policy (nats per response)")
     ax.set_ylabel("held-out reward gain")
     ax.set_title(f"Reward vs KL ({out['updates']} updates)")
+    for target in out.get("kl_targets", []):
+        bx.axhline(target, color="grey", linestyle=":", label=f"kl_target {target:g}")
     bx.set_xscale("log")
-    bx.set_xlabel("fixed KL coefficient")
+    bx.set_xlabel("(starting) KL coefficient" if out.get("kl_targets") else "fixed KL coefficient")
     bx.set_ylabel("held-out KL (nats per response)")
     bx.set_title("KL spent per coefficient")
     for a in (ax, bx):

@@ -13,7 +13,7 @@ file's shape (``ppo.*`` keys) that users, the pipeline and the checkpoint finger
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -164,8 +164,23 @@ class PPOSection(Section):
     kl_target: float = Field(
         2.0, gt=0.0, description="Adaptive controller: target KL to the reference, nats per response."
     )
-    kl_horizon: int = Field(
-        2000, ge=1, description="Adaptive controller: responses over which the coefficient may change by e^error."
+    kl_controller_step: Literal["linear", "log"] = Field(
+        "linear",
+        description="Adaptive controller's step: 'linear' (Ziegler; TRL, verl): beta *= 1 + e * batch_size / "
+        "kl_horizon; 'log': beta *= exp(e * batch_size / kl_horizon), as fast down as up and never negative "
+        "(e = the clipped proportional error).",
+    )
+    kl_horizon: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        2000,
+        description="Adaptive controller: responses over which the coefficient may change by e^error. 'auto': the "
+        "run's responses (updates x batch_size) / kl_horizons_per_run, so that the coefficient's reach follows the "
+        "run's length.",
+    )
+    kl_horizons_per_run: float = Field(
+        20.0,
+        gt=0.0,
+        description="With kl_horizon 'auto': horizons in one run. With kl_controller_step 'log' the coefficient can "
+        "move by up to e^(kl_error_clip x this) over the run, either way (e^4 = x55 at 0.2 x 20).",
     )
     kl_error_clip: float = Field(
         0.2, gt=0.0, le=1.0, description="Adaptive controller: clip of the proportional error (Ziegler et al. use 0.2)."

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 KLEstimator = Literal["k1", "k2", "k3"]
+KLStep = Literal["linear", "log"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,19 +149,40 @@ class FixedKLController:
 class AdaptiveKLController:
     """Ziegler et al. (2019), eq. 2: a proportional controller that steers the KL towards a target.
 
-    e = clip(KL / target - 1, -error_clip, +error_clip);  beta <- beta * (1 + e * n_steps / horizon).
-    ``current_kl`` is the mean KL per response (nats), ``n_steps`` the responses in the batch.
+    e = clip(KL / target - 1, -error_clip, +error_clip), then with ``step``
+
+    - ``"linear"`` (Ziegler; TRL, OpenRLHF and verl do the same): beta <- beta * (1 + e * n_steps / horizon);
+    - ``"log"``: beta <- beta * exp(e * n_steps / horizon), the same proportional step in log beta: as fast down
+      as up (x and / by the same factor), never negative, and over ``R`` responses beta moves by at most
+      e^(error_clip * R / horizon) either way.
+
+    ``current_kl`` is the mean KL per response (nats), ``n_steps`` the responses in the batch, ``horizon`` in
+    responses (a float: it may be derived from the run's length, see ``preftune.ppo.setup``).
     """
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int, error_clip: float) -> None:
+    def __init__(
+        self, init_kl_coef: float, target: float, horizon: float, error_clip: float, step: KLStep = "linear"
+    ) -> None:
+        if step not in ("linear", "log"):
+            raise ValueError(f"unknown KL controller step {step!r}; expected 'linear' or 'log'")
         self.value = float(init_kl_coef)
         self.target = float(target)
-        self.horizon = int(horizon)
+        self.horizon = float(horizon)
         self.error_clip = float(error_clip)
+        self.step = step
 
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1.0, -self.error_clip), self.error_clip)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        if self.step == "log":
+            self.value *= math.exp(proportional_error * n_steps / self.horizon)
+        else:
+            self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def max_factor(self, n_steps: int) -> float:
+        """The most one update of ``n_steps`` responses can multiply the coefficient by (up; down is the
+        reciprocal for ``log``, ``1 - error_clip * n_steps / horizon`` for ``linear``)."""
+        x = self.error_clip * n_steps / self.horizon
+        return math.exp(x) if self.step == "log" else 1.0 + x
 
     def state_dict(self) -> dict[str, float]:
         return {"value": self.value}

@@ -17,7 +17,7 @@ from preftune.ppo.config import PPOSection
 from preftune.ppo.estimators import EstimatorSpec
 from preftune.ppo.policy import ActorCritic
 
-__all__ = ["MiniBatches", "check_layout", "make_kl_controller", "make_optimizer", "make_scheduler"]
+__all__ = ["MiniBatches", "check_layout", "kl_horizon", "make_kl_controller", "make_optimizer", "make_scheduler"]
 
 
 def check_layout(s: PPOSection, estimator: EstimatorSpec, actor: ActorCritic, world_size: int) -> None:
@@ -95,7 +95,18 @@ def make_scheduler(s: PPOSection, optimizer: torch.optim.Optimizer) -> torch.opt
     )  # trick: lr warm-up then decay, per update
 
 
+def kl_horizon(s: PPOSection) -> float:
+    """The adaptive controller's horizon in responses: ``ppo.kl_horizon``, or with 'auto' the run's responses
+    (``updates`` x ``batch_size``) over ``kl_horizons_per_run``: the controller's reach then follows the run's
+    length (``updates`` may grow on resume, and the horizon with it, like the lr schedule)."""
+    if s.kl_horizon == "auto":
+        return s.updates * s.batch_size / s.kl_horizons_per_run
+    return float(s.kl_horizon)
+
+
 def make_kl_controller(s: PPOSection) -> core.KLController:
     if s.kl_controller == "adaptive":
-        return core.AdaptiveKLController(s.kl_coef, s.kl_target, s.kl_horizon, s.kl_error_clip)
+        return core.AdaptiveKLController(
+            s.kl_coef, s.kl_target, kl_horizon(s), s.kl_error_clip, s.kl_controller_step
+        )  # trick: log-space step and a horizon tied to the run's length give the controller its reach
     return core.FixedKLController(s.kl_coef)

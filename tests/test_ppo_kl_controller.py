@@ -1,0 +1,174 @@
+"""The adaptive KL controller: Ziegler's linear step as before, the log step, the horizon tied to the run's length."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from preftune.ppo import core, setup
+from preftune.ppo.config import PPOSection
+
+# -- the arithmetic ----------------------------------------------------------------------------------
+
+
+def test_linear_step_is_ziegler_unchanged() -> None:
+    """The same numbers as before the log step existed (tests/test_ppo_core.py holds the original check)."""
+    ctl = core.AdaptiveKLController(0.2, target=6.0, horizon=10_000, error_clip=0.2)
+    assert ctl.step == "linear"
+    ctl.update(current_kl=9.0, n_steps=256)  # error 0.5, clipped to 0.2
+    assert ctl.value == 0.2 * (1.0 + 0.2 * 256 / 10_000)
+    before = ctl.value
+    ctl.update(current_kl=5.4, n_steps=256)  # error -0.1
+    assert ctl.value == before * (1.0 + (5.4 / 6.0 - 1.0) * 256 / 10_000)
+    ctl.update(current_kl=0.0, n_steps=64)  # error -1, clipped to -0.2: a linear step down is smaller than up's inverse
+    assert ctl.value == before * (1.0 + (5.4 / 6.0 - 1.0) * 256 / 10_000) * (1.0 - 0.2 * 64 / 10_000)
+
+
+def test_log_step_is_symmetric_and_bounded_by_the_clip() -> None:
+    up = core.AdaptiveKLController(0.1, target=2.0, horizon=100, error_clip=0.2, step="log")
+    up.update(current_kl=50.0, n_steps=16)  # error 24 -> clipped to +0.2
+    assert up.value == pytest.approx(0.1 * math.exp(0.2 * 16 / 100), rel=1e-12)
+    assert up.value == pytest.approx(0.1 * up.max_factor(16), rel=1e-12)
+    up.update(current_kl=0.0, n_steps=16)  # error -1 -> clipped to -0.2: exactly back where it started
+    assert up.value == pytest.approx(0.1, rel=1e-12)
+    inside = core.AdaptiveKLController(0.1, target=2.0, horizon=100, error_clip=0.2, step="log")
+    inside.update(current_kl=2.2, n_steps=16)  # error 0.1, inside the clip
+    assert inside.value == pytest.approx(0.1 * math.exp(0.1 * 16 / 100), rel=1e-12)
+    # never negative, however far down it is pushed; the linear step goes through zero
+    log_down = core.AdaptiveKLController(0.1, target=2.0, horizon=10, error_clip=1.0, step="log")
+    lin_down = core.AdaptiveKLController(0.1, target=2.0, horizon=10, error_clip=1.0)
+    for _ in range(3):
+        log_down.update(0.0, 16)
+        lin_down.update(0.0, 16)
+    assert log_down.value == pytest.approx(0.1 * math.exp(-3 * 1.6), rel=1e-12) and log_down.value > 0
+    assert lin_down.value < 0  # (1 - 1.6) per update: why the log step exists
+
+
+def test_unknown_step_is_refused() -> None:
+    with pytest.raises(ValueError, match="'linear' or 'log'"):
+        core.AdaptiveKLController(0.1, 2.0, 100, 0.2, step="exp")  # type: ignore[arg-type]
+
+
+def test_auto_horizon_follows_the_run_length_and_sets_the_reach() -> None:
+    s = PPOSection(kl_horizon="auto", kl_controller_step="log", updates=80, batch_size=64, kl_horizons_per_run=20)
+    assert setup.kl_horizon(s) == 80 * 64 / 20
+    ctl = setup.make_kl_controller(s)
+    assert isinstance(ctl, core.AdaptiveKLController) and ctl.step == "log"
+    for _ in range(s.updates):
+        ctl.update(1e6, s.batch_size)  # far above target every update: the most the run can move it
+    assert ctl.value == pytest.approx(s.kl_coef * math.exp(s.kl_error_clip * s.kl_horizons_per_run), rel=1e-9)
+    # the defaults keep Ziegler's controller: linear step, horizon 2000 responses
+    d = setup.make_kl_controller(PPOSection())
+    assert isinstance(d, core.AdaptiveKLController) and (d.step, d.horizon) == ("linear", 2000.0)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [{"kl_horizon": 0}, {"kl_horizon": "soon"}, {"kl_controller_step": "exp"}, {"kl_horizons_per_run": 0}],
+)
+def test_config_refuses_bad_controller_settings(field: dict[str, object]) -> None:
+    with pytest.raises(ValidationError, match=next(iter(field))):
+        PPOSection(**field)  # type: ignore[arg-type]
+
+
+def test_state_dict_resumes_the_log_controller_exactly() -> None:
+    a = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step="log")
+    b = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step="log")
+    kls = [0.0, 0.5, 3.1, 7.0, 2.2, 1.9]
+    for kl in kls[:3]:
+        a.update(kl, 16)
+    b.load_state_dict(dict(a.state_dict()))
+    for kl in kls[3:]:
+        a.update(kl, 16)
+        b.update(kl, 16)
+    assert b.value == a.value
+
+
+# -- on the toy world ---------------------------------------------------------------------------------
+#
+# The toy policy (preftune/ppo/toy.py) rewarded for short responses at 1/80 per token: with a FIXED coefficient
+# its KL after 30 updates is about 3.3 nats at 0.01, 2.9 at 0.03, 0.2 at 0.1 and 0.0 at 0.3 (the toy's KL
+# saturates near 3.3 once the responses are as short as they get). The target, 3 nats, is one the toy reaches.
+
+TOY_PROMPTS = [
+    "hi",
+    "how do I bake bread",
+    "tell me a joke",
+    "what is the capital of France",
+    "help me",
+    "write a haiku",
+]
+TARGET, TOLERANCE, UPDATES = 3.0, 0.25, 30  # KL within 25% of the target: mean of the last 5 rollouts
+
+
+@pytest.fixture(scope="module")
+def toy_policy(tmp_path_factory: pytest.TempPathFactory):
+    from preftune.ppo import toy
+
+    torch.set_num_threads(1)
+    return toy.build_policy(tmp_path_factory.mktemp("klc-policy"), eos_boost=3.0, initializer_range=0.3)
+
+
+def _run(policy_dir, **kw: object) -> tuple[PPOSection, list[dict[str, float]], float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.ppo.policy import ActorCritic
+    from preftune.ppo.trainer import PPOTrainer, PromptItem
+
+    s = PPOSection(
+        **{  # type: ignore[arg-type]
+            "updates": UPDATES,
+            "batch_size": 16,
+            "mini_batch_size": 8,
+            "max_new_tokens": 8,
+            "lr": 3e-3,
+            "progress": False,
+            "missing_eos_penalty": None,
+            "warmup_updates": 0,
+            "kl_hard_limit": 1e6,
+            "length_drift_guard": "off",
+            "kl_controller": "adaptive",
+            "kl_target": TARGET,
+            **kw,
+        }
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    actor = ActorCritic(model, mode="lora", critic="shared", temperature=1.0, lora_r=8, lora_alpha=16)
+
+    def shorter(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return torch.tensor([-len(tok(r)["input_ids"]) / 80.0 for r in responses])
+
+    items = [PromptItem(p, "toy", f"p{i}") for i, p in enumerate(TOY_PROMPTS)]
+    trainer = PPOTrainer(s, actor, tok, shorter, items, seed=0, device=torch.device("cpu"))
+    res = trainer.train()
+    return s, res.history, trainer.kl_ctl.value
+
+
+def _final_kl(history: list[dict[str, float]]) -> float:
+    return sum(h["ppo/kl"] for h in history[-5:]) / 5
+
+
+@pytest.mark.parametrize("start", [0.01, 0.3])
+def test_log_step_with_auto_horizon_reaches_the_target_from_either_end(toy_policy, start: float) -> None:
+    s, history, final = _run(toy_policy, kl_coef=start, kl_controller_step="log", kl_horizon="auto")
+    assert len(history) == UPDATES
+    assert abs(_final_kl(history) - TARGET) <= TOLERANCE * TARGET, ([h["ppo/kl"] for h in history], final)
+    reach = math.exp(s.kl_error_clip * s.kl_horizons_per_run)
+    assert start / reach <= final <= start * reach
+
+
+def test_ziegler_linear_step_cannot_move_far_enough_in_the_same_run(toy_policy) -> None:
+    """Ziegler's step at the default horizon (2000 responses) over 30 updates of 16: at most x(1 +- 0.0016) per
+    update. From 0.3 the coefficient stays near 0.3, where the toy's KL stays near 0: far from the target."""
+    s, history, final = _run(toy_policy, kl_coef=0.3)
+    assert (s.kl_controller_step, s.kl_horizon) == ("linear", 2000)
+    step = s.kl_error_clip * s.batch_size / s.kl_horizon
+    slack = 1e-9  # the KL sits below 0.8 x target every update, so the lower bound is met exactly (up to rounding)
+    assert 0.3 * (1 - step) ** UPDATES * (1 - slack) <= final <= 0.3 * (1 + step) ** UPDATES
+    assert final < 0.3  # it did move (down: the KL was below the target), only not far
+    assert abs(_final_kl(history) - TARGET) > TOLERANCE * TARGET, [h["ppo/kl"] for h in history]
