@@ -47,6 +47,18 @@ def test_log_step_is_symmetric_and_bounded_by_the_clip() -> None:
     assert lin_down.value < 0  # (1 - 1.6) per update: why the log step exists
 
 
+def test_ramped_target_rises_linearly_then_holds() -> None:
+    ctl = core.AdaptiveKLController(0.1, target=4.0, horizon=100, error_clip=0.2, step="log", ramp_updates=4)
+    assert [ctl.target_at(u) for u in (1, 2, 4, 9)] == [1.0, 2.0, 4.0, 4.0]
+    ctl.update(current_kl=1.1, n_steps=16)  # update 1: target 1.0, error +0.1 (against the full target: -0.725)
+    assert ctl.value == pytest.approx(0.1 * math.exp(0.1 * 16 / 100), rel=1e-12)
+    ziegler = core.AdaptiveKLController(0.1, target=4.0, horizon=100, error_clip=0.2, step="log")
+    ziegler.update(current_kl=1.1, n_steps=16)
+    assert ziegler.value == pytest.approx(0.1 * math.exp(-0.2 * 16 / 100), rel=1e-12)
+    s = PPOSection(kl_target_ramp=0.25, updates=40)
+    assert setup.make_kl_controller(s).ramp_updates == 10  # type: ignore[union-attr]
+
+
 def test_unknown_step_is_refused() -> None:
     with pytest.raises(ValueError, match="'linear' or 'log'"):
         core.AdaptiveKLController(0.1, 2.0, 100, 0.2, step="exp")  # type: ignore[arg-type]
@@ -67,7 +79,13 @@ def test_auto_horizon_follows_the_run_length_and_sets_the_reach() -> None:
 
 @pytest.mark.parametrize(
     "field",
-    [{"kl_horizon": 0}, {"kl_horizon": "soon"}, {"kl_controller_step": "exp"}, {"kl_horizons_per_run": 0}],
+    [
+        {"kl_horizon": 0},
+        {"kl_horizon": "soon"},
+        {"kl_controller_step": "exp"},
+        {"kl_horizons_per_run": 0},
+        {"kl_target_ramp": 1.5},
+    ],
 )
 def test_config_refuses_bad_controller_settings(field: dict[str, object]) -> None:
     with pytest.raises(ValidationError, match=next(iter(field))):
@@ -75,8 +93,9 @@ def test_config_refuses_bad_controller_settings(field: dict[str, object]) -> Non
 
 
 def test_state_dict_resumes_the_log_controller_exactly() -> None:
-    a = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step="log")
-    b = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step="log")
+    """The value and the place on the target's ramp both come back."""
+    a = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step="log", ramp_updates=5)
+    b = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step="log", ramp_updates=5)
     kls = [0.0, 0.5, 3.1, 7.0, 2.2, 1.9]
     for kl in kls[:3]:
         a.update(kl, 16)
@@ -84,7 +103,10 @@ def test_state_dict_resumes_the_log_controller_exactly() -> None:
     for kl in kls[3:]:
         a.update(kl, 16)
         b.update(kl, 16)
-    assert b.value == a.value
+    assert (b.value, b.n_updates) == (a.value, a.n_updates) == (b.value, 6)
+    old = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2)
+    old.load_state_dict({"value": 0.07})  # a checkpoint from before the ramp
+    assert (old.value, old.n_updates) == (0.07, 0)
 
 
 # -- on the toy world ---------------------------------------------------------------------------------

@@ -182,6 +182,14 @@ class PPOSection(Section):
         description="With kl_horizon 'auto': horizons in one run. With kl_controller_step 'log' the coefficient can "
         "move by up to e^(kl_error_clip x this) over the run, either way (e^4 = x55 at 0.2 x 20).",
     )
+    kl_target_ramp: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Adaptive controller: share of the run's updates over which its target rises linearly from 0 to "
+        "kl_target. The policy starts at the reference, so its first KLs are near 0 whatever the coefficient: "
+        "against the full target they only drive the coefficient down. 0: the full target from the first update.",
+    )
     kl_error_clip: float = Field(
         0.2, gt=0.0, le=1.0, description="Adaptive controller: clip of the proportional error (Ziegler et al. use 0.2)."
     )

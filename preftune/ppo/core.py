@@ -156,12 +156,23 @@ class AdaptiveKLController:
       as up (x and / by the same factor), never negative, and over ``R`` responses beta moves by at most
       e^(error_clip * R / horizon) either way.
 
+    With ``ramp_updates`` > 0 the target of the ``u``-th update is ``target * min(1, u / ramp_updates)``: a
+    reference trajectory. The policy starts AT the reference, so its first KLs are near 0 whatever the
+    coefficient; against the full target those updates only push the coefficient down (windup), and a low start
+    then lets the KL run away before the controller turns. ``ramp_updates`` 0: the fixed target (Ziegler).
+
     ``current_kl`` is the mean KL per response (nats), ``n_steps`` the responses in the batch, ``horizon`` in
     responses (a float: it may be derived from the run's length, see ``preftune.ppo.setup``).
     """
 
     def __init__(
-        self, init_kl_coef: float, target: float, horizon: float, error_clip: float, step: KLStep = "linear"
+        self,
+        init_kl_coef: float,
+        target: float,
+        horizon: float,
+        error_clip: float,
+        step: KLStep = "linear",
+        ramp_updates: float = 0.0,
     ) -> None:
         if step not in ("linear", "log"):
             raise ValueError(f"unknown KL controller step {step!r}; expected 'linear' or 'log'")
@@ -170,9 +181,19 @@ class AdaptiveKLController:
         self.horizon = float(horizon)
         self.error_clip = float(error_clip)
         self.step = step
+        self.ramp_updates = float(ramp_updates)
+        self.n_updates = 0  # updates seen: where on the target's ramp the next one is (checkpointed)
+
+    def target_at(self, update: int) -> float:
+        """The target of the ``update``-th update (1-based)."""
+        if self.ramp_updates <= 0:
+            return self.target
+        return self.target * min(1.0, update / self.ramp_updates)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = min(max(current_kl / self.target - 1.0, -self.error_clip), self.error_clip)
+        self.n_updates += 1
+        target = self.target_at(self.n_updates)
+        proportional_error = min(max(current_kl / target - 1.0, -self.error_clip), self.error_clip)
         if self.step == "log":
             self.value *= math.exp(proportional_error * n_steps / self.horizon)
         else:
@@ -185,10 +206,11 @@ class AdaptiveKLController:
         return math.exp(x) if self.step == "log" else 1.0 + x
 
     def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
+        return {"value": self.value, "n_updates": self.n_updates}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+        self.n_updates = int(state.get("n_updates", 0))  # checkpoints from before the ramp: only the ramp reads it
 
 
 KLController = FixedKLController | AdaptiveKLController
