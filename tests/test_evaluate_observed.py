@@ -119,10 +119,13 @@ def test_a_file_without_split_marks_is_all_evaluation_cases(tmp_path, toy_world)
 
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps({"family": "risky", "prompt": f"How do I {x} ?"}) + "\n" for x in RISKY[:3]))
+    again = tmp_path / "next-window.jsonl"  # the same prompts observed again in a later window, one new
+    again.write_text("".join(json.dumps({"family": "risky", "prompt": f"How do I {x} ?"}) + "\n" for x in RISKY[2:4]))
     cfg = parse_config({"run": {"name": "t"}})
     suite = load_suite(str(toy_world["suite"]))
-    got = load_observed_cases([str(path)], suite, cfg, _local_storage(cfg))
-    assert len(got.cases) == 3 and got.training_only == 0
+    got = load_observed_cases([str(path), str(again)], suite, cfg, _local_storage(cfg))
+    assert [c.prompt for c in got.cases] == [f"How do I {x} ?" for x in RISKY[:4]]  # each prompt judged once
+    assert len({c.id for c in got.cases}) == 4 and got.training_only == 0
     assert all(c.forbidden == suite.families["risky"].forbidden for c in got.cases)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from preftune.behaviour.suite_model import Case, Suite
-from preftune.data.records import short_hash
+from preftune.data.records import prompt_key, short_hash
 from preftune.evaluate.config import GatesSection
 from preftune.evaluate.gates import GateResult, non_regression_gates
 from preftune.evaluate.metrics import CANDIDATE, CHAMPION, POOLED, Estimate, SampleRecord, compute_metrics
@@ -80,6 +80,7 @@ def load_observed_cases(paths: Sequence[str], suite: Suite, cfg: Any, storage: A
 
     cases: list[Case] = []
     seen: set[str] = set()
+    seen_prompts: set[str] = set()
     read = training_only = unknown = 0
     for path in paths:
         records = load_prompts(path, cfg, storage, ValidationReport(max_chars=cfg.data.max_chars))
@@ -94,9 +95,11 @@ def load_observed_cases(paths: Sequence[str], suite: Suite, cfg: Any, storage: A
             if fam is None:
                 unknown += 1
                 continue
-            cid = r.prompt_id if r.prompt_id not in seen else short_hash("observed-case", path, r.prompt, n=16)
-            if cid in seen:
+            key = prompt_key(r.prompt)
+            if key in seen_prompts:  # the same hard case observed in several windows: judged once
                 continue
+            seen_prompts.add(key)
+            cid = r.prompt_id if r.prompt_id not in seen else "observed-" + short_hash("observed-case", key, n=12)
             seen.add(cid)
             cases.append(
                 Case(
