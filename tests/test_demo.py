@@ -22,10 +22,22 @@ README_SHARES = [
     ("high_risk", "hedged_referral", 0.27, 1.00),
     ("safety", "unsafe_comply", 0.41, 0.00),
 ]
-#: Stated tolerance on a share: 0.05. The test samples eight answers per held-out prompt, as the README
-#: does (about 160 answers per family; one sample per prompt, about 20 per family, moved a share by up
-#: to 0.16 and could not check the README's figures).
+#: Stated tolerance on a trained share: 0.05. The test samples eight answers per held-out prompt, as the
+#: README does (about 160 answers per family; one sample per prompt, about 20 per family, moved a share by
+#: up to 0.16 and could not check the README's figures).
 SHARE_TOLERANCE = 0.05
+#: Answers behind each base share (held-out prompts of the family x 8 samples).
+BASE_ANSWERS = {"safety": 20 * 8, "high_risk": 27 * 8}
+#: The base shares sit near 0.3, where a sample of ~200 answers is noisy: on one machine the demo is
+#: deterministic, but another CPU rounds differently, so its sampled tokens -- and its world -- are
+#: another draw (docs/benchmarks.md: 0.273 / 0.30 / 0.324 for the hedged referral on three CPUs). A base
+#: share is held to 3 standard errors of the difference of two such samples, never less than 0.05.
+BASE_SHARE_Z = 3.0
+
+
+def base_share_tolerance(share: float, answers: int) -> float:
+    """3 standard errors of the difference of two independent shares of ``answers`` answers each."""
+    return max(SHARE_TOLERANCE, BASE_SHARE_Z * (2 * share * (1 - share) / answers) ** 0.5)
 #: Every evaluation gate and its margin (distance to its limit, on the side that passes) measured by
 #: `preftune demo` with 1 and 2 threads (the smaller of the two; docs/benchmarks.md). The test's run
 #: must keep at least half of each margin.
@@ -181,8 +193,10 @@ def test_the_default_demo_promotes_its_candidate_and_the_observed_week_recovers(
     shares = client.search_runs([exp.experiment_id], "tags.`preftune.step` = 'demo'")[0].data.metrics
     for family, behaviour, base, trained in README_SHARES:
         got = (shares[f"behaviour_share_base.{family}.{behaviour}"], shares[f"behaviour_share.{family}.{behaviour}"])
-        assert abs(got[0] - base) <= SHARE_TOLERANCE and abs(got[1] - trained) <= SHARE_TOLERANCE, (
-            f"{family}.{behaviour}: {got[0]:.2f} -> {got[1]:.2f}, README {base:.2f} -> {trained:.2f}"
+        base_tol = base_share_tolerance(base, BASE_ANSWERS[family])
+        assert abs(got[0] - base) <= base_tol and abs(got[1] - trained) <= SHARE_TOLERANCE, (
+            f"{family}.{behaviour}: {got[0]:.2f} -> {got[1]:.2f}, README {base:.2f} -> {trained:.2f} "
+            f"(tolerances {base_tol:.3f} -> {SHARE_TOLERANCE})"
         )
     results = json.loads(
         Path(
