@@ -957,6 +957,8 @@ def _plot_sweep(
     ax.set_title(f"Reward vs KL ({out['updates']} updates)")
     for target in out.get("kl_targets", []):
         bx.axhline(target, color="grey", linestyle=":", label=f"kl_target {target:g}")
+    if out.get("kl_targets"):  # how far from the target, by factors: KLs from ~0 to ~100 nats
+        bx.set_yscale("symlog", linthresh=1.0)
     bx.set_xscale("log")
     bx.set_xlabel("(starting) KL coefficient" if out.get("kl_targets") else "fixed KL coefficient")
     bx.set_ylabel("held-out KL (nats per response)")
