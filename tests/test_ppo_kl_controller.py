@@ -134,7 +134,7 @@ def toy_policy(tmp_path_factory: pytest.TempPathFactory):
     return toy.build_policy(tmp_path_factory.mktemp("klc-policy"), eos_boost=3.0, initializer_range=0.3)
 
 
-def _run(policy_dir, **kw: object) -> tuple[PPOSection, list[dict[str, float]], float]:
+def _trainer(policy_dir, **kw: object):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preftune.ppo.policy import ActorCritic
@@ -166,9 +166,13 @@ def _run(policy_dir, **kw: object) -> tuple[PPOSection, list[dict[str, float]], 
         return torch.tensor([-len(tok(r)["input_ids"]) / 80.0 for r in responses])
 
     items = [PromptItem(p, "toy", f"p{i}") for i, p in enumerate(TOY_PROMPTS)]
-    trainer = PPOTrainer(s, actor, tok, shorter, items, seed=0, device=torch.device("cpu"))
+    return PPOTrainer(s, actor, tok, shorter, items, seed=0, device=torch.device("cpu"))
+
+
+def _run(policy_dir, **kw: object) -> tuple[PPOSection, list[dict[str, float]], float]:
+    trainer = _trainer(policy_dir, **kw)
     res = trainer.train()
-    return s, res.history, trainer.kl_ctl.value
+    return trainer.s, res.history, trainer.kl_ctl.value
 
 
 def _final_kl(history: list[dict[str, float]]) -> float:
@@ -194,3 +198,33 @@ def test_ziegler_linear_step_cannot_move_far_enough_in_the_same_run(toy_policy) 
     assert 0.3 * (1 - step) ** UPDATES * (1 - slack) <= final <= 0.3 * (1 + step) ** UPDATES
     assert final < 0.3  # it did move (down: the KL was below the target), only not far
     assert abs(_final_kl(history) - TARGET) > TOLERANCE * TARGET, [h["ppo/kl"] for h in history]
+
+
+def test_trainer_resume_keeps_the_log_controller_and_its_ramp_exactly(toy_policy) -> None:
+    """A run stopped after 3 of 6 updates and resumed from its state_dict ends like the uninterrupted run: the
+    coefficient and the place on the target's ramp come back with the checkpoint."""
+    import copy
+
+    kw = {
+        "updates": 6,
+        "lr": 1e-2,  # the KL reaches about 1.3 nats by update 4: past the ramp's early targets, short of the last
+        "kl_coef": 0.01,
+        "kl_target": 2.0,
+        "kl_controller_step": "log",
+        "kl_horizon": "auto",
+        "kl_target_ramp": 1.0,
+    }
+    want = _trainer(toy_policy, **kw).train().history
+    first = _trainer(toy_policy, **kw)
+    first.s = first.s.model_copy(update={"updates": 3})
+    first.train()
+    state = first.state_dict()
+    assert state["kl_ctl"]["n_updates"] == 3
+    resumed = _trainer(toy_policy, **kw)
+    resumed.load_state_dict(copy.deepcopy(state))
+    got = resumed.train().history
+    assert len(got) == 6
+    assert len({h["ppo/kl_coef"] for h in want}) == 6  # the coefficient moved every update
+    for w, g in zip(want, got, strict=True):
+        for k in ("ppo/kl_coef", "ppo/kl", "ppo/reward_mean", "ppo/policy_loss"):
+            assert g[k] == pytest.approx(w[k], rel=1e-9, abs=1e-9), (k, w["update"])
