@@ -8,6 +8,7 @@ import torch
 from preftune.ppo import core, estimators
 from preftune.ppo.config import PPOSection
 from preftune.ppo.estimators import AdvantageInputs
+from preftune.ppo.toy import TOY_PROMPTS
 
 # 2 prompts x 3 responses; rows of different lengths (mask is a prefix)
 MASK = torch.tensor(
@@ -246,15 +247,6 @@ def test_critic_parameters_and_values_leave_the_policy_alone(toy_policy, mode: s
 
 
 # -- the estimators inside the trainer, on the toy world ----------------------------------------
-
-TOY_PROMPTS = [
-    "hi",
-    "how do I bake bread",
-    "tell me a joke",
-    "what is the capital of France",
-    "help me",
-    "write a haiku",
-]
 
 
 def _trainer(policy_dir, estimator: str, *, critic: str = "shared", mode: str = "lora", **kw):

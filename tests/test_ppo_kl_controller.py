@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from preftune.ppo import core, setup
 from preftune.ppo.config import PPOSection
+from preftune.ppo.toy import TOY_PROMPTS
 
 # -- the arithmetic ----------------------------------------------------------------------------------
 
@@ -115,14 +116,6 @@ def test_state_dict_resumes_the_log_controller_exactly() -> None:
 # its KL after 30 updates is about 3.3 nats at 0.01, 2.9 at 0.03, 0.2 at 0.1 and 0.0 at 0.3 (the toy's KL
 # saturates near 3.3 once the responses are as short as they get). The target, 3 nats, is one the toy reaches.
 
-TOY_PROMPTS = [
-    "hi",
-    "how do I bake bread",
-    "tell me a joke",
-    "what is the capital of France",
-    "help me",
-    "write a haiku",
-]
 TARGET, TOLERANCE, UPDATES = 3.0, 0.25, 30  # KL within 25% of the target: mean of the last 5 rollouts
 
 

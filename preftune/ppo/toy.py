@@ -26,6 +26,15 @@ TOY_TEXTS: tuple[str, ...] = tuple(
         ("write a haiku", "quiet morning light, a kettle hums on the stove, the day stretches out"),
     ]
 )
+TOY_PROMPTS: tuple[str, ...] = (
+    "hi",
+    "how do I bake bread",
+    "tell me a joke",
+    "what is the capital of France",
+    "help me",
+    "write a haiku",
+)
+"""Rollout prompts of the PPO tests on the toy policy."""
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
