@@ -60,8 +60,65 @@ def test_ramped_target_rises_linearly_then_holds() -> None:
     assert setup.make_kl_controller(s).ramp_updates == 10  # type: ignore[union-attr]
 
 
+def test_log_pd_step_equals_the_log_step_without_damping() -> None:
+    kls = [0.0, 0.4, 1.5, 3.0, 9.0, 30.0, 12.0, 5.5, 4.9, 2.0, -0.1]
+    log = core.AdaptiveKLController(0.05, 5.0, 48.0, 0.2, step="log", ramp_updates=4)
+    pd0 = core.AdaptiveKLController(0.05, 5.0, 48.0, 0.2, step="log_pd", ramp_updates=4, damping=0.0)
+    for kl in kls:
+        log.update(kl, 16)
+        pd0.update(kl, 16)
+        assert pd0.value == log.value  # the same float, update by update
+    assert pd0.max_factor(16) == log.max_factor(16) == math.exp(0.2 * 16 / 48.0)
+
+
+def test_log_pd_damping_brakes_when_the_error_already_shrinks() -> None:
+    """KL above the target but falling towards it: the derivative term cuts the step up (to nothing when the KL
+    falls fast enough); KL above and still rising: the step stays the clipped maximum."""
+
+    def ctl(damping: float) -> core.AdaptiveKLController:
+        return core.AdaptiveKLController(0.1, 2.0, 100.0, 0.2, step="log_pd", damping=damping)
+
+    first = ctl(1.0)
+    first.update(3.0, 16)  # no previous error: the plain log step (error +0.5, clipped to +0.2)
+    assert first.value == pytest.approx(0.1 * math.exp(0.2 * 16 / 100), rel=1e-12)
+    assert first.prev_log_error == pytest.approx(math.log(3.0 / 2.0), rel=1e-12)
+
+    falling, log = ctl(1.0), core.AdaptiveKLController(0.1, 2.0, 100.0, 0.2, step="log")
+    for c in (falling, log):
+        c.update(4.0, 16)
+        c.update(3.6, 16)  # error +0.8 -> clipped +0.2; log error falls by log(3.6/4) = -0.105
+    u = 0.2 + math.log(3.6 / 4.0)
+    assert 0 < u < 0.2
+    assert falling.value == pytest.approx(log.value / math.exp(0.2 * 16 / 100) * math.exp(u * 16 / 100), rel=1e-12)
+    assert falling.value < log.value  # damped: a smaller step up than the log step's
+
+    fast = ctl(2.0)
+    fast.update(8.0, 16)
+    fast.update(4.0, 16)  # halving: 0.2 + 2 x log(0.5) = -1.19 -> clipped to -0.2: beta comes DOWN while still above
+    assert fast.value == pytest.approx(0.1 * math.exp(0.2 * 16 / 100) * math.exp(-0.2 * 16 / 100), rel=1e-12)
+
+    rising, log = ctl(1.0), core.AdaptiveKLController(0.1, 2.0, 100.0, 0.2, step="log")
+    for c in (rising, log):
+        c.update(1.0, 16)
+        c.update(1.5, 16)  # below the target but rising towards it: the step down shrinks (here it turns up)
+    assert rising.value > log.value
+    below = ctl(1.0)
+    below.update(1.5, 16)
+    below.update(1.0, 16)  # below and falling further: clipped to the most the log step would do
+    assert below.value == pytest.approx(0.1 * math.exp(-2 * 0.2 * 16 / 100), rel=1e-12)
+
+
+def test_log_pd_floors_the_kl_for_its_log() -> None:
+    """k1 estimates can be 0 or negative: the log error reads them as error_clip x target."""
+    c = core.AdaptiveKLController(0.1, 2.0, 100.0, 0.2, step="log_pd", damping=1.0)
+    c.update(-0.3, 16)
+    assert c.prev_log_error == pytest.approx(math.log(0.2), rel=1e-12)
+    c.update(0.0, 16)
+    assert c.prev_log_error == pytest.approx(math.log(0.2), rel=1e-12) and math.isfinite(c.value)
+
+
 def test_unknown_step_is_refused() -> None:
-    with pytest.raises(ValueError, match="'linear' or 'log'"):
+    with pytest.raises(ValueError, match="'linear', 'log' or 'log_pd'"):
         core.AdaptiveKLController(0.1, 2.0, 100, 0.2, step="exp")  # type: ignore[arg-type]
 
 
@@ -86,6 +143,7 @@ def test_auto_horizon_follows_the_run_length_and_sets_the_reach() -> None:
         {"kl_controller_step": "exp"},
         {"kl_horizons_per_run": 0},
         {"kl_target_ramp": 1.5},
+        {"kl_damping": -1.0},
     ],
 )
 def test_config_refuses_bad_controller_settings(field: dict[str, object]) -> None:
@@ -93,18 +151,27 @@ def test_config_refuses_bad_controller_settings(field: dict[str, object]) -> Non
         PPOSection(**field)  # type: ignore[arg-type]
 
 
-def test_state_dict_resumes_the_log_controller_exactly() -> None:
-    """The value and the place on the target's ramp both come back."""
-    a = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step="log", ramp_updates=5)
-    b = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step="log", ramp_updates=5)
-    kls = [0.0, 0.5, 3.1, 7.0, 2.2, 1.9]
+@pytest.mark.parametrize("step", ["log", "log_pd"])
+def test_state_dict_resumes_the_log_controller_exactly(step: core.KLStep) -> None:
+    """The value, the place on the target's ramp and (log_pd) the last log error all come back."""
+    a = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step=step, ramp_updates=5, damping=1.5)
+    b = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step=step, ramp_updates=5, damping=1.5)
+    fresh = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2, step=step, ramp_updates=5, damping=1.5)
+    kls = [0.0, 0.5, 3.1, 1.4, 2.2, 1.9]
     for kl in kls[:3]:
         a.update(kl, 16)
     b.load_state_dict(dict(a.state_dict()))
+    fresh.load_state_dict({"value": a.value, "n_updates": a.n_updates})  # what a checkpoint without the memory gives
     for kl in kls[3:]:
         a.update(kl, 16)
         b.update(kl, 16)
-    assert (b.value, b.n_updates) == (a.value, a.n_updates) == (b.value, 6)
+        fresh.update(kl, 16)
+    assert (b.value, b.n_updates, b.prev_log_error) == (a.value, a.n_updates, a.prev_log_error)
+    assert b.n_updates == 6
+    if step == "log_pd":
+        assert a.prev_log_error is not None and fresh.value != a.value  # the memory matters: without it, another run
+    else:
+        assert a.prev_log_error is None and fresh.value == a.value
     old = core.AdaptiveKLController(0.05, 2.0, 123.4, 0.2)
     old.load_state_dict({"value": 0.07})  # a checkpoint from before the ramp
     assert (old.value, old.n_updates) == (0.07, 0)
@@ -176,6 +243,16 @@ def _final_kl(history: list[dict[str, float]]) -> float:
 def test_log_step_with_auto_horizon_reaches_the_target_from_either_end(toy_policy, start: float) -> None:
     s, history, final = _run(toy_policy, kl_coef=start, kl_controller_step="log", kl_horizon="auto")
     assert len(history) == UPDATES
+    assert abs(_final_kl(history) - TARGET) <= TOLERANCE * TARGET, ([h["ppo/kl"] for h in history], final)
+    reach = math.exp(s.kl_error_clip * s.kl_horizons_per_run)
+    assert start / reach <= final <= start * reach
+
+
+@pytest.mark.parametrize("start", [0.01, 0.3])
+def test_log_pd_step_with_auto_horizon_reaches_the_target_from_either_end(toy_policy, start: float) -> None:
+    """The same check as the log step's, for the damped step at its default damping."""
+    s, history, final = _run(toy_policy, kl_coef=start, kl_controller_step="log_pd", kl_horizon="auto")
+    assert (len(history), s.kl_damping) == (UPDATES, 1.0)
     assert abs(_final_kl(history) - TARGET) <= TOLERANCE * TARGET, ([h["ppo/kl"] for h in history], final)
     reach = math.exp(s.kl_error_clip * s.kl_horizons_per_run)
     assert start / reach <= final <= start * reach

@@ -164,11 +164,19 @@ class PPOSection(Section):
     kl_target: float = Field(
         2.0, gt=0.0, description="Adaptive controller: target KL to the reference, nats per response."
     )
-    kl_controller_step: Literal["linear", "log"] = Field(
+    kl_controller_step: Literal["linear", "log", "log_pd"] = Field(
         "linear",
         description="Adaptive controller's step: 'linear' (Ziegler; TRL, verl): beta *= 1 + e * batch_size / "
         "kl_horizon; 'log': beta *= exp(e * batch_size / kl_horizon), as fast down as up and never negative "
-        "(e = the clipped proportional error).",
+        "(e = the clipped proportional error); 'log_pd': the log step with a derivative term, beta *= exp(clip(e "
+        "+ kl_damping x change of log(KL/target) since the last update) x batch_size / kl_horizon).",
+    )
+    kl_damping: float = Field(
+        1.0,
+        ge=0.0,
+        description="With kl_controller_step 'log_pd': gain of the derivative term on the log error per update. "
+        "1: beta holds while the KL approaches the target by a factor e^kl_error_clip (x1.22) or more per "
+        "update; 0: the 'log' step.",
     )
     kl_horizon: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         2000,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 KLEstimator = Literal["k1", "k2", "k3"]
-KLStep = Literal["linear", "log"]
+KLStep = Literal["linear", "log", "log_pd"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,6 +161,12 @@ class AdaptiveKLController:
     coefficient; against the full target those updates only push the coefficient down (windup), and a low start
     then lets the KL run away before the controller turns. ``ramp_updates`` 0: the fixed target (Ziegler).
 
+    - ``"log_pd"``: the log step with a derivative (damping) term, u = clip(e + damping * (d - d_prev),
+      -error_clip, +error_clip) and beta <- beta * exp(u * n_steps / horizon), where d = log(max(KL, error_clip
+      * target) / target) is the log error, unclipped (the KL answers beta several updates late: beta integrates
+      e and the KL integrates beta, and a derivative term is the phase lead that damps such a loop). It holds
+      beta while the KL already moves towards the target fast enough; ``damping`` 0 is the ``"log"`` step.
+
     ``current_kl`` is the mean KL per response (nats), ``n_steps`` the responses in the batch, ``horizon`` in
     responses (a float: it may be derived from the run's length, see ``preftune.ppo.setup``).
     """
@@ -173,9 +179,10 @@ class AdaptiveKLController:
         error_clip: float,
         step: KLStep = "linear",
         ramp_updates: float = 0.0,
+        damping: float = 0.0,
     ) -> None:
-        if step not in ("linear", "log"):
-            raise ValueError(f"unknown KL controller step {step!r}; expected 'linear' or 'log'")
+        if step not in ("linear", "log", "log_pd"):
+            raise ValueError(f"unknown KL controller step {step!r}; expected 'linear', 'log' or 'log_pd'")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
@@ -183,6 +190,8 @@ class AdaptiveKLController:
         self.step = step
         self.ramp_updates = float(ramp_updates)
         self.n_updates = 0  # updates seen: where on the target's ramp the next one is (checkpointed)
+        self.damping = float(damping)
+        self.prev_log_error: float | None = None  # log_pd: the last update's log error (checkpointed)
 
     def target_at(self, update: int) -> float:
         """The target of the ``update``-th update (1-based)."""
@@ -194,7 +203,14 @@ class AdaptiveKLController:
         self.n_updates += 1
         target = self.target_at(self.n_updates)
         proportional_error = min(max(current_kl / target - 1.0, -self.error_clip), self.error_clip)
-        if self.step == "log":
+        if self.step == "log_pd":
+            log_error = math.log(max(current_kl, self.error_clip * target) / target)  # floor: k1 KL may be <= 0
+            change = 0.0 if self.prev_log_error is None else log_error - self.prev_log_error
+            self.prev_log_error = log_error
+            u = proportional_error + self.damping * change  # trick: derivative term damps the lagged KL (PD)
+            u = min(max(u, -self.error_clip), self.error_clip)  # trick: same clip as P: the reach is unchanged
+            self.value *= math.exp(u * n_steps / self.horizon)
+        elif self.step == "log":
             self.value *= math.exp(proportional_error * n_steps / self.horizon)
         else:
             self.value *= 1.0 + proportional_error * n_steps / self.horizon
@@ -203,14 +219,16 @@ class AdaptiveKLController:
         """The most one update of ``n_steps`` responses can multiply the coefficient by (up; down is the
         reciprocal for ``log``, ``1 - error_clip * n_steps / horizon`` for ``linear``)."""
         x = self.error_clip * n_steps / self.horizon
-        return math.exp(x) if self.step == "log" else 1.0 + x
+        return 1.0 + x if self.step == "linear" else math.exp(x)
 
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value, "n_updates": self.n_updates}
+    def state_dict(self) -> dict[str, float | None]:
+        return {"value": self.value, "n_updates": self.n_updates, "prev_log_error": self.prev_log_error}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-        self.n_updates = int(state.get("n_updates", 0))  # checkpoints from before the ramp: only the ramp reads it
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.value = float(state["value"])  # type: ignore[arg-type]
+        self.n_updates = int(state.get("n_updates") or 0)  # checkpoints from before the ramp: only the ramp reads it
+        prev = state.get("prev_log_error")  # checkpoints from before log_pd: no derivative on the first update
+        self.prev_log_error = None if prev is None else float(prev)
 
 
 KLController = FixedKLController | AdaptiveKLController

@@ -107,6 +107,12 @@ def kl_horizon(s: PPOSection) -> float:
 def make_kl_controller(s: PPOSection) -> core.KLController:
     if s.kl_controller == "adaptive":
         return core.AdaptiveKLController(
-            s.kl_coef, s.kl_target, kl_horizon(s), s.kl_error_clip, s.kl_controller_step, s.kl_target_ramp * s.updates
+            s.kl_coef,
+            s.kl_target,
+            kl_horizon(s),
+            s.kl_error_clip,
+            s.kl_controller_step,
+            s.kl_target_ramp * s.updates,
+            s.kl_damping,
         )  # trick: log-space step, a horizon tied to the run's length and a ramped target give the controller reach
     return core.FixedKLController(s.kl_coef)
