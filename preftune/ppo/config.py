@@ -172,11 +172,19 @@ class PPOSection(Section):
         "+ kl_damping x change of log(KL/target) since the last update) x batch_size / kl_horizon).",
     )
     kl_damping: float = Field(
-        1.0,
+        2.0,
         ge=0.0,
-        description="With kl_controller_step 'log_pd': gain of the derivative term on the log error per update. "
-        "1: beta holds while the KL approaches the target by a factor e^kl_error_clip (x1.22) or more per "
-        "update; 0: the 'log' step.",
+        description="With kl_controller_step 'log_pd': gain of the derivative term on the (smoothed) log error per "
+        "update. Beta holds while the KL approaches the target by a factor e^(kl_error_clip / kl_damping) or more "
+        "per update (x1.105 at 0.2 / 2); 0: the 'log' step.",
+    )
+    kl_damping_smoothing: float = Field(
+        0.3,
+        gt=0.0,
+        le=1.0,
+        description="With kl_controller_step 'log_pd': weight of the newest update in the exponential average of the "
+        "log error that the derivative term differentiates (one batch's KL is noisy, and a derivative amplifies "
+        "noise). 1: the raw log error.",
     )
     kl_horizon: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         2000,

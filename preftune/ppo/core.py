@@ -154,18 +154,19 @@ class AdaptiveKLController:
     - ``"linear"`` (Ziegler; TRL, OpenRLHF and verl do the same): beta <- beta * (1 + e * n_steps / horizon);
     - ``"log"``: beta <- beta * exp(e * n_steps / horizon), the same proportional step in log beta: as fast down
       as up (x and / by the same factor), never negative, and over ``R`` responses beta moves by at most
-      e^(error_clip * R / horizon) either way.
+      e^(error_clip * R / horizon) either way;
+    - ``"log_pd"``: the log step with a derivative (damping) term, u = clip(e + damping * (s - s_prev),
+      -error_clip, +error_clip) and beta <- beta * exp(u * n_steps / horizon), where d = log(max(KL, error_clip
+      * target) / target) is the log error, unclipped, and s <- s + smoothing * (d - s) its exponential average
+      (the derivative's filter: one batch's KL is noisy). The KL answers beta several updates late (beta
+      integrates e and the KL integrates beta), and a derivative term is the phase lead that damps such a loop:
+      it holds beta while the KL already moves towards the target fast enough. ``damping`` 0 is the ``"log"``
+      step; ``smoothing`` 1 differentiates the raw log error.
 
     With ``ramp_updates`` > 0 the target of the ``u``-th update is ``target * min(1, u / ramp_updates)``: a
     reference trajectory. The policy starts AT the reference, so its first KLs are near 0 whatever the
     coefficient; against the full target those updates only push the coefficient down (windup), and a low start
     then lets the KL run away before the controller turns. ``ramp_updates`` 0: the fixed target (Ziegler).
-
-    - ``"log_pd"``: the log step with a derivative (damping) term, u = clip(e + damping * (d - d_prev),
-      -error_clip, +error_clip) and beta <- beta * exp(u * n_steps / horizon), where d = log(max(KL, error_clip
-      * target) / target) is the log error, unclipped (the KL answers beta several updates late: beta integrates
-      e and the KL integrates beta, and a derivative term is the phase lead that damps such a loop). It holds
-      beta while the KL already moves towards the target fast enough; ``damping`` 0 is the ``"log"`` step.
 
     ``current_kl`` is the mean KL per response (nats), ``n_steps`` the responses in the batch, ``horizon`` in
     responses (a float: it may be derived from the run's length, see ``preftune.ppo.setup``).
@@ -180,6 +181,7 @@ class AdaptiveKLController:
         step: KLStep = "linear",
         ramp_updates: float = 0.0,
         damping: float = 0.0,
+        smoothing: float = 1.0,
     ) -> None:
         if step not in ("linear", "log", "log_pd"):
             raise ValueError(f"unknown KL controller step {step!r}; expected 'linear', 'log' or 'log_pd'")
@@ -191,7 +193,8 @@ class AdaptiveKLController:
         self.ramp_updates = float(ramp_updates)
         self.n_updates = 0  # updates seen: where on the target's ramp the next one is (checkpointed)
         self.damping = float(damping)
-        self.prev_log_error: float | None = None  # log_pd: the last update's log error (checkpointed)
+        self.smoothing = float(smoothing)
+        self.smoothed_log_error: float | None = None  # log_pd: the filtered log error so far (checkpointed)
 
     def target_at(self, update: int) -> float:
         """The target of the ``update``-th update (1-based)."""
@@ -205,8 +208,9 @@ class AdaptiveKLController:
         proportional_error = min(max(current_kl / target - 1.0, -self.error_clip), self.error_clip)
         if self.step == "log_pd":
             log_error = math.log(max(current_kl, self.error_clip * target) / target)  # floor: k1 KL may be <= 0
-            change = 0.0 if self.prev_log_error is None else log_error - self.prev_log_error
-            self.prev_log_error = log_error
+            prev = log_error if self.smoothed_log_error is None else self.smoothed_log_error
+            self.smoothed_log_error = prev + self.smoothing * (log_error - prev)  # trick: filtered derivative
+            change = self.smoothed_log_error - prev
             u = proportional_error + self.damping * change  # trick: derivative term damps the lagged KL (PD)
             u = min(max(u, -self.error_clip), self.error_clip)  # trick: same clip as P: the reach is unchanged
             self.value *= math.exp(u * n_steps / self.horizon)
@@ -222,13 +226,13 @@ class AdaptiveKLController:
         return 1.0 + x if self.step == "linear" else math.exp(x)
 
     def state_dict(self) -> dict[str, float | None]:
-        return {"value": self.value, "n_updates": self.n_updates, "prev_log_error": self.prev_log_error}
+        return {"value": self.value, "n_updates": self.n_updates, "smoothed_log_error": self.smoothed_log_error}
 
     def load_state_dict(self, state: dict[str, float | None]) -> None:
         self.value = float(state["value"])  # type: ignore[arg-type]
         self.n_updates = int(state.get("n_updates") or 0)  # checkpoints from before the ramp: only the ramp reads it
-        prev = state.get("prev_log_error")  # checkpoints from before log_pd: no derivative on the first update
-        self.prev_log_error = None if prev is None else float(prev)
+        smoothed = state.get("smoothed_log_error")  # checkpoints from before log_pd: no derivative on the next update
+        self.smoothed_log_error = None if smoothed is None else float(smoothed)
 
 
 KLController = FixedKLController | AdaptiveKLController

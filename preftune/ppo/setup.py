@@ -114,5 +114,6 @@ def make_kl_controller(s: PPOSection) -> core.KLController:
             s.kl_controller_step,
             s.kl_target_ramp * s.updates,
             s.kl_damping,
+            s.kl_damping_smoothing,
         )  # trick: log-space step, a horizon tied to the run's length and a ramped target give the controller reach
     return core.FixedKLController(s.kl_coef)
