@@ -169,7 +169,8 @@ class PPOSection(Section):
         description="Adaptive controller's step: 'linear' (Ziegler; TRL, verl): beta *= 1 + e * batch_size / "
         "kl_horizon; 'log': beta *= exp(e * batch_size / kl_horizon), as fast down as up and never negative "
         "(e = the clipped proportional error); 'log_pd': the log step with a derivative term, beta *= exp(clip(e "
-        "+ kl_damping x change of log(KL/target) since the last update) x batch_size / kl_horizon).",
+        "+ kl_damping x change of the exponential average of log(KL/target) (kl_damping_smoothing) since the last "
+        "update) x batch_size / kl_horizon).",
     )
     kl_damping: float = Field(
         2.0,
