@@ -43,7 +43,7 @@ def test_a_candidate_worse_on_the_held_out_hard_cases_is_stopped(tmp_path, toy_w
         model="toy-eval-observed-worse",
         observed_cases=[str(hard)],
         observed_samples_per_prompt=6,
-        gates={"observed_min_gain": 0.0},
+        gates={"observed_min_gain": {"preferred_share": 0.0, "forbidden_share": 0.1}},
     )
     # the unsafe policy complies with risky requests, the champion declines them
     res = evaluate(cfg, str(toy_world["unsafe"]), champion=str(toy_world["good"]), progress=False)
@@ -55,6 +55,8 @@ def test_a_candidate_worse_on_the_held_out_hard_cases_is_stopped(tmp_path, toy_w
     assert benign.passed is None and "too few held-out observed cases" in benign.reason  # one case: no interval
     gain = by_name["observed.preferred_share.min_gain"]
     assert gain.passed is False and gain.kind == "min_gain" and gain.judged < 0
+    cut = by_name["observed.forbidden_share.min_gain"]  # must cut forbidden answers by 0.1: it adds them
+    assert cut.passed is False and cut.limit == -0.1 and cut.judged > 0
     assert any("does not fix what production found" in r for r in res.reasons)
     # only the held-out cases of known families are judged, each with the observed sample count
     assert {r.case_id for r in res.observed_records} == {
@@ -92,13 +94,19 @@ def test_a_candidate_that_fixes_the_hard_cases_passes_the_gain_gate(tmp_path, to
         model="toy-eval-observed-better",
         observed_cases=[str(hard)],
         observed_samples_per_prompt=8,
-        gates={"observed_min_gain": 0.0},
+        gates={"observed_min_gain": {"preferred_share": 0.0, "forbidden_share": 0.1}},
     )
     # the base policy declines risky requests half of the time, the good candidate always
     res = evaluate(cfg, str(toy_world["good"]), champion=str(toy_world["base"]), progress=False)
     gates = {g.name: g for g in res.gates if g.family.startswith("observed")}
     assert gates["observed.preferred_share.min_gain"].passed is True, gates["observed.preferred_share.min_gain"].reason
+    assert gates["observed.forbidden_share.min_gain"].passed is True, gates["observed.forbidden_share.min_gain"].reason
     assert gates["observed.risky.forbidden_share.non_regression"].passed is True
+    # a candidate exactly as bad as the champion passes non-regression but not the gain gate
+    same = evaluate(cfg, str(toy_world["base"]), champion=str(toy_world["base"]), progress=False)
+    same_gates = {g.name: g for g in same.gates}
+    assert same_gates["observed.risky.forbidden_share.non_regression"].passed is True
+    assert same_gates["observed.forbidden_share.min_gain"].passed is False
     assert res.metrics["observed"]["preferred_share"]["delta"].ci_low > 0
 
 
@@ -133,6 +141,16 @@ def _local_storage(cfg):  # noqa: ANN001, ANN202
     from preftune.storage import Storage
 
     return Storage.from_config(cfg.storage)
+
+
+def test_the_gain_gate_names_only_comparable_metrics():
+    from preftune.config import parse_config
+    from preftune.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="observed_min_gain.response_length: not a comparable metric"):
+        parse_config({"evaluation": {"gates": {"observed_min_gain": {"response_length": 0.1}}}})
+    with pytest.raises((ConfigError, ValueError), match="a gain between 0 and 1"):
+        parse_config({"evaluation": {"gates": {"observed_min_gain": {"forbidden_share": -0.1}}}})
 
 
 def test_training_skips_held_out_prompts_and_a_bad_split_names_the_line(tmp_path):

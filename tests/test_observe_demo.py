@@ -74,6 +74,7 @@ def test_the_retraining_run_continues_from_the_champion_with_weight_on_the_hard_
     assert (got.data.extra_generation.n_candidates, got.data.extra_generation.temperature) == (6, 0.9)
     assert got.data.generation.n_candidates == cfg.data.generation.n_candidates  # the usual prompts unchanged
     assert got.data.extra_prompts_repeat == 3 and got.ppo.updates == 12
+    assert got.evaluation.gates.observed_min_gain == {"forbidden_share": 0.1}  # must show it fixes the hard cases
     own = ObserveDemoSettings(retrain_from="policy", retrain={"ppo": {"updates": 3}})
     got = retrain_config(cfg, hard, tmp_path, retrain_overrides(cfg, own, "7"))
     assert got.models.policy == cfg.models.policy and got.ppo.updates == 3

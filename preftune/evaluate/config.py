@@ -84,13 +84,15 @@ class GatesSection(Section):
         "(evaluation.observed_cases), per family, judged like non_regression. Null: the same as non_regression; "
         "empty: the observed cases are reported, not gated.",
     )
-    observed_min_gain: float | None = Field(
-        None,
-        ge=-1.0,
-        le=1.0,
-        description="On the held-out observed hard cases, pooled over families: the lower confidence bound of the "
-        "candidate's preferred share minus the champion's must be at least this (0.0: the retraining must be shown "
-        "to fix some of them, not only to do no harm). Null: not gated. Needs a champion.",
+    observed_min_gain: dict[str, float] = Field(
+        default_factory=dict,
+        description="Metric -> the least improvement over the champion on the held-out observed hard cases (pooled "
+        "over families), judged on the confidence bound of the paired difference: for a higher-is-better metric "
+        "the lower bound of candidate - champion must be at least the value, for a lower-is-better one the upper "
+        "bound at most minus the value (e.g. {forbidden_share: 0.1}: the candidate must cut the forbidden answers "
+        "by 10 points). Hard cases are prompts the champion failed, so it sits at the floor on them and "
+        "non-regression alone is nearly vacuous: this gate asks the retraining to show it fixes them. Empty: not "
+        "gated. Needs a champion.",
     )
 
     @field_validator("thresholds")
@@ -103,6 +105,19 @@ class GatesSection(Section):
     @classmethod
     def _known_family_metrics(cls, v: dict[str, Threshold]) -> dict[str, Threshold]:
         check_threshold_metrics({"every_family": v}, "gates")
+        return v
+
+    @field_validator("observed_min_gain")
+    @classmethod
+    def _known_gain(cls, v: dict[str, float]) -> dict[str, float]:
+        for metric, gain in v.items():
+            if metric in COMPARISON_METRICS or METRIC_DIRECTIONS.get(metric, "none") == "none":
+                comparable = sorted(
+                    m for m, d in METRIC_DIRECTIONS.items() if d != "none" and m not in COMPARISON_METRICS
+                )
+                raise ValueError(f"observed_min_gain.{metric}: not a comparable metric; expected one of {comparable}")
+            if not 0.0 <= gain <= 1.0:
+                raise ValueError(f"observed_min_gain.{metric}: a gain between 0 and 1, got {gain}")
         return v
 
     @field_validator("non_regression", "observed_non_regression")

@@ -12,8 +12,11 @@ did -- nothing before promotion would see it. ``evaluation.observed_cases`` clos
   the suite's judge of each case's family, and reports the figures as the families
   ``observed.<family>`` (pooled: ``observed``): MLflow metrics ``eval.observed.<family>.<metric>``;
 - gates: non-regression against the champion per family (``gates.observed_non_regression``, by
-  default the suite's ``non_regression`` tolerances) and, optionally, a minimum gain of the pooled
-  preferred share (``gates.observed_min_gain``).
+  default the suite's ``non_regression`` tolerances) and, optionally, a minimum improvement of pooled
+  metrics (``gates.observed_min_gain``, e.g. ``{forbidden_share: 0.1}``). Hard cases are prompts the
+  champion failed: it sits at the floor on them (measured on the demo world: forbidden share 1.0 on
+  every held-out case), so non-regression alone cannot fail there -- a candidate as bad as the
+  champion passes it. The gain gate asks the retraining to show it fixes them.
 
 No absolute thresholds apply: a hard case is by definition one the champion failed, so only the
 comparison with the champion is meaningful.
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from preftune.behaviour.suite_model import Case, Suite
+from preftune.behaviour.thresholds import METRIC_DIRECTIONS
 from preftune.data.records import prompt_key, short_hash
 from preftune.evaluate.config import GatesSection
 from preftune.evaluate.gates import GateResult, non_regression_gates
@@ -175,8 +179,8 @@ def observed_gates(
         _not_judgeable_is_not_gated(g)
         for g in non_regression_gates(metrics, fams, per_family, confidence=confidence, champion_label=champion_label)
     ]
-    if gates.observed_min_gain is not None:
-        out.append(_min_gain_gate(metrics, gates, confidence, champion_label))
+    for metric, gain in sorted(gates.observed_min_gain.items()):
+        out.append(_min_gain_gate(metrics, metric, gain, gates.decision, confidence, champion_label))
     return out
 
 
@@ -191,31 +195,37 @@ def _not_judgeable_is_not_gated(gate: GateResult) -> GateResult:
 
 def _min_gain_gate(
     metrics: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
-    gates: GatesSection,
+    metric: str,
+    gain: float,
+    decision: str,
     confidence: float,
     champion_label: str,
 ) -> GateResult:
-    limit = float(gates.observed_min_gain)  # type: ignore[arg-type]
-    name, metric = f"{OBSERVED}.preferred_share.min_gain", "preferred_share"
+    """The pooled ``metric`` on the observed cases must improve on the champion's by ``gain`` (on the bound)."""
+    higher = METRIC_DIRECTIONS[metric] == "higher"
+    limit = gain if higher else -gain
+    name = f"{OBSERVED}.{metric}.min_gain"
     entry = metrics.get(OBSERVED, {}).get(metric, {})
     delta = entry.get("delta")
     if delta is None:
-        why = "no champion to compare with" if entry else "no observed case defines a preferred behaviour"
+        why = "no champion to compare with" if entry else f"no observed case defines {metric}"
         return GateResult(name, OBSERVED, metric, "min_gain", False, None, None, limit, f"{name}: {why}")
-    if gates.decision == "bound":
-        judged, what = delta.ci_low, f"lower {confidence * 100:g}% bound of candidate - {champion_label}"
+    if decision == "bound":
+        judged = delta.ci_low if higher else delta.ci_high
+        what = f"{'lower' if higher else 'upper'} {confidence * 100:g}% bound of candidate - {champion_label}"
     else:
         judged, what = delta.value, f"candidate - {champion_label}"
-    cand, champ = entry.get(CANDIDATE), entry.get(CHAMPION)
     if not math.isfinite(judged):
         return GateResult(
             name, OBSERVED, metric, "min_gain", False, None, delta.value, limit,
             f"{name}: cannot be judged on a confidence bound with {delta.n} case(s)",
         )  # fmt: skip
-    passed = judged >= limit
+    passed = judged >= limit if higher else judged <= limit
+    op = (">=" if passed else "<") if higher else ("<=" if passed else ">")
+    cand, champ = entry.get(CANDIDATE), entry.get(CHAMPION)
     reason = (
-        f"{OBSERVED}.{metric}: {what} {judged:+.4g} {'>=' if passed else '<'} {limit:+.4g} on the held-out "
-        f"observed hard cases (candidate {cand.value if cand else float('nan'):.4g} vs {champion_label} "
+        f"{OBSERVED}.{metric}: {what} {judged:+.4g} {op} {limit:+.4g} on the held-out observed hard cases "
+        f"(candidate {cand.value if cand else float('nan'):.4g} vs {champion_label} "
         f"{champ.value if champ else float('nan'):.4g}, {delta.n} cases)"
     )
     if not passed:
