@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from preftune.behaviour.thresholds import COMPARISON_METRICS, METRIC_DIRECTIONS, Threshold, check_threshold_metrics
 from preftune.configbase import Section
+
+COMPARABLE = sorted(m for m, d in METRIC_DIRECTIONS.items() if d != "none" and m not in COMPARISON_METRICS)
+"""Metrics a candidate can be compared with the champion on (non-regression, the observed gain gate)."""
 
 
 class GatesSection(Section):
@@ -111,31 +114,25 @@ class GatesSection(Section):
     @classmethod
     def _known_gain(cls, v: dict[str, float]) -> dict[str, float]:
         for metric, gain in v.items():
-            if metric in COMPARISON_METRICS or METRIC_DIRECTIONS.get(metric, "none") == "none":
-                comparable = sorted(
-                    m for m, d in METRIC_DIRECTIONS.items() if d != "none" and m not in COMPARISON_METRICS
-                )
-                raise ValueError(f"observed_min_gain.{metric}: not a comparable metric; expected one of {comparable}")
+            if metric not in COMPARABLE:
+                raise ValueError(f"observed_min_gain.{metric}: not a comparable metric; expected one of {COMPARABLE}")
             if not 0.0 <= gain <= 1.0:
                 raise ValueError(f"observed_min_gain.{metric}: a gain between 0 and 1, got {gain}")
         return v
 
     @field_validator("non_regression", "observed_non_regression")
     @classmethod
-    def _known_nr(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+    def _known_nr(cls, v: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
         for metric, tol in (v or {}).items():
             if metric in COMPARISON_METRICS:
                 raise ValueError(
-                    f"non_regression.{metric}: already a comparison with the champion; bound it in "
+                    f"{info.field_name}.{metric}: already a comparison with the champion; bound it in "
                     f"gates.thresholds (e.g. {{tone: {{{metric}: {{max: 0.2}}}}}}) instead"
                 )
-            if METRIC_DIRECTIONS.get(metric, "none") == "none":
-                comparable = sorted(
-                    m for m, d in METRIC_DIRECTIONS.items() if d != "none" and m not in COMPARISON_METRICS
-                )
-                raise ValueError(f"non_regression.{metric}: not a comparable metric; expected one of {comparable}")
+            if metric not in COMPARABLE:
+                raise ValueError(f"{info.field_name}.{metric}: not a comparable metric; expected one of {COMPARABLE}")
             if tol < 0:
-                raise ValueError(f"non_regression.{metric}: tolerance must be >= 0, got {tol}")
+                raise ValueError(f"{info.field_name}.{metric}: tolerance must be >= 0, got {tol}")
         return v
 
     def observed_tolerances(self) -> dict[str, float]:
