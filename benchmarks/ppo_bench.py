@@ -907,7 +907,9 @@ def mode_sweep(args: argparse.Namespace) -> dict[str, Any]:
             "peak_minus_imports_mb": max(r["peak_minus_imports_mb"] for r in rows),
             "held_out_kl_by_coef": {f"{r['kl_coef']:g}": round(r["held_out_kl"], 2) for r in rows},
             "reward_gain_by_coef": {f"{r['kl_coef']:g}": round(r["reward_gain"], 3) for r in rows},
-            "final_kl_coef_by_coef": {f"{r['kl_coef']:g}": round(r["kl_coef_final"], 4) for r in rows},
+            "final_kl_coef_by_coef": {  # TRL's rows keep their coefficient fixed and do not report one
+                f"{r['kl_coef']:g}": round(r.get("kl_coef_final", r["kl_coef"]), 4) for r in rows
+            },
             "held_out_kl_monotone_in_coef": all(
                 a[1] >= b[1] for a, b in zip(sorted(by_coef[v]), sorted(by_coef[v])[1:], strict=False)
             ),
