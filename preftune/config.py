@@ -159,6 +159,16 @@ class DataSection(Section):
         description="Times each prompt of extra_prompts enters the PPO rollout prompts (a few dozen hard cases "
         "among hundreds of prompts: repeats give them weight in the rollouts). Collect judges each prompt once.",
     )
+    extra_weight: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="Weight of each judgement of an extra_prompts prompt in the reward model's training, against 1 "
+        "for every other judgement (its pairs' weights are multiplied by it; stored in the dataset). A few dozen "
+        "observed hard cases beside a kept dataset of a thousand judgements are a few per cent of the reward "
+        "model's signal. (On the demo world 4 and 10 did not make the retraining fix its hard cases: "
+        "docs/observe.md.)",
+    )
     previous_datasets: list[str] = Field(
         default_factory=list,
         description="Published preftune datasets (folder or s3:// URI; e.g. the champion's training data, whose "

@@ -119,6 +119,27 @@ def test_best_of_n_picks_rankings_ties_and_all_unacceptable():
     assert stats.pairs == len(pairs) == 2 + 3 + 3 + 2 + 2 + 1 + 1
 
 
+def test_extra_weight_multiplies_only_the_extra_prompts_pairs():
+    """data.extra_weight: observe's hard cases (data.extra_prompts) weigh more in the reward model's training;
+    every other judgement keeps its total of 1, and a weight of 1 changes nothing."""
+    from preftune.collect.step import weight_extra_pairs
+
+    imp, _ = _import("best_of_n.jsonl")
+    pairs = expand_judgements(imp.judgements, ExpansionStats())
+    extra = frozenset({pairs[0].prompt_id})
+    assert weight_extra_pairs(pairs, extra, 1.0) == (pairs, 0)
+    assert weight_extra_pairs(pairs, frozenset(), 4.0) == (pairs, 0)
+    weighted, n = weight_extra_pairs(pairs, extra, 4.0)
+    hit = [p.prompt_id in extra for p in pairs]
+    assert n == sum(hit) >= 1 and n < len(pairs)
+    for before, after, is_extra in zip(pairs, weighted, hit, strict=True):
+        assert after.weight == pytest.approx(before.weight * (4.0 if is_extra else 1.0))
+        assert (after.pair_id, after.chosen, after.rejected) == (before.pair_id, before.chosen, before.rejected)
+    assert parse_config({"data": {"extra_weight": 4}}).data.extra_weight == 4.0
+    with pytest.raises(PreftuneError, match="extra_weight"):
+        parse_config({"data": {"extra_weight": 0}})
+
+
 def test_preftune_judgements_roundtrip_the_exchange_format():
     imp, used = _import("judgements.jsonl")
     assert used == "preftune" and imp.report.clean

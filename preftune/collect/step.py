@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from preftune.collect.families import make_importer
 from preftune.collect.pairs import WEIGHTING, ExpansionStats, expand_judgements
 from preftune.data.dataset import BuiltDataset, build_dataset, log_dataset_input, publish, resolve_output
 from preftune.data.formats import Importer, nothing_kept_message
-from preftune.data.records import metric_key, prompt_key
+from preftune.data.records import Pair, metric_key, prompt_key
 from preftune.data.validation import ValidationReport
 from preftune.errors import ConfigError, InputError, PreftuneError
 
@@ -123,7 +123,6 @@ def add_previous_datasets(importer: Importer, uris: list[str], storage: Any) -> 
     (TRL, HH, ...: pairs no judgement of that dataset explains) as they are. Returns one summary per dataset
     for dataset.json."""
     from preftune.data.dataset import load_dataset
-    from preftune.data.records import Pair
 
     summaries = []
     pair_ids = {p.pair_id for p in importer.pairs}
@@ -154,6 +153,17 @@ def add_previous_datasets(importer: Importer, uris: list[str], storage: Any) -> 
     return summaries
 
 
+def weight_extra_pairs(pairs: list[Pair], extra_ids: frozenset[str], weight: float) -> tuple[list[Pair], int]:
+    """``data.extra_weight``: the pairs of the extra prompts' judgements (observe's hard cases) weigh ``weight``
+    times as much in the reward model's training. Returns the pairs and how many were re-weighted. Only this
+    run's pairs change: a later run that keeps this dataset (data.previous_datasets) expands its judgements
+    afresh, at weight 1."""
+    if weight == 1.0 or not extra_ids:
+        return pairs, 0
+    out = [replace(p, weight=p.weight * weight) if p.prompt_id in extra_ids else p for p in pairs]
+    return out, sum(p.prompt_id in extra_ids for p in pairs)
+
+
 def _keep_previous(importer: Importer, cfg: RunConfig, storage: Any) -> list[dict[str, Any]]:
     """``data.previous_datasets`` into ``importer``, logged on the active collect run."""
     import mlflow
@@ -173,13 +183,19 @@ def _log_and_publish(
     storage: Any,
     extra_meta: dict[str, Any],
     candidates: list[dict[str, Any]] | None = None,
+    extra_ids: frozenset[str] = frozenset(),
 ) -> tuple[str, BuiltDataset, ExpansionStats]:
-    """Expand, build, log to the active MLflow run, publish (last). Returns (uri, built, stats)."""
+    """Expand, build, log to the active MLflow run, publish (last). Returns (uri, built, stats).
+    ``extra_ids``: prompt ids of ``data.extra_prompts``, whose pairs get ``data.extra_weight``."""
     import mlflow
 
     report = importer.report
     stats = ExpansionStats()
     pairs = list(importer.pairs) + expand_judgements(importer.judgements, stats)
+    pairs, weighted = weight_extra_pairs(pairs, extra_ids, cfg.data.extra_weight)
+    if weighted:
+        extra_meta = {**extra_meta, "extra_weight": {"weight": cfg.data.extra_weight, "pairs": weighted}}
+        mlflow.log_metrics({"collect.extra_weight": cfg.data.extra_weight, "collect.extra_weighted_pairs": weighted})
     built = build_dataset(
         pairs=pairs,
         judgements=importer.judgements,
@@ -293,11 +309,12 @@ def collect_from_config(
         )
         generation = None
         candidates: list[dict[str, Any]] = []
+        extra_ids: frozenset[str] = frozenset()
         used: str | None = None
         if cfg.data.judgements == "simulated":
             from preftune.collect.judge import add_panel_judgements, panel_records
 
-            prompts, texts, gstats, candidates = _sample(cfg, storage, report, progress)
+            prompts, texts, gstats, candidates, extra_ids = _sample(cfg, storage, report, progress)
             generation = gstats.to_dict()
             mlflow.log_metrics(
                 {
@@ -331,6 +348,7 @@ def collect_from_config(
                 **({"generation": generation} if generation else {}),
             },
             candidates=candidates,
+            extra_ids=extra_ids,
         )
         return CollectResult(
             uri=uri,
@@ -384,7 +402,7 @@ def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bo
         )
         texts, gstats, prompts = texts + more, _combined_stats(gstats, extra_stats), prompts + extras
     records = candidate_records(prompts, texts, cfg.models.policy)
-    return prompts, texts, gstats, records
+    return prompts, texts, gstats, records, frozenset(p.prompt_id for p in extras)
 
 
 def _combined_stats(first: Any, second: Any) -> Any:
@@ -432,7 +450,7 @@ def generate_candidates(
     storage = _storage(cfg)
     with start_step_run(STEP, cfg, pipeline_run_id=pipeline_run_id, params={"collect.mode": "candidates"}) as run:
         report = ValidationReport(strict=cfg.data.strict, max_chars=cfg.data.max_chars)
-        _, _, gstats, records = _sample(cfg, storage, report, progress)
+        _, _, gstats, records, _ = _sample(cfg, storage, report, progress)
         mlflow.log_metrics(
             {
                 "generation.candidates_per_s": gstats.candidates_per_s,
