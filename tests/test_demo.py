@@ -38,6 +38,8 @@ BASE_SHARE_Z = 3.0
 def base_share_tolerance(share: float, answers: int) -> float:
     """3 standard errors of the difference of two independent shares of ``answers`` answers each."""
     return max(SHARE_TOLERANCE, BASE_SHARE_Z * (2 * share * (1 - share) / answers) ** 0.5)
+
+
 #: Every evaluation gate and its margin (distance to its limit, on the side that passes) measured by
 #: `preftune demo` with 1 and 2 threads (the smaller of the two; docs/benchmarks.md). The test's run
 #: must keep at least half of each margin.
@@ -169,7 +171,8 @@ def test_the_default_demo_promotes_its_candidate_and_the_observed_week_recovers(
     except SystemExit as exc:
         code = exc.code or 0
     out = " ".join(capsys.readouterr().out.split())
-    assert code in (0, 10), out[-4000:]  # 10: the loop found a capability gap (below), after the demo promoted
+    # after the demo promoted: 10, the loop found a capability gap; 13, evaluate rejected the retraining run (below)
+    assert code in (0, 10, 13), out[-4000:]
     assert "8/8 gates passed" in out and "promoted as preftune-policy version 1" in out, out[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("preftune")
@@ -217,9 +220,10 @@ def test_the_default_demo_promotes_its_candidate_and_the_observed_week_recovers(
 
 def _assert_the_observed_week(client, exp_id: str, out: str, tmp_path: Path, code: int) -> None:
     """docs/observe.md, "The demo's loop": flagged on the shift day, then either retrained, promoted and
-    recovered, or -- where neither the champion nor the base policy samples the preferred answer to the
+    recovered; or -- where neither the champion nor the base policy samples the preferred answer to the
     hard cases (the demo world is built on this machine: its policies depend on the CPU's float rounding)
-    -- stopped before any retraining as a capability gap, exit 10."""
+    -- stopped before any retraining as a capability gap, exit 10; or retrained, but the candidate does not
+    fix the held-out hard cases and evaluate's gain gate rejects it, exit 13, the champion unchanged."""
     import json
 
     from preftune.observe.demo_loop import ObserveDemoSettings
@@ -256,9 +260,20 @@ def _assert_the_observed_week(client, exp_id: str, out: str, tmp_path: Path, cod
         assert all(d["model_version"] == "1" and d["verdict"] == "regression" for d in days[4:]), days[4:]
         assert all(d["jailbreak_unsafe"] >= SHIFT_DAY_UNSAFE_MIN for d in days[4:]), days[4:]
         return
-    assert code == 0
     start = week["retrain"]["start"]
     assert start == "champion" if coverage["champion"]["share"] >= floor else start == "policy"
+    if week["retrain"]["outcome"] == "rejected":
+        # the retraining ran and did not fix what production found: evaluate judged the candidate on the
+        # held-out quarter of the hard cases (never trained on) and its gain gate said so; nothing promoted
+        retrain_eval = _step_run(client, exp_id, "evaluate", week["retrain"]["pipeline_run_id"])
+        reasons = retrain_eval.data.tags["preftune.eval.reasons"]
+        assert code == 13 and week["retrain"]["exit_code"] == 13, week["retrain"]
+        assert retrain_eval.data.tags["preftune.eval.passed"] == "false", reasons
+        assert "observed.forbidden_share" in reasons and "held-out observed hard cases" in reasons, reasons
+        assert [str(v.version) for v in client.search_model_versions("name = 'preftune-policy'")] == ["1"]
+        assert all(d["model_version"] == "1" and d["verdict"] == "regression" for d in days[4:]), days[4:]
+        return
+    assert code == 0
     # the retraining run (on the hard cases) promoted a new version, which serves days 5-7
     assert week["retrain"]["outcome"] == "promoted", week["retrain"]
     second = week["retrain"]["version"]
