@@ -163,8 +163,9 @@ class DataSection(Section):
         1.0,
         gt=0.0,
         le=100.0,
-        description="Weight of each judgement of an extra_prompts prompt in the reward model's training, against 1 "
-        "for every other judgement (its pairs' weights are multiplied by it; stored in the dataset). A few dozen "
+        description="Weight of each judgement of an extra_prompts prompt (matched by its text, also in the feedback "
+        "service's export) in the reward model's training, against 1 for every other judgement (its pairs' weights "
+        "are multiplied by it; stored in the dataset). A few dozen "
         "observed hard cases beside a kept dataset of a thousand judgements are a few per cent of the reward "
         "model's signal. (On the demo world 4 and 10 did not make the retraining fix its hard cases: "
         "docs/observe.md.)",

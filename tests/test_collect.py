@@ -126,11 +126,11 @@ def test_extra_weight_multiplies_only_the_extra_prompts_pairs():
 
     imp, _ = _import("best_of_n.jsonl")
     pairs = expand_judgements(imp.judgements, ExpansionStats())
-    extra = frozenset({pairs[0].prompt_id})
+    extra = frozenset({prompt_key("  " + pairs[0].prompt.replace(" ", "  "))})  # matched by the normalised text
     assert weight_extra_pairs(pairs, extra, 1.0) == (pairs, 0)
     assert weight_extra_pairs(pairs, frozenset(), 4.0) == (pairs, 0)
     weighted, n = weight_extra_pairs(pairs, extra, 4.0)
-    hit = [p.prompt_id in extra for p in pairs]
+    hit = [p.prompt == pairs[0].prompt for p in pairs]
     assert n == sum(hit) >= 1 and n < len(pairs)
     for before, after, is_extra in zip(pairs, weighted, hit, strict=True):
         assert after.weight == pytest.approx(before.weight * (4.0 if is_extra else 1.0))
@@ -138,6 +138,34 @@ def test_extra_weight_multiplies_only_the_extra_prompts_pairs():
     assert parse_config({"data": {"extra_weight": 4}}).data.extra_weight == 4.0
     with pytest.raises(PreftuneError, match="extra_weight"):
         parse_config({"data": {"extra_weight": 0}})
+
+
+def test_extra_weight_reaches_judgements_imported_from_the_service(tmp_path):
+    """In production the hard cases go to the feedback service and come back in its export: collect (data.judgements
+    service|file) matches them to data.extra_prompts by prompt text; held-out hard cases are never weighted."""
+    from preftune.collect import collect_from_config
+    from preftune.data.dataset import load_dataset
+    from preftune.storage import Storage
+
+    sleeping = "Is it safe to mix sleeping pills with wine?"
+    (tmp_path / "hard.jsonl").write_text(
+        json.dumps({"id": "observed-1", "family": "high_risk", "prompt": sleeping, "split": "train"})
+        + "\n"
+        + json.dumps({"id": "observed-2", "family": "safety", "prompt": "never judged", "split": "heldout"})
+        + "\n"
+    )
+    common = {"judgements": "file", "judgements_path": str(DATA / "best_of_n.jsonl")}
+    common["extra_prompts"] = [str(tmp_path / "hard.jsonl")]
+    plain = collect_from_config(_cfg(**common), str(tmp_path / "plain"))
+    heavy = collect_from_config(_cfg(**common, extra_weight=3.0), str(tmp_path / "heavy"))
+    storage = Storage()
+    a, b = ([*d.train, *d.eval] for d in (load_dataset(r.uri, storage) for r in (plain, heavy)))
+    assert [r["pair_id"] for r in a] == [r["pair_id"] for r in b] and any(r["prompt"] == sleeping for r in a)
+    for before, after in zip(a, b, strict=True):
+        factor = 3.0 if before["prompt"] == sleeping else 1.0
+        assert after["weight"] == pytest.approx(before["weight"] * factor), before["prompt"]
+    assert heavy.meta["extra_weight"] == {"weight": 3.0, "pairs": sum(r["prompt"] == sleeping for r in a)}
+    assert "extra_weight" not in plain.meta
 
 
 def test_preftune_judgements_roundtrip_the_exchange_format():

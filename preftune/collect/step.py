@@ -153,15 +153,31 @@ def add_previous_datasets(importer: Importer, uris: list[str], storage: Any) -> 
     return summaries
 
 
-def weight_extra_pairs(pairs: list[Pair], extra_ids: frozenset[str], weight: float) -> tuple[list[Pair], int]:
-    """``data.extra_weight``: the pairs of the extra prompts' judgements (observe's hard cases) weigh ``weight``
-    times as much in the reward model's training. Returns the pairs and how many were re-weighted. Only this
-    run's pairs change: a later run that keeps this dataset (data.previous_datasets) expands its judgements
-    afresh, at weight 1."""
-    if weight == 1.0 or not extra_ids:
+def weight_extra_pairs(pairs: list[Pair], extra_keys: frozenset[str], weight: float) -> tuple[list[Pair], int]:
+    """``data.extra_weight``: the pairs whose prompt is one of the extra prompts (observe's hard cases; matched
+    by :func:`prompt_key`, the whitespace-normalised text, so judgements exported by the feedback service match
+    whatever ids it gave them) weigh ``weight`` times as much in the reward model's training. Returns the pairs
+    and how many were re-weighted. Only this run's pairs change: a later run that keeps this dataset
+    (data.previous_datasets) expands its judgements afresh, at weight 1 unless they are its extra prompts too."""
+    if weight == 1.0 or not extra_keys:
         return pairs, 0
-    out = [replace(p, weight=p.weight * weight) if p.prompt_id in extra_ids else p for p in pairs]
-    return out, sum(p.prompt_id in extra_ids for p in pairs)
+    hit = [prompt_key(p.prompt) in extra_keys for p in pairs]
+    out = [replace(p, weight=p.weight * weight) if h else p for p, h in zip(pairs, hit, strict=True)]
+    return out, sum(hit)
+
+
+def _extra_prompt_keys(cfg: RunConfig, storage: Any) -> frozenset[str]:
+    """Prompt keys of ``data.extra_prompts`` (training split) for judgements imported from a file or the service."""
+    if not cfg.data.extra_prompts or cfg.data.extra_weight == 1.0:
+        return frozenset()
+    from preftune.generation.candidates import load_prompts, training_prompts
+
+    scratch = ValidationReport(strict=False, max_chars=cfg.data.max_chars)  # the prompts' own problems: collect's
+    keys = set()
+    for extra in cfg.data.extra_prompts:
+        kept, _ = training_prompts(load_prompts(extra, cfg, storage, scratch))
+        keys.update(prompt_key(p.prompt) for p in kept)
+    return frozenset(keys)
 
 
 def _keep_previous(importer: Importer, cfg: RunConfig, storage: Any) -> list[dict[str, Any]]:
@@ -183,16 +199,16 @@ def _log_and_publish(
     storage: Any,
     extra_meta: dict[str, Any],
     candidates: list[dict[str, Any]] | None = None,
-    extra_ids: frozenset[str] = frozenset(),
+    extra_keys: frozenset[str] = frozenset(),
 ) -> tuple[str, BuiltDataset, ExpansionStats]:
     """Expand, build, log to the active MLflow run, publish (last). Returns (uri, built, stats).
-    ``extra_ids``: prompt ids of ``data.extra_prompts``, whose pairs get ``data.extra_weight``."""
+    ``extra_keys``: prompt keys of ``data.extra_prompts``, whose pairs get ``data.extra_weight``."""
     import mlflow
 
     report = importer.report
     stats = ExpansionStats()
     pairs = list(importer.pairs) + expand_judgements(importer.judgements, stats)
-    pairs, weighted = weight_extra_pairs(pairs, extra_ids, cfg.data.extra_weight)
+    pairs, weighted = weight_extra_pairs(pairs, extra_keys, cfg.data.extra_weight)
     if weighted:
         extra_meta = {**extra_meta, "extra_weight": {"weight": cfg.data.extra_weight, "pairs": weighted}}
         mlflow.log_metrics({"collect.extra_weight": cfg.data.extra_weight, "collect.extra_weighted_pairs": weighted})
@@ -309,12 +325,12 @@ def collect_from_config(
         )
         generation = None
         candidates: list[dict[str, Any]] = []
-        extra_ids: frozenset[str] = frozenset()
+        extra_keys: frozenset[str] = frozenset()
         used: str | None = None
         if cfg.data.judgements == "simulated":
             from preftune.collect.judge import add_panel_judgements, panel_records
 
-            prompts, texts, gstats, candidates, extra_ids = _sample(cfg, storage, report, progress)
+            prompts, texts, gstats, candidates, extra_keys = _sample(cfg, storage, report, progress)
             generation = gstats.to_dict()
             mlflow.log_metrics(
                 {
@@ -335,6 +351,7 @@ def collect_from_config(
             path, fmt = judgement_file(cfg)
             used = importer.add_path(path, storage, fmt)
             _refuse_if_nothing_kept(path, importer, output, storage)
+            extra_keys = _extra_prompt_keys(cfg, storage)  # the service's judgements of observe's hard cases
         previous = _keep_previous(importer, cfg, storage)
         mlflow.set_tag("preftune.collect.format", used)
         uri, built, stats = _log_and_publish(
@@ -348,7 +365,7 @@ def collect_from_config(
                 **({"generation": generation} if generation else {}),
             },
             candidates=candidates,
-            extra_ids=extra_ids,
+            extra_keys=extra_keys,
         )
         return CollectResult(
             uri=uri,
@@ -402,7 +419,7 @@ def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bo
         )
         texts, gstats, prompts = texts + more, _combined_stats(gstats, extra_stats), prompts + extras
     records = candidate_records(prompts, texts, cfg.models.policy)
-    return prompts, texts, gstats, records, frozenset(p.prompt_id for p in extras)
+    return prompts, texts, gstats, records, frozenset(prompt_key(p.prompt) for p in extras)
 
 
 def _combined_stats(first: Any, second: Any) -> Any:
