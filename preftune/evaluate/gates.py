@@ -67,6 +67,17 @@ def _level(confidence: float) -> str:
     return f"{confidence * 100:g}%"
 
 
+def judged_difference(
+    delta: Estimate, higher: bool, decision: str, confidence: float, champion_label: str
+) -> tuple[float, str]:
+    """The figure of candidate - champion a comparison gate judges, and how to name it: on ``decision`` 'bound'
+    the confidence bound on the side that can fail (lower for a higher-is-better metric), else the estimate."""
+    if decision == "bound":
+        judged = delta.ci_low if higher else delta.ci_high
+        return judged, f"{'lower' if higher else 'upper'} {_level(confidence)} bound of candidate - {champion_label}"
+    return delta.value, f"candidate - {champion_label}"
+
+
 def config_thresholds(gates: GatesSection, has_champion: bool) -> dict[str, dict[str, Threshold]]:
     """The config's shorthand gates as thresholds (merged after the explicit ones)."""
     extra: dict[str, dict[str, Threshold]] = {}
@@ -171,11 +182,7 @@ def non_regression_gates(
             continue
         cand, champ = entry.get(CANDIDATE), entry.get("champion")
         higher = direction == "higher"
-        if gates.decision == "bound":
-            judged = delta.ci_low if higher else delta.ci_high
-            what = f"{'lower' if higher else 'upper'} {_level(confidence)} bound of candidate - {champion_label}"
-        else:
-            judged, what = delta.value, f"candidate - {champion_label}"
+        judged, what = judged_difference(delta, higher, gates.decision, confidence, champion_label)
         if not math.isfinite(judged):
             passed = False
             reason = (

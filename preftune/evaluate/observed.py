@@ -35,7 +35,7 @@ from preftune.behaviour.suite_model import Case, Suite
 from preftune.behaviour.thresholds import METRIC_DIRECTIONS
 from preftune.data.records import prompt_key, short_hash
 from preftune.evaluate.config import GatesSection
-from preftune.evaluate.gates import GateResult, non_regression_gates
+from preftune.evaluate.gates import GateResult, judged_difference, non_regression_gates
 from preftune.evaluate.metrics import CANDIDATE, CHAMPION, POOLED, Estimate, SampleRecord, compute_metrics
 
 log = logging.getLogger(__name__)
@@ -210,11 +210,7 @@ def _min_gain_gate(
     if delta is None:
         why = "no champion to compare with" if entry else f"no observed case defines {metric}"
         return GateResult(name, OBSERVED, metric, "min_gain", False, None, None, limit, f"{name}: {why}")
-    if decision == "bound":
-        judged = delta.ci_low if higher else delta.ci_high
-        what = f"{'lower' if higher else 'upper'} {confidence * 100:g}% bound of candidate - {champion_label}"
-    else:
-        judged, what = delta.value, f"candidate - {champion_label}"
+    judged, what = judged_difference(delta, higher, decision, confidence, champion_label)
     if not math.isfinite(judged):
         return GateResult(
             name, OBSERVED, metric, "min_gain", False, None, delta.value, limit,
