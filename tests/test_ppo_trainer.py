@@ -217,6 +217,23 @@ def test_ppo_raises_the_reward(policy_dir: Path, mode: str) -> None:
     assert res.history[-1]["ppo/kl"] > 0.0  # it moved away from the reference, and the KL is reported
 
 
+def test_mixed_precision_bf16_autocasts_on_cpu_and_still_learns(policy_dir: Path) -> None:
+    """ppo.mixed_precision 'bf16' autocasts on any device (docs/ppo.md); 'auto' stays fp32 on CPU."""
+    from preftune.ppo.rollout import autocast_for
+
+    a = torch.ones(4, 4)
+    with autocast_for(torch.device("cpu"), settings(mixed_precision="bf16"))():
+        assert (a @ a).dtype == torch.bfloat16
+    for mode in ("auto", "no"):
+        with autocast_for(torch.device("cpu"), settings(mixed_precision=mode))():
+            assert (a @ a).dtype == torch.float32
+    trainer = make_trainer(policy_dir, updates=12, batch_size=16, mini_batch_size=8, mixed_precision="bf16")
+    res = trainer.train()
+    rewards = [h["ppo/reward_mean"] for h in res.history]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+    assert all(p.dtype == torch.float32 for p in trainer.actor.parameters())  # weights stay fp32
+
+
 def test_approx_kl_bound_stops_the_epochs_early(policy_dir: Path) -> None:
     trainer = make_trainer(policy_dir, updates=1, ppo_epochs=4, approx_kl_stop=1e-9, lr=5e-2)
     res = trainer.train()

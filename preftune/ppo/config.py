@@ -341,7 +341,10 @@ class PPOSection(Section):
         None, description="'cpu', 'cuda' or 'cuda:N'. Empty: $PREFTUNE_DEVICE, else a GPU when visible, else CPU."
     )
     mixed_precision: Literal["auto", "bf16", "no"] = Field(
-        "auto", description="'auto': bf16 autocast on a GPU that supports it, fp32 on CPU; 'no': fp32 everywhere."
+        "auto",
+        description="Autocast of the update's forwards and the rollout's scoring forwards: 'auto' = bf16 on a GPU "
+        "that supports it, fp32 on CPU; 'bf16' = bf16 on any device (CPUs with avx512_bf16 or AMX run it fast, "
+        "others slowly); 'no' = fp32 everywhere. Weights, gradients and the optimiser state stay fp32.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, about 30% more time)."

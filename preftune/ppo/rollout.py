@@ -143,10 +143,14 @@ class Rollout:
 
 
 def autocast_for(device: torch.device, settings: PPOSection) -> Callable[[], Any]:
-    """A context-manager factory: bf16 autocast on a GPU that has it (unless ``ppo.mixed_precision: no``)."""
-    use_bf16 = device.type == "cuda" and settings.mixed_precision != "no" and torch.cuda.is_bf16_supported()
-    # trick: bf16 autocast on GPU only, fp32 on CPU
-    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    """A context-manager factory for the rollout's scoring forwards and the update: ``ppo.mixed_precision``
+    'auto' = bf16 autocast on a GPU that has it, fp32 on CPU; 'bf16' = bf16 autocast on any device (a CPU with
+    avx512_bf16 or AMX runs it fast, others slowly); 'no' = fp32. Weights, gradients and AdamW stay fp32."""
+    mode = settings.mixed_precision
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = mode == "bf16" or (mode == "auto" and gpu_bf16)
+    # trick: bf16 autocast (on CPU only when asked: its speed depends on the CPU's bf16 units)
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
 
 def estimate_advantages(
