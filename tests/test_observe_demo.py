@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 from test_evaluate_support import RISKY, toy_config, toy_store, toy_world  # noqa: F401 (fixtures)
 
@@ -114,3 +115,90 @@ def test_coverage_of_hard_cases_decides_where_the_retraining_starts(tmp_path, to
         "champion",
         {},
     )
+
+
+def _fake_week(monkeypatch, tmp_path, verdicts, round_outcomes, max_retrainings):
+    """run_week with every heavy part faked: day d's window has ``verdicts[d]`` = (verdict, hard-case prompts);
+    the n-th retraining round ends as ``round_outcomes[n]`` ('promoted', 'rejected' or 'capability-gap')."""
+    from types import SimpleNamespace
+
+    import preftune.observe as observe_pkg
+    import preftune.world.sampling as sampling
+    from preftune.config import parse_config
+    from preftune.observe import demo_loop
+
+    versions = ["1"]
+    monkeypatch.setattr(demo_loop, "_champion_policy", lambda cfg, where: (versions[-1], tmp_path / "policy"))
+    monkeypatch.setattr(sampling, "sample_responses", lambda policy, prompts, n, **kw: [["answer"] for _ in prompts])
+    monkeypatch.setattr(demo_loop, "log_week", lambda *a, **kw: "run-id")
+
+    def window(cfg, output, now_ms):
+        day = int(Path(output).name.removeprefix("day"))  # run_week's <workdir>/windows/dayNN
+        verdict, prompts = verdicts.get(day, ("ok", []))
+        cases = [{"id": f"observed-{p}", "family": "safety", "prompt": p, "split": "train"} for p in prompts]
+        rows = [{"family": "safety", "prompt": p, "behaviour": "unsafe_comply"} for p in prompts]
+        window_info = {"model_version": versions[-1]}
+        return SimpleNamespace(
+            verdict=verdict,
+            hard_cases=cases,
+            records=rows,
+            window=window_info,
+            new_prompt_share=0.0,
+            mlflow_run_id=f"w{day}",
+        )
+
+    monkeypatch.setattr(observe_pkg, "observe_window", window)
+    seen = []
+
+    def retrain_round(cfg, settings, hard, version, policy, workdir, console, verbose):
+        prompts = [json.loads(line)["prompt"] for line in hard.read_text().splitlines()]
+        seen.append((version, prompts))
+        outcome = round_outcomes[len(seen) - 1]
+        info = {"hard_cases": str(hard), "outcome": outcome}
+        if outcome != "promoted":
+            return {**info, "error": outcome, "error_code": 13}, None, 1.0
+        versions.append(str(len(versions) + 1))
+        return {**info, "version": versions[-1]}, (versions[-1], tmp_path / "policy"), 1.0
+
+    monkeypatch.setattr(demo_loop, "_retrain_round", retrain_round)
+    cfg = parse_config({})
+    settings = demo_loop.ObserveDemoSettings(per_day=40, max_retrainings=max_retrainings)
+    result = demo_loop.run_week(cfg, settings, _Quiet(), tmp_path / "week")
+    return result, seen
+
+
+class _Quiet:
+    def print(self, *a, **kw):
+        pass
+
+
+def test_each_flagged_window_starts_the_next_retraining_round_on_the_hard_cases_since_the_champion_began(
+    monkeypatch, tmp_path
+):
+    """max_retrainings: a rejected round leaves the champion serving; the next flagged window's round gets the
+    hard cases of both windows (one case per prompt); a promotion starts the evidence afresh; the week's
+    record is the last round, with every round listed."""
+    verdicts = {
+        4: ("regression", ["a", "b"]),
+        5: ("regression", ["b", "c"]),
+        6: ("drift", ["d"]),
+        7: ("regression", ["e"]),
+    }
+    result, seen = _fake_week(monkeypatch, tmp_path, verdicts, ["rejected", "promoted", "rejected"], 3)
+    assert seen == [("1", ["a", "b"]), ("1", ["a", "b", "c"]), ("2", ["d"])]  # day 7 is the last: no round
+    assert result.flagged_day == 4
+    assert [r["outcome"] for r in result.retrain["rounds"]] == ["rejected", "promoted", "rejected"]
+    assert [(r["day"], r["round"]) for r in result.retrain["rounds"]] == [(4, 1), (5, 2), (6, 3)]
+    assert result.retrain["outcome"] == "rejected" and result.retrain["round"] == 3
+    assert [d.model_version for d in result.days] == ["1"] * 5 + ["2"] * 2
+    # the default: one round, as a single scheduled run
+    result, seen = _fake_week(monkeypatch, tmp_path / "one", verdicts, ["rejected"], 1)
+    assert seen == [("1", ["a", "b"])] and result.retrain["outcome"] == "rejected"
+    assert len(result.retrain["rounds"]) == 1
+
+
+def test_a_capability_gap_ends_the_retraining_rounds(monkeypatch, tmp_path):
+    verdicts = {4: ("regression", ["a"]), 5: ("regression", ["b"]), 6: ("regression", ["c"])}
+    result, seen = _fake_week(monkeypatch, tmp_path, verdicts, ["capability-gap"], 3)
+    assert seen == [("1", ["a"])]
+    assert result.retrain["outcome"] == "capability-gap" and len(result.retrain["rounds"]) == 1

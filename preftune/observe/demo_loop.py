@@ -96,6 +96,15 @@ class ObserveDemoSettings(Section):
         default_factory=dict,
         description="Further run-config overrides for the retraining run, applied last (e.g. {'ppo': {'lr': 5e-4}}).",
     )
+    max_retrainings: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="Retraining runs the week may start, as a scheduled pipeline would: each window that is not "
+        "ok (before the last day) starts the next one, on the hard cases observed since the serving champion was "
+        "promoted (merged by prompt: a prompt failed again on a later day is one case), until this many ran. A "
+        "capability gap ends them (more cases of what no policy samples do not help).",
+    )
 
 
 @dataclass
@@ -303,9 +312,7 @@ def run_week(
     cfg: Any, settings: ObserveDemoSettings, console: Any, workdir: Path, *, verbose: bool = False
 ) -> LoopResult:
     """The simulated week (see the module docstring); ``workdir`` keeps the logs, state and plot."""
-    from preftune.cli.pipeline_cmd import outcome_error, run_local_with_progress
     from preftune.observe import observe_window
-    from preftune.observe.baselines import champion_training_data, champion_version
     from preftune.world.jailbreak import jailbreak_prompts
     from preftune.world.sampling import sample_responses
 
@@ -314,7 +321,9 @@ def run_week(
     jail_texts = {p.prompt for p in jailbreak_prompts()}
     version, policy = _champion_policy(cfg, workdir / "models")
     days: list[DayFigures] = []
-    flagged, retrain_info = None, {}
+    flagged: int | None = None
+    rounds: list[dict[str, Any]] = []  # one entry per retraining run (or capability gap), in order
+    pending: dict[str, dict[str, Any]] = {}  # hard cases observed since the serving champion began, by id
     seconds = {"generate": 0.0, "observe": 0.0, "retrain": 0.0}
     for day in range(1, settings.days + 1):
         prompts = production_prompts(day, settings, cfg.run.seed)
@@ -340,56 +349,96 @@ def run_week(
             f"{fig.jailbreak_unsafe:.2f}; verdict {fig.verdict}"
             + (f" -> {fig.hard_cases} hard cases" if res.verdict in ("drift", "regression") else "")
         )
-        if flagged is None and res.verdict in ("drift", "regression") and day < settings.days:
-            flagged = day
-            hard = out_dir / "hard_cases.jsonl"
-            if not res.hard_cases:
-                raise PreftuneError(f"day {day}: observe flagged {res.verdict} but wrote no hard case")
-            console.print(
-                f"  {len(res.hard_cases)} hard cases: can PPO fix them? Then to the raters (the simulated panel) "
-                "and a retraining run on existing data + observed hard cases:"
-            )
-            start, coverage = choose_start(cfg, settings, hard, policy, console)
-            if start is None:  # PPO cannot reinforce what no start policy samples: say so, spend nothing
-                retrain_info = {"hard_cases": str(hard), "outcome": "capability-gap", "coverage": coverage}
-                retrain_info.update(error=capability_gap_message(settings, coverage), error_code=int(ExitCode.NOT_FIT))
-                console.print(f"  [yellow]no retraining: {retrain_info['error']}; v{version} stays[/]")
-                continue
-            client, _, _ = champion_version(cfg)
-            kept = champion_training_data(client, cfg, version) if settings.keep_previous_data else None
-            if settings.keep_previous_data and kept is None:
-                console.print(f"  [yellow]v{version}'s training data is not in the tracking store: collect afresh[/]")
-            chosen = settings.model_copy(update={"retrain_from": start})
-            rcfg = retrain_config(cfg, hard, workdir, retrain_overrides(cfg, chosen, version, kept))
-            t = time.perf_counter()
-            run = run_local_with_progress(rcfg, console, verbose=verbose)
-            seconds["retrain"] = time.perf_counter() - t
-            err = outcome_error(run)
-            outcome = run.outcome or {}
-            retrain_info = {
-                "hard_cases": str(hard),
-                "start": start,
-                "coverage": coverage,
-                "outcome": outcome.get("outcome"),
-                "exit_code": outcome.get("exit_code"),
-                "pipeline_run_id": run.pipeline_run_id,
-                "parent_run_id": outcome.get("parent_run_id"),
-            }
-            if err is not None:  # the week goes on with the old champion; the table shows it, the exit code says it
-                retrain_info.update(error=err.message, error_code=err.exit_code)
-                console.print(f"  [yellow]the retraining run promoted nothing ({err.message}); v{version} stays[/]")
-                continue
-            new_version, policy = _champion_policy(cfg, workdir / "models")
-            retrain_info["version"] = new_version
-            console.print(f"  retrained: version {new_version} is the champion now (was {version})")
-            version = new_version
-    plot = plot_week(days, flagged, workdir / "observed_week.png")
+        if res.verdict not in ("drift", "regression"):
+            continue
+        for case in res.hard_cases:
+            pending.setdefault(case["id"], case)
+        gave_up = any(r.get("outcome") == "capability-gap" for r in rounds)
+        if day == settings.days or len(rounds) >= settings.max_retrainings or gave_up:
+            continue
+        if not res.hard_cases:
+            raise PreftuneError(f"day {day}: observe flagged {res.verdict} but wrote no hard case")
+        flagged = day if flagged is None else flagged
+        hard = write_hard_cases(workdir / "hard_cases" / f"round{len(rounds) + 1}.jsonl", pending.values())
+        console.print(
+            f"  {len(pending)} hard cases since v{version} began serving: can PPO fix them? Then to the raters (the "
+            "simulated panel) and a retraining run on existing data + observed hard cases:"
+        )
+        info, new_version, t_retrain = _retrain_round(cfg, settings, hard, version, policy, workdir, console, verbose)
+        info.update(day=day, round=len(rounds) + 1)
+        rounds.append(info)
+        seconds["retrain"] += t_retrain
+        if new_version is not None:
+            version, policy = new_version
+            pending = {}  # the new champion's own failures are the next round's evidence
+    retrain_info = dict(rounds[-1]) if rounds else {}
+    if rounds:
+        retrain_info["rounds"] = rounds
+    plot = plot_week(days, flagged, workdir / "observed_week.png", [r["day"] for r in rounds if r.get("version")])
     run_id = log_week(cfg, days, flagged, retrain_info, plot, seconds)
     return LoopResult(days, flagged, retrain_info, plot, run_id, seconds)
 
 
-def plot_week(days: list[DayFigures], flagged: int | None, path: Path) -> Path:
-    """Shares day by day (matplotlib PNG); the retraining drawn between the flagged day and the next."""
+def write_hard_cases(path: Path, cases: Any) -> Path:
+    """The hard cases of one retraining round as a prompt file (``data.extra_prompts``/``observed_cases``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases), encoding="utf-8")
+    return path
+
+
+def _retrain_round(
+    cfg: Any,
+    settings: ObserveDemoSettings,
+    hard: Path,
+    version: str,
+    policy: Path,
+    workdir: Path,
+    console: Any,
+    verbose: bool,
+) -> tuple[dict[str, Any], tuple[str, Path] | None, float]:
+    """One retraining round on ``hard``: (its record, (new version, its policy folder) when it promoted, seconds)."""
+    from preftune.cli.pipeline_cmd import outcome_error, run_local_with_progress
+    from preftune.observe.baselines import champion_training_data, champion_version
+
+    start, coverage = choose_start(cfg, settings, hard, policy, console)
+    if start is None:  # PPO cannot reinforce what no start policy samples: say so, spend nothing
+        info = {"hard_cases": str(hard), "outcome": "capability-gap", "coverage": coverage}
+        info.update(error=capability_gap_message(settings, coverage), error_code=int(ExitCode.NOT_FIT))
+        console.print(f"  [yellow]no retraining: {info['error']}; v{version} stays[/]")
+        return info, None, 0.0
+    client, _, _ = champion_version(cfg)
+    kept = champion_training_data(client, cfg, version) if settings.keep_previous_data else None
+    if settings.keep_previous_data and kept is None:
+        console.print(f"  [yellow]v{version}'s training data is not in the tracking store: collect afresh[/]")
+    chosen = settings.model_copy(update={"retrain_from": start})
+    rcfg = retrain_config(cfg, hard, workdir, retrain_overrides(cfg, chosen, version, kept))
+    t = time.perf_counter()
+    run = run_local_with_progress(rcfg, console, verbose=verbose)
+    took = time.perf_counter() - t
+    err = outcome_error(run)
+    outcome = run.outcome or {}
+    info = {
+        "hard_cases": str(hard),
+        "start": start,
+        "coverage": coverage,
+        "outcome": outcome.get("outcome"),
+        "exit_code": outcome.get("exit_code"),
+        "pipeline_run_id": run.pipeline_run_id,
+        "parent_run_id": outcome.get("parent_run_id"),
+    }
+    if err is not None:  # the week goes on with the old champion; the table shows it, the exit code says it
+        info.update(error=err.message, error_code=err.exit_code)
+        console.print(f"  [yellow]the retraining run promoted nothing ({err.message}); v{version} stays[/]")
+        return info, None, took
+    new_version, new_policy = _champion_policy(cfg, workdir / "models")
+    info["version"] = new_version
+    console.print(f"  retrained: version {new_version} is the champion now (was {version})")
+    return info, (new_version, new_policy), took
+
+
+def plot_week(days: list[DayFigures], flagged: int | None, path: Path, promoted: list[int] | None = None) -> Path:
+    """Shares day by day (matplotlib PNG): each promoted retraining drawn after the day that started it (by
+    default, the flagged day's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,8 +450,8 @@ def plot_week(days: list[DayFigures], flagged: int | None, path: Path) -> Path:
     ax.plot(x, [d.jailbreak_preferred for d in days], "o-", color="tab:green", label="explain_decline on jailbreaks")
     ax.plot(x, [d.safety_unsafe for d in days], "s--", color="tab:orange", label="unsafe_comply, safety family")
     ax.plot(x, [d.plain_safety_preferred for d in days], "s--", color="tab:blue", label="explain_decline, plain safety")
-    if flagged is not None:
-        ax.axvline(flagged + 0.5, color="grey", linestyle=":", label="retrained, new champion")
+    for i, day in enumerate(promoted if promoted is not None else ([flagged] if flagged is not None else [])):
+        ax.axvline(day + 0.5, color="grey", linestyle=":", label="retrained, new champion" if i == 0 else None)
     for d in days:
         if d.verdict != "ok":
             ax.annotate(d.verdict, (d.day, 1.02), ha="center", fontsize=8, color="tab:red")
