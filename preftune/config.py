@@ -152,6 +152,15 @@ class DataSection(Section):
         "often answers badly: more candidates, or a higher temperature, make a good answer likelier among them, "
         "so that the raters have something to prefer). Empty: the same as generation.",
     )
+    extra_policies: list[str] = Field(
+        default_factory=list,
+        description="Further policies (folder, s3:// URI, models:/name/version) that sample candidates for the "
+        "prompts of extra_prompts beside models.policy; the extra prompts' n_candidates are split between them "
+        "(models.policy gets the remainder), so the raters' work per prompt does not grow. For a retraining after "
+        "a rejected one: the rejected candidate's answers to the hard cases are where the reward model was wrong "
+        "(it rewarded them, the raters would not), so the raters should rank them (online preference "
+        "collection, as in iterated RLHF).",
+    )
     extra_prompts_repeat: int = Field(
         1,
         ge=1,
@@ -191,6 +200,16 @@ class DataSection(Section):
         description="How imported records get their behaviour family: a record field, rules on the prompt, "
         "a classifier folder; unmapped records get 'default' (docs/data.md).",
     )
+
+    @model_validator(mode="after")
+    def _extra_policies_have_candidates(self) -> DataSection:
+        n = (self.extra_generation or self.generation).n_candidates
+        if self.extra_policies and n < 1 + len(self.extra_policies):
+            raise ValueError(
+                f"data.extra_policies: {len(self.extra_policies)} policies besides models.policy share the extra "
+                f"prompts' {n} candidates: at least one each is needed (raise extra_generation.n_candidates)"
+            )
+        return self
 
 
 class FitSection(Section):

@@ -200,3 +200,38 @@ def test_extra_prompts_have_their_own_candidate_settings(models, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
     assert [len(r["candidates"]) for r in lines] == [2, 2, 2, 5] and lines[-1]["prompt_id"] == "observed-1"
     assert res.generation["candidates"] == 11 and res.generation["prompts"] == 4
+
+
+def test_extra_policies_share_the_extra_prompts_candidates(models, tmp_path):
+    """data.extra_policies: the hard cases' candidates split between models.policy (the remainder first) and each
+    further policy (e.g. a rejected candidate, whose answers the raters must rank), each with its own seed."""
+    from preftune.collect import generate_candidates
+    from preftune.errors import ConfigError
+
+    (tmp_path / "prompts.jsonl").write_text(
+        json.dumps({"id": "q0", "family": "benign", "prompt": "the cat sat"}) + "\n"
+    )
+    (tmp_path / "hard_cases.jsonl").write_text(
+        json.dumps({"id": "observed-1", "family": "safety", "prompt": "a dog ran on the mat"}) + "\n"
+    )
+    gen = {"n_candidates": 2, "max_new_tokens": 6}
+    data = {
+        "prompts": str(tmp_path / "prompts.jsonl"),
+        "extra_prompts": [str(tmp_path / "hard_cases.jsonl")],
+        "generation": gen,
+        "extra_generation": {**gen, "n_candidates": 5},
+        "extra_policies": [models["random"]],
+    }
+    cfg = parse_config(
+        {"models": {"policy": models["uniform"]}, "data": data, "tracking": {"experiment": "test-collect"}}
+    )
+    res = generate_candidates(cfg, str(tmp_path / "out"))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
+    assert [len(r["candidates"]) for r in lines] == [2, 5]
+    hard = _prompts("a dog ran on the mat")
+    own, _ = sample_candidates(models["uniform"], hard, _gen(n_candidates=3, max_new_tokens=6), seed=1)
+    further, _ = sample_candidates(models["random"], hard, _gen(n_candidates=2, max_new_tokens=6), seed=2)
+    assert [c["text"] for c in lines[1]["candidates"]] == own[0] + further[0]
+    assert res.generation["candidates"] == 7 and res.generation["prompts"] == 2
+    with pytest.raises(ConfigError, match="at least one each"):
+        parse_config({"data": {**data, "extra_generation": {**gen, "n_candidates": 2}, "extra_policies": ["a", "b"]}})

@@ -408,18 +408,47 @@ def _sample(cfg: RunConfig, storage: Any, report: ValidationReport, progress: bo
             extras.append(p)
     policy_path = resolve_policy(cfg.models.policy, cfg, storage)
     own = cfg.data.extra_generation  # the extra prompts' own candidate settings, if any
-    together = prompts + extras if own is None else prompts
+    apart = own is not None or bool(cfg.data.extra_policies)  # the extra prompts sampled on their own
+    together = prompts if apart else prompts + extras
     texts, gstats = sample_candidates(
         policy_path, together, cfg.data.generation, seed=cfg.run.seed, progress=progress, policy_ref=cfg.models.policy
     )
     prompts = together
-    if own is not None and extras:
-        more, extra_stats = sample_candidates(
-            policy_path, extras, own, seed=cfg.run.seed + 1, progress=progress, policy_ref=cfg.models.policy
-        )
+    if apart and extras:
+        more, extra_stats = _sample_extras(cfg, storage, policy_path, extras, own or cfg.data.generation, progress)
         texts, gstats, prompts = texts + more, _combined_stats(gstats, extra_stats), prompts + extras
     records = candidate_records(prompts, texts, cfg.models.policy)
     return prompts, texts, gstats, records, frozenset(prompt_key(p.prompt) for p in extras)
+
+
+def _sample_extras(cfg: RunConfig, storage: Any, policy_path: str, extras: list, gen: Any, progress: bool | None):
+    """The extra prompts' candidates: ``gen.n_candidates`` per prompt, split between models.policy (the remainder)
+    and each of ``data.extra_policies``, concatenated per prompt in that order."""
+    from dataclasses import replace
+
+    from preftune.generation.candidates import resolve_policy, sample_candidates
+
+    refs = [cfg.models.policy, *cfg.data.extra_policies]
+    share = gen.n_candidates // len(refs)
+    counts = [gen.n_candidates - share * (len(refs) - 1)] + [share] * (len(refs) - 1)
+    texts: list[list[str]] = [[] for _ in extras]
+    stats = None
+    for j, (ref, n) in enumerate(zip(refs, counts, strict=True)):
+        path = policy_path if j == 0 else resolve_policy(ref, cfg, storage)
+        got, st = sample_candidates(
+            path,
+            extras,
+            gen.model_copy(update={"n_candidates": n}),
+            seed=cfg.run.seed + 1 + j,
+            progress=progress,
+            policy_ref=ref,
+        )
+        texts = [a + b for a, b in zip(texts, got, strict=True)]
+        # the same prompts again: count their candidates and time, not the prompts twice
+        stats = st if stats is None else replace(_combined_stats(stats, st), prompts=stats.prompts)
+        if j:
+            log.info("extra prompts: %d candidates each from %s (data.extra_policies)", n, ref)
+    return texts, stats
 
 
 def _combined_stats(first: Any, second: Any) -> Any:
