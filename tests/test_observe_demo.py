@@ -150,13 +150,15 @@ def _fake_week(monkeypatch, tmp_path, verdicts, round_outcomes, max_retrainings)
     monkeypatch.setattr(observe_pkg, "observe_window", window)
     seen = []
 
-    def retrain_round(cfg, settings, hard, version, policy, workdir, console, verbose):
+    def retrain_round(cfg, settings, hard, version, policy, workdir, console, verbose, rejected):
         prompts = [json.loads(line)["prompt"] for line in hard.read_text().splitlines()]
-        seen.append((version, prompts))
+        seen.append((version, prompts, [r["candidate"] for r in rejected]))
         outcome = round_outcomes[len(seen) - 1]
         info = {"hard_cases": str(hard), "outcome": outcome}
+        if outcome == "rejected":  # evaluate judged its candidate: the next round's raters see its answers
+            return {**info, "error": outcome, "error_code": 13, "candidate": f"cand-{len(seen)}"}, None, 1.0
         if outcome != "promoted":
-            return {**info, "error": outcome, "error_code": 13}, None, 1.0
+            return {**info, "error": outcome, "error_code": 10}, None, 1.0
         versions.append(str(len(versions) + 1))
         return {**info, "version": versions[-1]}, (versions[-1], tmp_path / "policy"), 1.0
 
@@ -176,8 +178,9 @@ def test_each_flagged_window_starts_the_next_retraining_round_on_the_hard_cases_
     monkeypatch, tmp_path
 ):
     """max_retrainings: a rejected round leaves the champion serving; the next flagged window's round gets the
-    hard cases of both windows (one case per prompt); a promotion starts the evidence afresh; the week's
-    record is the last round, with every round listed."""
+    hard cases of both windows (one case per prompt) and the rejected candidate as a further policy for their
+    candidates; a promotion starts the evidence afresh; the week's record is the last round, with every round
+    listed."""
     verdicts = {
         4: ("regression", ["a", "b"]),
         5: ("regression", ["b", "c"]),
@@ -185,7 +188,7 @@ def test_each_flagged_window_starts_the_next_retraining_round_on_the_hard_cases_
         7: ("regression", ["e"]),
     }
     result, seen = _fake_week(monkeypatch, tmp_path, verdicts, ["rejected", "promoted", "rejected"], 3)
-    assert seen == [("1", ["a", "b"]), ("1", ["a", "b", "c"]), ("2", ["d"])]  # day 7 is the last: no round
+    assert seen == [("1", ["a", "b"], []), ("1", ["a", "b", "c"], ["cand-1"]), ("2", ["d"], [])]  # not on day 7
     assert result.flagged_day == 4
     assert [r["outcome"] for r in result.retrain["rounds"]] == ["rejected", "promoted", "rejected"]
     assert [(r["day"], r["round"]) for r in result.retrain["rounds"]] == [(4, 1), (5, 2), (6, 3)]
@@ -193,12 +196,12 @@ def test_each_flagged_window_starts_the_next_retraining_round_on_the_hard_cases_
     assert [d.model_version for d in result.days] == ["1"] * 5 + ["2"] * 2
     # the default: one round, as a single scheduled run
     result, seen = _fake_week(monkeypatch, tmp_path / "one", verdicts, ["rejected"], 1)
-    assert seen == [("1", ["a", "b"])] and result.retrain["outcome"] == "rejected"
+    assert seen == [("1", ["a", "b"], [])] and result.retrain["outcome"] == "rejected"
     assert len(result.retrain["rounds"]) == 1
 
 
 def test_a_capability_gap_ends_the_retraining_rounds(monkeypatch, tmp_path):
     verdicts = {4: ("regression", ["a"]), 5: ("regression", ["b"]), 6: ("regression", ["c"])}
     result, seen = _fake_week(monkeypatch, tmp_path, verdicts, ["capability-gap"], 3)
-    assert seen == [("1", ["a"])]
+    assert seen == [("1", ["a"], [])]
     assert result.retrain["outcome"] == "capability-gap" and len(result.retrain["rounds"]) == 1

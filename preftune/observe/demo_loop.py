@@ -102,8 +102,17 @@ class ObserveDemoSettings(Section):
         le=10,
         description="Retraining runs the week may start, as a scheduled pipeline would: each window that is not "
         "ok (before the last day) starts the next one, on the hard cases observed since the serving champion was "
-        "promoted (merged by prompt: a prompt failed again on a later day is one case), until this many ran. A "
-        "capability gap ends them (more cases of what no policy samples do not help).",
+        "promoted (merged by prompt: a prompt failed again on a later day is one case), until this many ran; "
+        "with keep_previous_data a round after a rejected one keeps that round's dataset (the champion's data "
+        "plus every judgement collected since), so no rater's work is lost. A capability gap ends the rounds "
+        "(more cases of what no policy samples do not help).",
+    )
+    rate_rejected_candidate: bool = Field(
+        True,
+        description="A round after a rejected one also samples the hard cases' candidates from the rejected "
+        "candidate (data.extra_policies; the candidates are split between it and the start policy): its answers "
+        "are where the reward model was wrong -- PPO found them because it scored them high -- so the raters "
+        "must rank them, as iterated RLHF collects each round's preferences from the latest policy.",
     )
 
 
@@ -324,6 +333,7 @@ def run_week(
     flagged: int | None = None
     rounds: list[dict[str, Any]] = []  # one entry per retraining run (or capability gap), in order
     pending: dict[str, dict[str, Any]] = {}  # hard cases observed since the serving champion began, by id
+    rejected: list[dict[str, Any]] = []  # rejected rounds since then: their candidate and dataset
     seconds = {"generate": 0.0, "observe": 0.0, "retrain": 0.0}
     for day in range(1, settings.days + 1):
         prompts = production_prompts(day, settings, cfg.run.seed)
@@ -364,13 +374,17 @@ def run_week(
             f"  {len(pending)} hard cases since v{version} began serving: can PPO fix them? Then to the raters (the "
             "simulated panel) and a retraining run on existing data + observed hard cases:"
         )
-        info, new_version, t_retrain = _retrain_round(cfg, settings, hard, version, policy, workdir, console, verbose)
+        info, new_version, t_retrain = _retrain_round(
+            cfg, settings, hard, version, policy, workdir, console, verbose, rejected
+        )
         info.update(day=day, round=len(rounds) + 1)
         rounds.append(info)
         seconds["retrain"] += t_retrain
+        if info.get("outcome") == "rejected":
+            rejected.append(info)
         if new_version is not None:
             version, policy = new_version
-            pending = {}  # the new champion's own failures are the next round's evidence
+            pending, rejected = {}, []  # the new champion's own failures are the next round's evidence
     retrain_info = dict(rounds[-1]) if rounds else {}
     if rounds:
         retrain_info["rounds"] = rounds
@@ -395,9 +409,14 @@ def _retrain_round(
     workdir: Path,
     console: Any,
     verbose: bool,
+    rejected: list[dict[str, Any]],
 ) -> tuple[dict[str, Any], tuple[str, Path] | None, float]:
-    """One retraining round on ``hard``: (its record, (new version, its policy folder) when it promoted, seconds)."""
+    """One retraining round on ``hard``: (its record, (new version, its policy folder) when it promoted, seconds).
+    ``rejected``: the records of the rounds rejected since the champion began (their ``candidate`` policy and
+    collected ``dataset``): the last one's dataset is kept instead of the champion's, and its candidate samples
+    part of the hard cases' candidates (``rate_rejected_candidate``)."""
     from preftune.cli.pipeline_cmd import outcome_error, run_local_with_progress
+    from preftune.evaluate.step import RUN_TAG_CANDIDATE
     from preftune.observe.baselines import champion_training_data, champion_version
 
     start, coverage = choose_start(cfg, settings, hard, policy, console)
@@ -407,11 +426,22 @@ def _retrain_round(
         console.print(f"  [yellow]no retraining: {info['error']}; v{version} stays[/]")
         return info, None, 0.0
     client, _, _ = champion_version(cfg)
-    kept = champion_training_data(client, cfg, version) if settings.keep_previous_data else None
-    if settings.keep_previous_data and kept is None:
-        console.print(f"  [yellow]v{version}'s training data is not in the tracking store: collect afresh[/]")
+    last = rejected[-1] if rejected else {}
+    kept = None
+    if settings.keep_previous_data:  # the last rejected round's data holds the champion's and all judged since
+        kept = last.get("dataset") or champion_training_data(client, cfg, version)
+        if kept is None:
+            console.print(f"  [yellow]v{version}'s training data is not in the tracking store: collect afresh[/]")
+        elif last.get("dataset"):
+            console.print(
+                f"  keeping round {last.get('round')}'s dataset (v{version}'s data and every judgement since)"
+            )
     chosen = settings.model_copy(update={"retrain_from": start})
-    rcfg = retrain_config(cfg, hard, workdir, retrain_overrides(cfg, chosen, version, kept))
+    overrides = retrain_overrides(cfg, chosen, version, kept)
+    if settings.rate_rejected_candidate and last.get("candidate"):  # what PPO found goes to the raters too
+        overrides["data"]["extra_policies"] = [last["candidate"]]
+        console.print(f"  part of each hard case's candidates from round {last.get('round')}'s rejected candidate")
+    rcfg = retrain_config(cfg, hard, workdir, overrides)
     t = time.perf_counter()
     run = run_local_with_progress(rcfg, console, verbose=verbose)
     took = time.perf_counter() - t
@@ -428,6 +458,8 @@ def _retrain_round(
     }
     if err is not None:  # the week goes on with the old champion; the table shows it, the exit code says it
         info.update(error=err.message, error_code=err.exit_code)
+        info["candidate"] = _step_tag(client, run.pipeline_run_id, "evaluate", RUN_TAG_CANDIDATE)
+        info["dataset"] = _step_tag(client, run.pipeline_run_id, "collect", "preftune.dataset_uri")
         console.print(f"  [yellow]the retraining run promoted nothing ({err.message}); v{version} stays[/]")
         return info, None, took
     new_version, new_policy = _champion_policy(cfg, workdir / "models")
@@ -549,3 +581,14 @@ def run_observe_demo(
         )
         raise PreftuneError(f"{what}: {result.retrain['error']}", result.retrain.get("error_code"))
     return result
+
+
+def _step_tag(client: Any, pipeline_run_id: str, step: str, tag: str) -> str | None:
+    """A tag of a pipeline run's step run (e.g. the candidate evaluate judged, the dataset collect published)."""
+    from preftune.tracking import TAG_PIPELINE_RUN_ID
+
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        exps, f"tags.`preftune.step` = '{step}' and tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}'"
+    )
+    return runs[0].data.tags.get(tag) if runs else None
