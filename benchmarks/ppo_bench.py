@@ -457,7 +457,7 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
             save_strategy="no",
             seed=0,
             use_cpu=True,
-            bf16=False,
+            bf16=bool(spec.get("bf16")),  # --trl-bf16: accelerate's bf16 autocast, on CPU too
             fp16=False,
             dataloader_num_workers=0,
             logging_steps=1_000_000,
@@ -496,8 +496,9 @@ def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
         trained = trainer.model.policy if hasattr(trainer.model, "policy") else trainer.model
         after = _held_out_reward(trained, tok, spec["reward"], spec)
         kl = _held_out_kl(trained, tok, spec)
+    bf16_label = ", bf16" if spec.get("bf16") else ""
     return {
-        "impl": f"trl {__import__('trl').__version__} ({'lora' if lora else 'full'})",
+        "impl": f"trl {__import__('trl').__version__} ({'lora' if lora else 'full'}{bf16_label})",
         "seconds": seconds,
         "samples_per_s": n_episodes / seconds,
         "tokens_per_s": counted["tokens"] / seconds,
@@ -519,6 +520,9 @@ ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "early_exit+merge_lora": {"rollout_early_exit": True, "rollout_merge_lora": True},
     "early_exit+merge_lora+bf16": {"rollout_early_exit": True, "rollout_merge_lora": True, "rollout_dtype": "bf16"},
     "merge_lora+compile": {"rollout_merge_lora": True, "rollout_compile": True},
+    "merge_lora+bf16": {"rollout_merge_lora": True, "rollout_dtype": "bf16"},
+    # the update's forwards and backward in bf16 autocast as well (ppo.mixed_precision)
+    "merge_lora+bf16+update_bf16": {"rollout_merge_lora": True, "rollout_dtype": "bf16", "mixed_precision": "bf16"},
 }
 
 
@@ -652,6 +656,8 @@ def mode_compare(args: argparse.Namespace) -> dict[str, Any]:
                 run_worker("trl", {**spec, "mode": "full"}, args.threads),
                 run_worker("trl", {**spec, "mode": "lora"}, args.threads),
             ]
+            if args.trl_bf16:  # TRL's rows with bf16 autocast too: the fair rows beside a bf16 preftune row
+                rows += [run_worker("trl", {**spec, "mode": m, "bf16": True}, args.threads) for m in ("full", "lora")]
             if args.overrides and args.with_defaults:  # before/after: preftune's defaults beside the --set row
                 default = run_worker("preftune", {**spec, "mode": "lora"}, args.threads)
                 entry_defaults = {"preftune defaults (no --set)": default}
@@ -1010,6 +1016,7 @@ def main() -> None:
         "repeatable; default: preftune's defaults; 'none': TRL's rows only (with --trl)",
     )
     p.add_argument("--trl", action="store_true", help="sweep: TRL's full and LoRA rows at every coefficient too")
+    p.add_argument("--trl-bf16", action="store_true", help="compare: also TRL's full and LoRA rows with bf16=True")
     p.add_argument("--best-of-n", action="store_true", help="sweep: the best-of-n curve of the initial policy")
     p.add_argument("--repeats", type=int, default=3, help="engine: timed repeats of the decode (best kept)")
     p.add_argument("--decode-only", action="store_true", help="engine: the decode measurement alone")
