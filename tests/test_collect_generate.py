@@ -176,28 +176,37 @@ def test_extra_prompts_are_added_whole_without_duplicates(models, tmp_path):
     assert res.validation["dropped"] == {"duplicate": 1}
 
 
-def test_extra_prompts_have_their_own_candidate_settings(models, tmp_path):
-    """data.extra_generation: observe's hard cases get more candidates than the usual prompts."""
-    from preftune.collect import generate_candidates
-
+def _extra_prompts_data(tmp_path: Path, usual: list[str], hard: str, max_new_tokens: int) -> dict:
+    """A data section: the usual prompts (benign) and one observed hard case (safety) as extra prompts with 5
+    candidates against the usual 2."""
     (tmp_path / "prompts.jsonl").write_text(
-        "".join(json.dumps({"id": f"q{i}", "family": "benign", "prompt": f"the cat sat {i}"}) + "\n" for i in range(3))
+        "".join(json.dumps({"id": f"q{i}", "family": "benign", "prompt": p}) + "\n" for i, p in enumerate(usual))
     )
     (tmp_path / "hard_cases.jsonl").write_text(
-        json.dumps({"id": "observed-1", "family": "safety", "prompt": "a new jailbreak"}) + "\n"
+        json.dumps({"id": "observed-1", "family": "safety", "prompt": hard}) + "\n"
     )
-    gen = {"n_candidates": 2, "max_new_tokens": 4}
-    data = {
+    gen = {"n_candidates": 2, "max_new_tokens": max_new_tokens}
+    return {
         "prompts": str(tmp_path / "prompts.jsonl"),
         "extra_prompts": [str(tmp_path / "hard_cases.jsonl")],
         "generation": gen,
         "extra_generation": {**gen, "n_candidates": 5},
     }
-    cfg = parse_config(
-        {"models": {"policy": models["uniform"]}, "data": data, "tracking": {"experiment": "test-collect"}}
-    )
+
+
+def _generate(policy: str, data: dict, tmp_path: Path):
+    """generate_candidates on ``data`` with ``policy``: its result and the candidates file's records."""
+    from preftune.collect import generate_candidates
+
+    cfg = parse_config({"models": {"policy": policy}, "data": data, "tracking": {"experiment": "test-collect"}})
     res = generate_candidates(cfg, str(tmp_path / "out"))
-    lines = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
+    return res, [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
+
+
+def test_extra_prompts_have_their_own_candidate_settings(models, tmp_path):
+    """data.extra_generation: observe's hard cases get more candidates than the usual prompts."""
+    data = _extra_prompts_data(tmp_path, [f"the cat sat {i}" for i in range(3)], "a new jailbreak", 4)
+    res, lines = _generate(models["uniform"], data, tmp_path)
     assert [len(r["candidates"]) for r in lines] == [2, 2, 2, 5] and lines[-1]["prompt_id"] == "observed-1"
     assert res.generation["candidates"] == 11 and res.generation["prompts"] == 4
 
@@ -205,28 +214,13 @@ def test_extra_prompts_have_their_own_candidate_settings(models, tmp_path):
 def test_extra_policies_share_the_extra_prompts_candidates(models, tmp_path):
     """data.extra_policies: the hard cases' candidates split between models.policy (the remainder first) and each
     further policy (e.g. a rejected candidate, whose answers the raters must rank), each with its own seed."""
-    from preftune.collect import generate_candidates
     from preftune.errors import ConfigError
 
-    (tmp_path / "prompts.jsonl").write_text(
-        json.dumps({"id": "q0", "family": "benign", "prompt": "the cat sat"}) + "\n"
-    )
-    (tmp_path / "hard_cases.jsonl").write_text(
-        json.dumps({"id": "observed-1", "family": "safety", "prompt": "a dog ran on the mat"}) + "\n"
-    )
-    gen = {"n_candidates": 2, "max_new_tokens": 6}
     data = {
-        "prompts": str(tmp_path / "prompts.jsonl"),
-        "extra_prompts": [str(tmp_path / "hard_cases.jsonl")],
-        "generation": gen,
-        "extra_generation": {**gen, "n_candidates": 5},
+        **_extra_prompts_data(tmp_path, ["the cat sat"], "a dog ran on the mat", 6),
         "extra_policies": [models["random"]],
     }
-    cfg = parse_config(
-        {"models": {"policy": models["uniform"]}, "data": data, "tracking": {"experiment": "test-collect"}}
-    )
-    res = generate_candidates(cfg, str(tmp_path / "out"))
-    lines = [json.loads(x) for x in (tmp_path / "out" / "candidates.jsonl").read_text().splitlines()]
+    res, lines = _generate(models["uniform"], data, tmp_path)
     assert [len(r["candidates"]) for r in lines] == [2, 5]
     hard = _prompts("a dog ran on the mat")
     own, _ = sample_candidates(models["uniform"], hard, _gen(n_candidates=3, max_new_tokens=6), seed=1)
@@ -234,4 +228,4 @@ def test_extra_policies_share_the_extra_prompts_candidates(models, tmp_path):
     assert [c["text"] for c in lines[1]["candidates"]] == own[0] + further[0]
     assert res.generation["candidates"] == 7 and res.generation["prompts"] == 2
     with pytest.raises(ConfigError, match="at least one each"):
-        parse_config({"data": {**data, "extra_generation": {**gen, "n_candidates": 2}, "extra_policies": ["a", "b"]}})
+        parse_config({"data": {**data, "extra_generation": data["generation"], "extra_policies": ["a", "b"]}})
