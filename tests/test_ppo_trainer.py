@@ -217,9 +217,19 @@ def test_ppo_raises_the_reward(policy_dir: Path, mode: str) -> None:
     assert res.history[-1]["ppo/kl"] > 0.0  # it moved away from the reference, and the KL is reported
 
 
-def test_mixed_precision_bf16_autocasts_on_cpu_and_still_learns(policy_dir: Path) -> None:
-    """ppo.mixed_precision 'bf16' autocasts on any device (docs/ppo.md); 'auto' stays fp32 on CPU."""
+def test_mixed_precision_bf16_autocasts_on_cpu_and_still_learns(policy_dir: Path, monkeypatch) -> None:
+    """ppo.mixed_precision 'bf16' autocasts on any device (docs/ppo.md); 'auto' stays fp32 on CPU; asking for
+    bf16 on a GPU without it is a config error, not a silent fp32 run."""
+    import contextlib
+
+    from preftune.errors import ConfigError
     from preftune.ppo.rollout import autocast_for
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: False)
+    with pytest.raises(ConfigError, match="no bf16 support"):
+        autocast_for(torch.device("cuda"), settings(mixed_precision="bf16"))
+    assert autocast_for(torch.device("cuda"), settings(mixed_precision="auto")) is contextlib.nullcontext
+    monkeypatch.undo()
 
     a = torch.ones(4, 4)
     with autocast_for(torch.device("cpu"), settings(mixed_precision="bf16"))():

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from preftune.errors import ExitCode, PreftuneError
+from preftune.errors import ConfigError, ExitCode, PreftuneError
 from preftune.ppo import core
 from preftune.ppo.config import PPOSection
 from preftune.ppo.engine import KVCacheEngine, RolloutEngine, SamplingParams
@@ -148,6 +148,8 @@ def autocast_for(device: torch.device, settings: PPOSection) -> Callable[[], Any
     avx512_bf16 or AMX runs it fast, others slowly); 'no' = fp32. Weights, gradients and AdamW stay fp32."""
     mode = settings.mixed_precision
     gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if mode == "bf16" and device.type == "cuda" and not gpu_bf16:
+        raise ConfigError(f"ppo.mixed_precision is 'bf16' but {device} has no bf16 support: use 'auto' or 'no'")
     use_bf16 = mode == "bf16" or (mode == "auto" and gpu_bf16)
     # trick: bf16 autocast (on CPU only when asked: its speed depends on the CPU's bf16 units)
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
