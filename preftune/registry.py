@@ -81,6 +81,7 @@ GATE_TAG_PREFIX = "gate."
 
 # run tags written by evaluate and promote
 RUN_TAG_EVAL_PASSED = "preftune.eval.passed"
+RUN_TAG_EVAL_CANDIDATE = "preftune.eval.candidate"  # the candidate's reference as evaluate received it
 RUN_TAG_EVAL_REASONS = "preftune.eval.reasons"
 RUN_TAG_PROMOTION = "preftune.promotion.status"
 RUN_TAG_PROMOTION_REASONS = "preftune.promotion.reasons"

@@ -70,7 +70,7 @@ REPORT_HTML = "report.html"
 
 RUN_TAG_SUITE = "preftune.eval.suite"
 RUN_TAG_SUITE_HASH = "preftune.eval.suite_hash"
-RUN_TAG_CANDIDATE = "preftune.eval.candidate"
+RUN_TAG_CANDIDATE = registry.RUN_TAG_EVAL_CANDIDATE
 RUN_TAG_CANDIDATE_HASH = "preftune.eval.candidate_hash"
 RUN_TAG_CHAMPION = "preftune.eval.champion"
 RUN_TAG_CHAMPION_VERSION = "preftune.eval.champion_version"

@@ -416,8 +416,8 @@ def _retrain_round(
     collected ``dataset``): the last one's dataset is kept instead of the champion's, and its candidate samples
     part of the hard cases' candidates (``rate_rejected_candidate``)."""
     from preftune.cli.pipeline_cmd import outcome_error, run_local_with_progress
-    from preftune.evaluate.step import RUN_TAG_CANDIDATE
     from preftune.observe.baselines import champion_training_data, champion_version
+    from preftune.registry import RUN_TAG_EVAL_CANDIDATE
 
     start, coverage = choose_start(cfg, settings, hard, policy, console)
     if start is None:  # PPO cannot reinforce what no start policy samples: say so, spend nothing
@@ -458,7 +458,7 @@ def _retrain_round(
     }
     if err is not None:  # the week goes on with the old champion; the table shows it, the exit code says it
         info.update(error=err.message, error_code=err.exit_code)
-        info["candidate"] = _step_tag(client, run.pipeline_run_id, "evaluate", RUN_TAG_CANDIDATE)
+        info["candidate"] = _step_tag(client, run.pipeline_run_id, "evaluate", RUN_TAG_EVAL_CANDIDATE)
         info["dataset"] = _step_tag(client, run.pipeline_run_id, "collect", "preftune.dataset_uri")
         console.print(f"  [yellow]the retraining run promoted nothing ({err.message}); v{version} stays[/]")
         return info, None, took
