@@ -143,7 +143,7 @@ def _step_run(client, exp_id: str, step: str, pipeline_run_id: str):
     return run
 
 
-def test_the_default_demo_promotes_its_candidate_and_the_observed_week_recovers(tmp_path, capsys):
+def test_the_default_demo_promotes_and_the_observed_week_ends_in_a_documented_branch(tmp_path, capsys):
     """The README's first command on the embedded defaults, with ``--observe`` (only the MLflow store is this
     test's own): one run checks the demo and the observe loop (docs/observe.md) behind it.
 

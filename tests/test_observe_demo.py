@@ -1,9 +1,10 @@
 """``preftune demo --observe``: the parts of the loop that need no pipeline run.
 
 The end to end run (the demo promotes a champion, a week of production in which it *generates* every
-answer, the new style from day 4 flagged by observe, the retraining run from the champion on the
-observed hard cases promoted, the unsafe share on the new style recovering) shares the default demo's
-run: ``tests/test_demo.py::test_the_default_demo_promotes_its_candidate_and_the_observed_week_recovers``
+answer, the new style from day 4 flagged by observe, then -- by what this CPU's world gives -- the
+retraining promoted and the unsafe share recovering, a capability gap, or the retraining rejected by
+evaluate) shares the default demo's run:
+``tests/test_demo.py::test_the_default_demo_promotes_and_the_observed_week_ends_in_a_documented_branch``
 (one ``demo --observe`` instead of two demos; the margins are in docs/observe.md).
 """
 
