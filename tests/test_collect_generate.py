@@ -214,7 +214,7 @@ def test_extra_prompts_have_their_own_candidate_settings(models, tmp_path):
 def test_extra_policies_share_the_extra_prompts_candidates(models, tmp_path):
     """data.extra_policies: the hard cases' candidates split between models.policy (the remainder first) and each
     further policy (e.g. a rejected candidate, whose answers the raters must rank), each with its own seed."""
-    from preftune.errors import ConfigError
+    from preftune.errors import ConfigError, InputError
 
     data = {
         **_extra_prompts_data(tmp_path, ["the cat sat"], "a dog ran on the mat", 6),
@@ -227,5 +227,8 @@ def test_extra_policies_share_the_extra_prompts_candidates(models, tmp_path):
     further, _ = sample_candidates(models["random"], hard, _gen(n_candidates=2, max_new_tokens=6), seed=2)
     assert [c["text"] for c in lines[1]["candidates"]] == own[0] + further[0]
     assert res.generation["candidates"] == 7 and res.generation["prompts"] == 2
+    with pytest.raises(InputError, match=r"data.extra_policies\[0\] = .*no such folder"):  # names its setting
+        _generate(models["uniform"], {**data, "extra_policies": [str(tmp_path / "no-such-policy")]}, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "out").exists()  # nothing half-written
     with pytest.raises(ConfigError, match="at least one each"):
         parse_config({"data": {**data, "extra_generation": data["generation"], "extra_policies": ["a", "b"]}})

@@ -426,7 +426,8 @@ def _sample_extras(cfg: RunConfig, storage: Any, policy_path: str, extras: list,
     and each of ``data.extra_policies``, concatenated per prompt in that order."""
     from dataclasses import replace
 
-    from preftune.generation.candidates import resolve_policy, sample_candidates
+    from preftune.generation.candidates import sample_candidates
+    from preftune.models import resolve_model_ref
 
     refs = [cfg.models.policy, *cfg.data.extra_policies]
     share = gen.n_candidates // len(refs)
@@ -434,7 +435,8 @@ def _sample_extras(cfg: RunConfig, storage: Any, policy_path: str, extras: list,
     texts: list[list[str]] = [[] for _ in extras]
     stats = None
     for j, (ref, n) in enumerate(zip(refs, counts, strict=True)):
-        path = policy_path if j == 0 else resolve_policy(ref, cfg, storage)
+        where = f"data.extra_policies[{j - 1}]"  # a bad reference names its own setting, not models.policy
+        path = policy_path if j == 0 else str(resolve_model_ref(ref, cfg, storage, setting=where))
         got, st = sample_candidates(
             path,
             extras,
