@@ -61,6 +61,14 @@ class WorldSection(Section):
         lt=1.0,
         description="Share of raters in the minority camp of the contested family (tone and persona).",
     )
+    rater_write_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Chance that a careful simulated rater who finds every candidate unacceptable also writes an "
+        "acceptable answer (the judgement's 'written' field, annotation tools' rewrite); it is preferred to each "
+        "candidate. 0 (the default) writes none. Not part of the world's cache key: the panel, not the world.",
+    )
     sft_steps: int = Field(900, ge=1, description="SFT optimisation steps for the base policy.")
     n_layer: int = Field(2, ge=1, description="Transformer blocks of the tiny policy.")
     n_embd: int = Field(96, ge=16, description="Hidden size of the tiny policy.")

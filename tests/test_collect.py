@@ -175,6 +175,32 @@ def test_preftune_judgements_roundtrip_the_exchange_format():
     assert [j.to_record() for j in imp.judgements] == originals
 
 
+def test_a_rater_written_answer_beats_every_candidate_and_is_checked_where_it_stands():
+    first = json.loads((DATA / "judgements.jsonl").read_text().splitlines()[0])
+    base = {**first, "best": None, "ranking": None, "all_unacceptable": True}
+    written = "I can't help with forging a signature; ask the doctor's office to reissue the note."
+    rows = [
+        {**base, "written": written},  # kept: every candidate unacceptable, the rater wrote one
+        {**first, "written": written},  # line 2: written beside a chosen candidate
+        {**base, "rater_id": "bob", "written": "   "},  # line 3: blank
+        {**base, "rater_id": "carol", "written": 7},  # line 4: not a string
+    ]
+    report = ValidationReport(max_chars=4000)
+    imp = Importer(report, 4000)
+    imp.add_file("w.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), "auto")
+    assert report.to_dict()["dropped"] == {"schema_error": 3} and len(imp.judgements) == 1
+    examples = _examples(imp, "schema_error")
+    assert any("w.jsonl:2" in e and "'written' is given but a candidate was chosen" in e for e in examples)
+    assert sum("'written' must be a non-empty string" in e for e in examples) == 2
+    j = imp.judgements[0]
+    assert j.written == written and j.to_record() == {**base, "written": written}  # round trip, field kept
+    stats = ExpansionStats()
+    pairs = expand_judgements([j], stats)
+    assert stats.written == stats.all_unacceptable == 1 and len(pairs) == 3
+    assert all(p.chosen == written and p.weight == pytest.approx(1 / 3) for p in pairs)
+    assert sorted(p.rejected for p in pairs) == sorted(c["text"] for c in first["candidates"])
+
+
 @pytest.mark.parametrize(
     ("record", "expected"),
     [

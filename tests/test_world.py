@@ -429,3 +429,36 @@ def test_same_seed_builds_the_same_world(tmp_path: Path) -> None:
     m1, m2 = first.read_manifest(), second.read_manifest()
     assert m1["files"] == m2["files"]
     assert m1["base_shares"] == m2["base_shares"]
+
+
+def test_a_panel_that_writes_answers_only_where_every_candidate_is_unacceptable() -> None:
+    from preftune.collect.pairs import ExpansionStats, expand_judgements
+    from preftune.data.records import Judgement as JudgementRecord
+    from preftune.world.classifier import classify
+
+    bad = [responses_for("high_risk", "overconfident", "legal")[i] for i in range(3)]
+    good = [bad[0], responses_for("high_risk", "hedged_referral", "legal")[0]]
+    silent = RaterPanel(n_raters=4, noise=0.0, seed=1)
+    writing = RaterPanel(n_raters=4, noise=0.0, seed=1, write_rate=1.0)
+    tags = ["domain:legal"]
+    # the writing panel's judgements are the silent panel's plus the written answer: no other draw moves
+    plain, written = silent.judge("p", "high_risk", bad, tags=tags), writing.judge("p", "high_risk", bad, tags=tags)
+    for a, b in zip(plain, written, strict=True):
+        assert "written" not in a
+        assert {k: v for k, v in b.items() if k != "written"} == a
+        assert classify("high_risk", b["written"]) == "hedged_referral"  # the rubric's best, acceptable
+        assert "a qualified lawyer" in b["written"]  # in the prompt's domain (its domain: tag)
+    # nothing is written where a candidate is acceptable
+    assert all("written" not in j for j in writing.judge("q", "high_risk", good, tags=tags))
+    # each written answer is preferred to each candidate: N pairs of weight 1/N (a judgement weighs 1)
+    stats = ExpansionStats()
+    records = [JudgementRecord.from_record(j) for j in writing.judge("p", "high_risk", bad, tags=tags)]
+    pairs = expand_judgements(records, stats)
+    assert stats.all_unacceptable == stats.written == 4 and stats.pairs == len(pairs) == 4 * 3
+    assert all(p.chosen == r.written for r in records for p in pairs if p.rater_id == r.rater_id)
+    assert sorted({p.rejected for p in pairs}) == sorted(bad)
+    assert all(p.weight == pytest.approx(1 / 3) for p in pairs) and len({p.pair_id for p in pairs}) == len(pairs)
+    # without a written answer the same judgements give no pair
+    assert expand_judgements([JudgementRecord.from_record(j) for j in silent.judge("p", "high_risk", bad)]) == []
+    with pytest.raises(InputError, match="write_rate"):
+        RaterPanel(write_rate=1.5)

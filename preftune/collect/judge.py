@@ -30,7 +30,8 @@ def panel_records(
     """Judgement records of the demo world's simulated rater panel for every prompt's candidates.
 
     The panel is the world's (``world.n_raters``, ``world.rater_noise``, ``world.contested_share``,
-    seeded by ``world.seed``): the same world has the same raters and camps.
+    seeded by ``world.seed``): the same world has the same raters and camps. ``world.rater_write_rate``:
+    how often a rater who finds every candidate unacceptable writes an acceptable answer.
     """
     from preftune.world import RaterPanel
 
@@ -39,6 +40,7 @@ def panel_records(
         noise=cfg.world.rater_noise,
         contested_share=cfg.world.contested_share,
         seed=cfg.world.seed,
+        write_rate=cfg.world.rater_write_rate,
     )
     created_at = created_at or utc_now()
     out: list[dict[str, Any]] = []

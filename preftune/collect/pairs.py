@@ -11,6 +11,10 @@ so that an item with 8 candidates does not count four times as much as one with 
   weight ``1 / (N-1)`` each.
 - An "all unacceptable" judgement (``best: null``) gives no pair: it says none of the answers is
   wanted, not which is better. It is counted, and check-fit uses it for coverage.
+- Unless the rater also *wrote* an acceptable answer (``written``, annotation tools' "rewrite"): then
+  the written answer is preferred to each of the N candidates, N pairs of weight ``1 / N``. Without
+  it the reward model never learns that an answer *all* candidates share (a polished unsafe answer,
+  a blended non-answer) is worse than the wanted one, and PPO finds exactly those.
 - Ties: a pair whose two texts are the same answer (equal after whitespace normalisation; small
   policies often sample the same text twice) is not emitted and is counted as ``ties``; its
   weight is not redistributed (a tie carries no preference).
@@ -28,7 +32,8 @@ from preftune.data.records import Judgement, Pair, short_hash
 WEIGHTING = (
     "each judgement has total weight 1: a full ranking gives all N(N-1)/2 ordered pairs with weight "
     "2/(N(N-1)) each; a best pick alone gives best vs each other candidate with weight 1/(N-1) each; "
-    "all-unacceptable judgements give no pair; pairs of identical texts (ties) or with an empty side are skipped"
+    "all-unacceptable judgements give no pair, unless the rater wrote an acceptable answer: then it is preferred "
+    "to each of the N candidates, weight 1/N each; pairs of identical texts (ties) or with an empty side are skipped"
 )
 
 
@@ -40,6 +45,7 @@ class ExpansionStats:
     with_ranking: int = 0
     best_only: int = 0
     all_unacceptable: int = 0
+    written: int = 0  # all-unacceptable judgements with a rater-written answer (they do give pairs)
     pairs: int = 0
     ties: int = 0
     empty: int = 0
@@ -55,10 +61,16 @@ def _norm(text: str) -> str:
 def expand_judgement(j: Judgement, stats: ExpansionStats) -> list[Pair]:
     """The pairs of one judgement (see the module docstring for the weights)."""
     stats.judgements += 1
+    n = len(j.candidates)
     if j.all_unacceptable or j.best is None:
         stats.all_unacceptable += 1
-        return []
-    n = len(j.candidates)
+        if not j.written:
+            return []
+        stats.written += 1
+        texts = [j.written, *(c["text"] for c in j.candidates)]  # index 0: the written answer
+        keys: list[object] = ["written", *range(n)]
+        return _emit(j, texts, keys, [(0, k + 1) for k in range(n)], 1.0 / n, stats)
+    texts = [c["text"] for c in j.candidates]
     if j.ranking is not None:
         stats.with_ranking += 1
         order = j.ranking
@@ -68,9 +80,21 @@ def expand_judgement(j: Judgement, stats: ExpansionStats) -> list[Pair]:
         stats.best_only += 1
         comparisons = [(j.best, k) for k in range(n) if k != j.best]
         weight = 1.0 / (n - 1)
+    return _emit(j, texts, list(range(n)), comparisons, weight, stats)
+
+
+def _emit(
+    j: Judgement,
+    texts: list[str],
+    keys: list[object],
+    comparisons: list[tuple[int, int]],
+    weight: float,
+    stats: ExpansionStats,
+) -> list[Pair]:
+    """The pairs ``texts[win]`` over ``texts[lose]`` (ids from ``keys``), ties and empty sides skipped (counted)."""
     out = []
     for win, lose in comparisons:
-        chosen, rejected = j.candidates[win]["text"], j.candidates[lose]["text"]
+        chosen, rejected = texts[win], texts[lose]
         if _norm(chosen) == _norm(rejected):
             stats.ties += 1
             continue
@@ -79,7 +103,7 @@ def expand_judgement(j: Judgement, stats: ExpansionStats) -> list[Pair]:
             continue
         out.append(
             Pair(
-                pair_id=short_hash("pair", j.item_id, j.rater_id, win, lose),
+                pair_id=short_hash("pair", j.item_id, j.rater_id, keys[win], keys[lose]),
                 item_id=j.item_id,
                 prompt_id=j.prompt_id,
                 family=j.family,

@@ -62,10 +62,13 @@ class Judgement:
     source: str
     created_at: str | None
     where: str = field(default="", compare=False)  # file:line, for messages only (not stored)
+    # A rater-written acceptable answer, given when every candidate is unacceptable (annotation tools'
+    # "rewrite"): it becomes the chosen side against every candidate (collect/pairs.py). None: not written.
+    written: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The ``preftune.judgement`` v1 record (the exchange format of the brief)."""
-        return {
+        rec = {
             "format": JUDGEMENT_FORMAT,
             "version": FORMAT_VERSION,
             "item_id": self.item_id,
@@ -82,6 +85,9 @@ class Judgement:
             "source": self.source,
             "created_at": self.created_at,
         }
+        if self.written is not None:  # only where a rater wrote one (older records and hashes unchanged)
+            rec["written"] = self.written
+        return rec
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Judgement:
@@ -100,6 +106,7 @@ class Judgement:
             unsafe=list(rec.get("unsafe") or []),
             source=str(rec.get("source") or "unknown"),
             created_at=rec.get("created_at"),
+            written=rec.get("written"),
         )
 
 

@@ -84,11 +84,15 @@ class WorldPaths:
         return json.loads(self.manifest.read_text(encoding="utf-8"))
 
 
+#: World settings that only the simulated rater panel reads at collect time (nothing built depends on
+#: them), left out of the cache key so that changing them reuses the built world.
+PANEL_ONLY = ("rater_write_rate",)
+
+
 def world_key(world_cfg: WorldSection) -> str:
     """A short hash of the world config and the builder version."""
-    canonical = json.dumps(
-        {"world": world_cfg.model_dump(mode="json"), "version": WORLD_VERSION}, sort_keys=True, separators=(",", ":")
-    )
+    built = world_cfg.model_dump(mode="json", exclude=set(PANEL_ONLY))
+    canonical = json.dumps({"world": built, "version": WORLD_VERSION}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from preftune.common.timestamps import utc_now
 from preftune.errors import InputError
 from preftune.world.classifier import UNKNOWN, classify
-from preftune.world.corpus import FAMILIES
+from preftune.world.corpus import FAMILIES, responses_for
 
 JUDGEMENT_FORMAT = "preftune.judgement"
 JUDGEMENT_VERSION = 1
@@ -68,6 +68,7 @@ class Judgement(TypedDict):
     unsafe: list[int]
     source: Literal["simulated"]
     created_at: str
+    written: NotRequired[str]  # the rater's own acceptable answer, when every candidate was unacceptable
 
 
 def item_id_for(prompt_id: str, candidate_texts: Sequence[str]) -> str:
@@ -88,15 +89,25 @@ class RaterPanel:
     """``n_raters`` simulated raters; ``round(contested_share * n_raters)`` of them (at least one) form
     the minority camp of the contested family."""
 
-    def __init__(self, n_raters: int = 5, noise: float = 0.1, contested_share: float = 0.4, seed: int = 0):
+    def __init__(
+        self,
+        n_raters: int = 5,
+        noise: float = 0.1,
+        contested_share: float = 0.4,
+        seed: int = 0,
+        write_rate: float = 0.0,
+    ):
         if n_raters < 1:
             raise InputError(f"RaterPanel: n_raters must be at least 1, got {n_raters}")
         if not 0.0 <= noise <= 1.0:
             raise InputError(f"RaterPanel: noise must be within [0, 1], got {noise}")
         if not 0.0 <= contested_share < 1.0:
             raise InputError(f"RaterPanel: contested_share must be within [0, 1), got {contested_share}")
+        if not 0.0 <= write_rate <= 1.0:
+            raise InputError(f"RaterPanel: write_rate must be within [0, 1], got {write_rate}")
         self.n_raters = n_raters
         self.noise = noise
+        self.write_rate = write_rate
         self.contested_share = contested_share
         self.seed = seed
         self.rater_ids: tuple[str, ...] = tuple(f"r{i + 1}" for i in range(n_raters))
@@ -129,8 +140,10 @@ class RaterPanel:
 
         ``best`` is the index of the chosen candidate; when no candidate is acceptable for the family
         (for example every one is an unsafe compliance) a careful rater answers ``best=None`` with
-        ``all_unacceptable=True`` and still gives a full ``ranking``. A noisy rater picks uniformly at
-        random and ranks the others at random.
+        ``all_unacceptable=True`` and still gives a full ``ranking``; with probability ``write_rate`` it
+        also writes an answer of the best acceptable behaviour in its own order (``written``: one of the
+        world's templates for that behaviour, in the prompt's ``domain:`` tag). A noisy rater picks
+        uniformly at random and ranks the others at random.
         """
         if family not in FAMILIES:
             raise InputError(f"unknown behaviour family {family!r}; expected one of {sorted(FAMILIES)}")
@@ -166,26 +179,39 @@ class RaterPanel:
                 )
                 all_bad = not any_acceptable
                 best = None if all_bad else ranking[0]
-            out.append(
-                Judgement(
-                    format=JUDGEMENT_FORMAT,
-                    version=JUDGEMENT_VERSION,
-                    item_id=item,
-                    prompt_id=prompt_id,
-                    family=family,
-                    tags=list(tags),
-                    prompt=prompt,
-                    candidates=[Candidate(id=i, text=t) for i, t in zip(ids, texts, strict=True)],
-                    rater_id=rater,
-                    best=best,
-                    ranking=ranking,
-                    all_unacceptable=all_bad,
-                    unsafe=list(unsafe),
-                    source="simulated",
-                    created_at=stamp,
-                )
+            written = None
+            if (
+                all_bad and self.write_rate > 0 and rng.random() < self.write_rate
+            ):  # a rater who found nothing acceptable writes one
+                written = self._write(rng, rater, family, tags)
+            judgement = Judgement(
+                format=JUDGEMENT_FORMAT,
+                version=JUDGEMENT_VERSION,
+                item_id=item,
+                prompt_id=prompt_id,
+                family=family,
+                tags=list(tags),
+                prompt=prompt,
+                candidates=[Candidate(id=i, text=t) for i, t in zip(ids, texts, strict=True)],
+                rater_id=rater,
+                best=best,
+                ranking=ranking,
+                all_unacceptable=all_bad,
+                unsafe=list(unsafe),
+                source="simulated",
+                created_at=stamp,
             )
+            if written is not None:
+                judgement["written"] = written
+            out.append(judgement)
         return out
+
+    def _write(self, rng: random.Random, rater: str, family: str, tags: Sequence[str]) -> str:
+        """The rater's own answer: the first acceptable behaviour of its order, one of the world's templates."""
+        fam = FAMILIES[family]
+        behaviour = next(b for b in self.order(rater, family) if b in fam.acceptable)
+        domain = next((t.split(":", 1)[1] for t in tags if t.startswith("domain:")), "")
+        return rng.choice(responses_for(family, behaviour, domain))
 
 
 class AuditRaters:

@@ -297,6 +297,7 @@ def make_judgement(
     item_id: str | None,
     prompt_id: str | None,
     ctx: Ctx,
+    written: str | None = None,
 ) -> Judgement:
     texts = ctx.texts
     prompt = texts(prompt, "prompt")
@@ -305,6 +306,10 @@ def make_judgement(
     candidate_texts = [texts(t, f"candidate {i}") for i, t in enumerate(candidate_texts)]
     if best is not None and not candidate_texts[best].strip():
         raise RecordError("empty_text", f"the chosen (best) candidate {best} is empty")
+    if written is not None:
+        written = texts(written, "written answer")
+        if not written.strip():
+            raise RecordError("empty_text", "the rater-written answer is empty")
     prompt_id = prompt_id or prompt_key(prompt)
     item_id = item_id or short_hash("item", prompt_id, [_norm(t) for t in candidate_texts])
     return Judgement(
@@ -322,4 +327,5 @@ def make_judgement(
         source=source,
         created_at=_created_at(rec),
         where=ctx.where,
+        written=written,
     )

@@ -34,6 +34,21 @@ def _best_and_ranking(rec: dict, n: int) -> tuple[int | None, list[int] | None, 
     return best, ranking, all_bad
 
 
+def _written(rec: dict, all_bad: bool) -> str | None:
+    """The optional rater-written answer: a non-empty string, only beside ``best: null`` (none acceptable)."""
+    written = rec.get("written")
+    if written is None:
+        return None
+    if not isinstance(written, str) or not written.strip():
+        raise _schema("field 'written' must be a non-empty string (the rater's own acceptable answer) or absent")
+    if not all_bad:
+        raise _schema(
+            "field 'written' is given but a candidate was chosen: a written answer is for judgements where "
+            "every candidate is unacceptable (best: null, all_unacceptable: true)"
+        )
+    return written
+
+
 def convert_best_of_n(rec: dict, ctx: Ctx) -> Judgement:
     if "prompt" not in rec:
         raise _schema("best-of-N record without 'prompt'")
@@ -69,6 +84,7 @@ def convert_best_of_n(rec: dict, ctx: Ctx) -> Judgement:
         item_id=_opt_str(rec, "item_id"),
         prompt_id=_opt_str(rec, "prompt_id") or _opt_str(rec, "id"),
         ctx=ctx,
+        written=_written(rec, all_bad),
     )
 
 
@@ -123,4 +139,5 @@ def convert_preftune(rec: dict, ctx: Ctx) -> Judgement:
         item_id=_opt_str(rec, "item_id"),
         prompt_id=_opt_str(rec, "prompt_id"),
         ctx=ctx,
+        written=_written(rec, all_bad),
     )
