@@ -244,6 +244,40 @@ def test_all_unacceptable_and_ranking_reach_the_export(client):
     ]
 
 
+def test_a_written_answer_is_checked_stored_exported_and_becomes_pairs(client):
+    from preftune.collect.pairs import ExpansionStats, expand_judgements
+    from preftune.data.formats import Importer
+    from preftune.data.validation import ValidationReport
+
+    import_records(client, candidates(1, n_candidates=3))
+    (token,) = add_raters(client, 1)
+    task_id = client.get("/api/tasks/next", headers=bearer(token)).json()["task_id"]
+
+    def post(**kw):
+        return client.post("/api/judgements", json={"task_id": task_id, **kw}, headers=bearer(token))
+
+    answer = "I can't help with that: it could hurt someone. If you are worried, a pharmacist can advise."
+    r = post(best=1, written=answer)
+    assert r.status_code == 422 and "goes with all_unacceptable" in r.json()["detail"]
+    assert post(all_unacceptable=True, written="  ").status_code == 422  # blank
+    r = post(all_unacceptable=True, written="x" * 8001)  # over PREFTUNE_MAX_TEXT_CHARS (8000 in the tests)
+    assert r.status_code == 422 and "PREFTUNE_MAX_TEXT_CHARS" in r.json()["detail"]
+    r = post(all_unacceptable=True, written=answer, judgement_id="w-1")
+    assert r.status_code == 201 and r.json()["written"] == answer and r.json()["best"] is None
+    assert post(all_unacceptable=True, written=answer, judgement_id="w-1").status_code == 200  # idempotent
+    assert post(all_unacceptable=True, written="another answer", judgement_id="w-1").status_code == 409
+    data = client.get("/api/admin/export", headers=ADMIN).content
+    (rec,) = [json.loads(line) for line in data.splitlines()]
+    assert rec["written"] == answer and rec["all_unacceptable"] is True
+    # collect reads it strictly: the written answer is preferred to each of the three candidates
+    report = ValidationReport(strict=True)
+    importer = Importer(report, max_chars=None)
+    assert importer.add_file("export.jsonl", data, "auto") == "preftune"
+    stats = ExpansionStats()
+    pairs = expand_judgements(importer.judgements, stats)
+    assert stats.written == 1 and len(pairs) == 3 and {p.chosen for p in pairs} == {answer}
+
+
 def test_skip_releases_the_slot_and_never_returns_the_task(client, serve_db):
     import_records(client, candidates(2))
     a, b = add_raters(client, 2)
@@ -452,7 +486,7 @@ def test_cli_migrate_add_rater_import_and_export(serve_db, tmp_path, monkeypatch
     runner = CliRunner()
     app = _cli()
     r = runner.invoke(app, ["serve", "migrate"])
-    assert r.exit_code == 0 and "0002_fast_cycle" in r.output, r.output
+    assert r.exit_code == 0 and "0003_written_answers" in r.output, r.output
 
     r = runner.invoke(app, ["serve", "add-rater", "alice"])
     assert r.exit_code == 0, r.output

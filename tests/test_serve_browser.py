@@ -2,8 +2,8 @@
 
 A rater opens the page with ``?token=``, picks the best answer with the keyboard, undoes it
 (U) and judges again, looks at where the answers differ (D), ranks all answers, marks all
-unacceptable and flags one as unsafe, all without a mouse; every judgement must be in the
-database, the undone one gone, and the progress line must count done and remaining tasks.
+unacceptable with an answer of their own (W) and flags one as unsafe, all without a mouse; every
+judgement must be in the database, the undone one gone, and the progress line must count done and remaining tasks.
 With ``PREFTUNE_SCREENSHOTS=<dir>`` the test saves the page (the difference view) there: that is
 how docs/img/rater-page.png is made. Without /usr/bin/chromium the test skips on a developer machine and fails in CI.
 """
@@ -119,12 +119,18 @@ def test_rater_judges_with_the_keyboard_in_headless_chromium(browser, tmp_path):
         second = stored()[1]
         assert second.ranking == [order2[2], order2[0], order2[1]] and second.best == order2[2]
 
-        # 3. X: all unacceptable; 4. S: skip (no judgement).
+        # 3. W opens the box for the rater's own answer (typing there is text, not shortcuts: it has x, s, r,
+        # d, u and a digit), Esc leaves it, X sends "all unacceptable" with it; 4. S: skip (no judgement).
         prompt3, _ = _wait(lambda: (t := shown_task()) and t[0] != prompt2 and t, what="the third task")
+        own = "I can't explain that: 1 risk is serious. Ask a pharmacist, they will discuss it."
+        ActionChains(browser).send_keys("w").perform()
+        _wait(lambda: browser.find_element(By.ID, "written").is_displayed(), what="the answer box")
+        ActionChains(browser).send_keys(own).send_keys(Keys.ESCAPE).perform()
+        assert len(stored()) == 2 and shown_task()[0] == prompt3  # typing sent nothing
         ActionChains(browser).send_keys("x").perform()
         _wait(lambda: len(stored()) == 3, what="the all-unacceptable judgement")
         third = stored()[2]
-        assert (third.best, third.all_unacceptable) == (None, True)
+        assert (third.best, third.all_unacceptable, third.written) == (None, True, own)
         _wait(lambda: (t := shown_task()) and t[0] != prompt3 and t, what="the fourth task")
         ActionChains(browser).send_keys("s").perform()
         _wait(lambda: browser.find_element(By.ID, "done").is_displayed(), what="the 'no tasks left' message")

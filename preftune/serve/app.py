@@ -367,6 +367,11 @@ def _routes(app: FastAPI, state: ServiceState) -> None:
             False, description="Also reserve the next task and answer it as next_task (one transaction)."
         ),
     ) -> JSONResponse:
+        if payload.written is not None and len(payload.written) > settings.max_text_chars:
+            raise service.InvalidError(
+                f"written: {len(payload.written)} characters, the limit is {settings.max_text_chars} "
+                "(PREFTUNE_MAX_TEXT_CHARS)"
+            )
         with sessions() as s:
             rater = _rater(s, request)
             record, created, next_view = service.submit_and_next(

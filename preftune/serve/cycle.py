@@ -319,9 +319,10 @@ WITH old AS (
     WHERE a.task_id = :task AND a.rater_id = :rater
     FOR NO KEY UPDATE
 ), ins AS (
-    INSERT INTO judgements (uid, task_id, rater_id, best, ranking, all_unacceptable, unsafe, source, created_at)
+    INSERT INTO judgements (uid, task_id, rater_id, best, ranking, all_unacceptable, unsafe, source, created_at,
+                            written)
     SELECT :uid, :task, :rater, :best, CAST(:ranking AS json), :all_unacceptable, CAST(:unsafe AS json),
-           'service', :now
+           'service', :now, :written
     FROM old WHERE old.status IN ('open', 'expired')
     ON CONFLICT DO NOTHING
     RETURNING id
@@ -347,6 +348,7 @@ FROM tasks t WHERE t.id = :task
         "all_unacceptable": "boolean",
         "unsafe": "text",
         "now": "timestamp",
+        "written": "text",
     },
 )
 
@@ -357,6 +359,7 @@ class Normalised:
     ranking: list[int] | None
     all_unacceptable: bool
     unsafe: list[int]
+    written: str | None = None
 
 
 def normalise(payload: JudgementIn) -> Normalised:
@@ -367,6 +370,7 @@ def normalise(payload: JudgementIn) -> Normalised:
         ranking=list(ranking) if ranking else None,
         all_unacceptable=payload.all_unacceptable,
         unsafe=sorted(set(payload.unsafe)),
+        written=payload.written,
     )
 
 
@@ -396,6 +400,7 @@ def store(session: Session, rater: RaterRef, payload: JudgementIn, *, now: datet
         "best": norm.best,
         "all_unacceptable": norm.all_unacceptable,
         "now": now,
+        "written": norm.written,
     }
     if _is_pg(session):
         row = pgsql.run(
@@ -442,6 +447,7 @@ def store(session: Session, rater: RaterRef, payload: JudgementIn, *, now: datet
             "created_at": iso_utc(now),
             "judgement_id": uid,
             "task_id": payload.task_id,
+            **({"written": norm.written} if norm.written is not None else {}),
         },
         created=True,
     )
@@ -478,6 +484,7 @@ def _store_generic(session: Session, rater_id: int, task_id: int, uid: str, norm
             unsafe=norm.unsafe,
             source="service",
             created_at=now,
+            written=norm.written,
         )
         .on_conflict_do_nothing()
         .returning(J.c.id)

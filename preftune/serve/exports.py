@@ -36,6 +36,8 @@ def judgement_record(j: Judgement, *, with_uid: bool = False) -> dict[str, Any]:
         "source": j.source,
         "created_at": iso_utc(j.created_at),
     }
+    if j.written is not None:  # only where the rater wrote one (the exchange format's optional field)
+        rec["written"] = j.written
     if with_uid:
         rec["judgement_id"] = j.uid
         rec["task_id"] = j.task_id

@@ -112,6 +112,8 @@ class Judgement(Base):
     unsafe: Mapped[list[int]] = mapped_column(JSON, nullable=False)
     source: Mapped[str] = mapped_column(String(16), nullable=False, default="service")
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, index=True)
+    # the rater's own acceptable answer, when every candidate was unacceptable (migration 0003)
+    written: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     task: Mapped[Task] = relationship(lazy="joined", innerjoin=True)
     rater: Mapped[Rater] = relationship(lazy="joined", innerjoin=True)

@@ -67,6 +67,11 @@ class JudgementIn(BaseModel):
     ranking: list[int] | None = Field(None, max_length=MAX_CANDIDATES)
     all_unacceptable: bool = False
     unsafe: list[int] = Field(default_factory=list, max_length=MAX_CANDIDATES)
+    written: str | None = Field(
+        None,
+        description="With all_unacceptable: the answer the rater would want, written by them (collect prefers it "
+        "to every candidate). Up to PREFTUNE_MAX_TEXT_CHARS characters.",
+    )
 
 
 class RaterIn(BaseModel):

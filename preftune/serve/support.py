@@ -91,6 +91,7 @@ class CleanJudgement:
     ranking: list[int] | None
     all_unacceptable: bool
     unsafe: list[int]
+    written: str | None = None
 
     def same_as(self, j: Judgement) -> bool:
         return (
@@ -98,6 +99,7 @@ class CleanJudgement:
             and (self.ranking or None) == (list(j.ranking) if j.ranking else None)
             and self.all_unacceptable == j.all_unacceptable
             and self.unsafe == sorted(j.unsafe or [])
+            and self.written == j.written
         )
 
 
@@ -105,6 +107,11 @@ def pick_best(payload: JudgementIn) -> int | None:
     """The best candidate a judgement names (the ranking's first when only a ranking is given; None when all
     are unacceptable); the format's rules as 422, before the task is known."""
     best, ranking = payload.best, payload.ranking
+    if payload.written is not None:
+        if not payload.written.strip():
+            raise InvalidError("written: an empty answer; leave it out, or write the answer you would want")
+        if not payload.all_unacceptable:
+            raise InvalidError("written: a written answer goes with all_unacceptable (no candidate is acceptable)")
     if payload.all_unacceptable:
         if best is not None:
             raise InvalidError("best must be null when all_unacceptable is true")
@@ -130,5 +137,9 @@ def clean_judgement(payload: JudgementIn, n_candidates: int) -> CleanJudgement:
     if len(unsafe) != len(payload.unsafe) or any(not 0 <= i < n for i in unsafe):
         raise InvalidError(f"unsafe: candidate indexes 0..{n - 1}, each at most once")
     return CleanJudgement(
-        best=best, ranking=list(ranking) if ranking else None, all_unacceptable=payload.all_unacceptable, unsafe=unsafe
+        best=best,
+        ranking=list(ranking) if ranking else None,
+        all_unacceptable=payload.all_unacceptable,
+        unsafe=unsafe,
+        written=payload.written,
     )

@@ -144,6 +144,8 @@
 
   function render(task) {
     state.task = task;
+    $("written").value = "";
+    $("write-box").open = false;
     state.judgementId = newId();
     state.ranking = [];
     state.rankMode = false;
@@ -186,7 +188,8 @@
     });
     var n = task.candidates.length;
     $("help").textContent = "Keys: 1–" + Math.min(n, 9) + " pick the best · Shift+number flags unsafe · " +
-      "R rank all (numbers in order, Enter sends, Backspace undoes) · X all unacceptable · S skip · " +
+      "R rank all (numbers in order, Enter sends, Backspace undoes) · X all unacceptable · " +
+      "W write the answer you would want (sent with X) · S skip · " +
       "D show differences · U undo the last judgement";
     updateRankUi();
     showDiff(state.diff);
@@ -298,7 +301,13 @@
   }
 
   function sendNone() {
-    send({ best: null, ranking: null, all_unacceptable: true });
+    var written = $("written").value;
+    send({ best: null, ranking: null, all_unacceptable: true, written: written.trim() ? written : null });
+  }
+
+  function openWriteBox() {
+    $("write-box").open = true;
+    $("written").focus();
   }
 
   function send(choice, attempt) {
@@ -313,6 +322,7 @@
       all_unacceptable: choice.all_unacceptable,
       unsafe: unsafeIndexes()
     };
+    if (choice.written) { body.written = choice.written; }
     api("POST", "/api/judgements?next=true", body).then(function (resp) {
       if (resp.status === 201 || resp.status === 200) {
         return resp.json().then(function (rec) {
@@ -383,6 +393,8 @@
       choose(pos);
     } else if (key === "x") {
       ev.preventDefault(); sendNone();
+    } else if (key === "w") {
+      ev.preventDefault(); openWriteBox();
     } else if (key === "s") {
       ev.preventDefault(); skip();
     } else if (key === "d") {
@@ -410,6 +422,9 @@
     $("rank-toggle").addEventListener("click", toggleRank);
     $("send-ranking").addEventListener("click", sendRanking);
     $("none-ok").addEventListener("click", sendNone);
+    $("written").addEventListener("keydown", function (ev) {
+      if (ev.key === "Escape") { ev.preventDefault(); $("written").blur(); }
+    });
     $("skip").addEventListener("click", skip);
     $("again").addEventListener("click", loadNext);
     $("undo").addEventListener("click", undo);
