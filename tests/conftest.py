@@ -46,6 +46,7 @@ from support.s3 import *  # noqa: E402,F401,F403
 LONGEST_FIRST = (
     "test_demo.py",
     "test_pipeline_local.py",
+    "test_demo_fit_gate.py",
     "test_reward_real.py",
     "test_pilot_demo.py",
     "test_single_rated_run.py",
