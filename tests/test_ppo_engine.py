@@ -123,6 +123,28 @@ def test_engine_with_merged_lora_samples_what_the_adapter_samples(policy_dir: Pa
     assert merged.finish_reasons == plain.finish_reasons
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_length_batching_cuts_the_padding_and_returns_the_rows_in_order(policy_dir: Path, k: int) -> None:
+    """Near-greedy sampling (T 1e-4) makes each row's tokens independent of the random draws, so the rows with
+    length batching must be the rows without it, in the input order, from fewer forward tokens."""
+    model, tok, ids, mask = _load(policy_dir)
+    assert len(set(mask.sum(dim=1).tolist())) == 3  # three prompt lengths
+    params = SamplingParams(12, 1e-4, tok.eos_token_id, tok.pad_token_id, num_samples=k, batch_size=k)
+    plain = KVCacheEngine(model).generate(ids, mask, params, torch.Generator().manual_seed(3))
+    grouped = KVCacheEngine(model, length_batching=True).generate(ids, mask, params, torch.Generator().manual_seed(3))
+    assert grouped.n_forward_tokens < plain.n_forward_tokens  # the short prompts' chunks lost their padding
+    assert torch.equal(grouped.response_ids, plain.response_ids)
+    assert grouped.finish_reasons == plain.finish_reasons
+    resp_mask = core.response_mask(plain.response_ids, tok.eos_token_id)
+    assert torch.allclose(grouped.hidden[resp_mask], plain.hidden[resp_mask], atol=1e-4, rtol=0)
+    assert torch.allclose(grouped.logprobs * resp_mask, plain.logprobs * resp_mask, atol=1e-4, rtol=0)
+    # one chunk: nothing to group, the very same rollout (the same draws, bit for bit)
+    whole = SamplingParams(12, 1.0, tok.eos_token_id, tok.pad_token_id, num_samples=k, batch_size=64)
+    a = KVCacheEngine(model).generate(ids, mask, whole, torch.Generator().manual_seed(4))
+    b = KVCacheEngine(model, length_batching=True).generate(ids, mask, whole, torch.Generator().manual_seed(4))
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
 def test_bf16_rollout_log_probs_stay_within_the_stated_tolerance(policy_dir: Path) -> None:
     model, tok, ids, mask = _load(policy_dir)
     params = SamplingParams(12, 1.0, tok.eos_token_id, tok.pad_token_id)

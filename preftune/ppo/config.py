@@ -121,6 +121,13 @@ class PPOSection(Section):
         " fp32: exact.",
     )
 
+    rollout_length_batching: bool = Field(
+        False,
+        description="When a rollout takes several forward chunks (batch_size > forward_batch_size): group the "
+        "prompts by length, longest first, and cut each chunk's left padding to its longest prompt (less prefill "
+        "and attention work on pads). The rows come back in order; the chunks draw from the random stream in the "
+        "new order, so the samples are another seeded draw. With one chunk (the default sizes) it changes nothing.",
+    )
     rollout_compile: bool = Field(
         False,
         description="Decode on a static KV cache with the one-token decode step compiled by torch.compile (the "

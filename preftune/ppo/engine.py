@@ -35,6 +35,12 @@ same line OpenRLHF and verl draw around vLLM/SGLang. An engine
 - ``compile`` (``ppo.rollout_compile``): the decode steps on a static KV cache, the one-token step
   compiled by ``torch.compile`` (:mod:`preftune.ppo.static_decode`; eager fallback logged once);
   the same tokens, log-probs to float rounding (~1e-6; tested). Not with ``early_exit``.
+- ``length_batching`` (``ppo.rollout_length_batching``): when a rollout takes several forward
+  chunks (``batch_size`` rows each), the prompts are grouped by length, longest first, and each
+  chunk's left padding is cut to its own longest prompt, so short prompts do not pay for the
+  longest one's columns in the prefill and in every decode step's attention. The output rows come
+  back in the input order. The chunks draw from the random stream in the new order, so the samples
+  are another (seeded, resumable) draw, not the same tokens. With one chunk it changes nothing.
 """
 
 from __future__ import annotations
@@ -137,6 +143,7 @@ class KVCacheEngine:
         autocast: Any = contextlib.nullcontext,
         compile: bool = False,
         compile_bucket: int = 64,
+        length_batching: bool = False,
     ) -> None:
         if compile and early_exit:
             raise ValueError("compile (a static KV cache) and early_exit cannot be combined: turn one of them off")
@@ -147,6 +154,7 @@ class KVCacheEngine:
         self.early_exit = early_exit
         self.dtype = dtype
         self.autocast = autocast
+        self.length_batching = length_batching
 
     def sync(self) -> None:
         """Nothing to copy: the engine samples with the trainer's live modules (merging happens per rollout)."""
@@ -162,16 +170,25 @@ class KVCacheEngine:
     ) -> Generation:
         k = params.num_samples
         rows = max(1, params.batch_size // k)  # prompt rows per forward: rows * k output rows
+        n = prompt_ids.shape[0]
+        order = None
+        if self.length_batching and n > rows:  # trick: chunks of similar prompt length, each cut to its longest
+            order = torch.argsort(prompt_mask.sum(dim=1), descending=True, stable=True)
+            prompt_ids, prompt_mask = prompt_ids[order], prompt_mask[order]
         merging = merged_lora(self.lm) if self.merge_lora else contextlib.nullcontext()
         chunks = []
         with merging, self._precision():
-            for start in range(0, prompt_ids.shape[0], rows):
+            for start in range(0, n, rows):
                 sl = slice(start, start + rows)
+                ids, mask = prompt_ids[sl], prompt_mask[sl]
+                if order is not None:  # left padding: the chunk's longest prompt ends the columns it needs
+                    width = max(1, int(mask.sum(dim=1).max()))
+                    ids, mask = ids[:, -width:], mask[:, -width:]
                 chunks.append(
                     sample(
                         self.lm,
-                        prompt_ids[sl],
-                        prompt_mask[sl],
+                        ids,
+                        mask,
                         max_new_tokens=params.max_new_tokens,
                         temperature=params.temperature,
                         eos_token_id=params.eos_token_id,
@@ -184,13 +201,23 @@ class KVCacheEngine:
                     )
                 )
         R = max(c.response_ids.shape[1] for c in chunks)
-        response_ids = _pad_cat([c.response_ids for c in chunks], R, params.pad_token_id)
+        back = None
+        if order is not None:  # output row (sorted prompt j, sample s) -> the input order again
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(n, device=order.device)
+            back = (inverse.repeat_interleave(k) * k + torch.arange(k, device=order.device).repeat(n)).cpu()
+
+        def cat(ts: Sequence[torch.Tensor], value: float) -> torch.Tensor:
+            out = _pad_cat(ts, R, value)
+            return out if back is None else out[back.to(out.device)]
+
+        response_ids = cat([c.response_ids for c in chunks], params.pad_token_id)
         with_scores = params.with_scores
         return Generation(
             response_ids=response_ids,
             finish_reasons=finish_reasons(response_ids, params.eos_token_id),
             n_forward_tokens=sum(c.n_forward_tokens for c in chunks),
-            logprobs=_pad_cat([c.logprobs for c in chunks], R, 0.0) if with_scores else None,
-            entropy=_pad_cat([c.entropy for c in chunks], R, 0.0) if with_scores else None,
-            hidden=_pad_cat([c.hidden for c in chunks], R, 0.0) if with_scores else None,
+            logprobs=cat([c.logprobs for c in chunks], 0.0) if with_scores else None,
+            entropy=cat([c.entropy for c in chunks], 0.0) if with_scores else None,
+            hidden=cat([c.hidden for c in chunks], 0.0) if with_scores else None,
         )

@@ -230,6 +230,7 @@ class RolloutMaker:
             autocast=self.autocast,
             compile=settings.rollout_compile,
             compile_bucket=settings.rollout_compile_bucket,
+            length_batching=settings.rollout_length_batching,
         )
 
     # -- text in and out -------------------------------------------------------------------------
