@@ -1,6 +1,6 @@
-"""Rollout prompts of mixed length: length batching on and off, and how much of a rollout the prefill is.
+"""Rollout prompts of mixed length and with a shared system text: length batching and prefix reuse, on and off.
 
-Two questions of issue 20, measured on the KV-cache engine (``preftune.ppo.engine.KVCacheEngine``):
+Three questions of issue 20, measured on the KV-cache engine (``preftune.ppo.engine.KVCacheEngine``):
 
 - ``ppo.rollout_length_batching``: a rollout of ``--batch`` prompts whose lengths differ (a mix of
   short questions and long, pasted-in prompts), decoded in forward chunks of ``--forward-batch``
@@ -9,6 +9,9 @@ Two questions of issue 20, measured on the KV-cache engine (``preftune.ppo.engin
 - How much a shared-prefix cache could save: the share of the rollout's time spent in the prefill
   (one forward over the prompts, as the engine runs it); reusing a shared prefix saves at most
   that share times the prefix's share of the prompt tokens.
+- ``ppo.rollout_share_prefix``: the same prompts behind one system text (``--system-words`` words,
+  as a chat template's system prompt puts before every prompt), with and without prefilling the
+  shared text once per chunk.
 
 Random-weight models from ``ppo_bench.py`` (``--size tiny``: 0.3 M, ``small``: GPT-2 small's config,
 124 M; ``PPO_BENCH_MODELS=DIR`` caches them), the base model (no adapter), T = 1, best of
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--system-words", type=int, default=40, help="words of the shared system text")
     args = ap.parse_args()
 
     import torch
@@ -114,6 +118,22 @@ def main() -> None:
 
     prefill_s, _ = best(prefill)
     base = rows["chunks as given"]["seconds"]
+
+    from ppo_bench import PROMPTS
+
+    words = " ".join(PROMPTS).split()
+    system = "System: " + " ".join(words[i % len(words)] for i in range(args.system_words)) + ".\n"
+    enc = tok([system + t for t in texts], padding=True, return_tensors="pt")
+    sys_ids, sys_mask = enc["input_ids"], enc["attention_mask"]
+    shared: dict[str, Any] = {}
+    for name, opts in {"system text, prefilled per row": {}, "system text prefilled once": {"share_prefix": 8}}.items():
+        engine = KVCacheEngine(model, **opts)
+
+        def run_sys(r: int, engine: Any = engine) -> Any:
+            return engine.generate(sys_ids, sys_mask, params, torch.Generator().manual_seed(r))
+
+        sec, gen = best(run_sys)
+        shared[name] = {"seconds": sec, "forward_tokens": gen.n_forward_tokens, "samples_per_s": args.batch / sec}
     print(
         json.dumps(
             {
@@ -131,6 +151,10 @@ def main() -> None:
                 "length_batching_speedup": base / rows["length batching"]["seconds"],
                 "prefill_seconds": prefill_s,
                 "prefill_share_of_rollout": prefill_s / base,
+                "system_text_tokens": len(tok(system)["input_ids"]),
+                "shared_prefix_rows": shared,
+                "share_prefix_speedup": shared["system text, prefilled per row"]["seconds"]
+                / shared["system text prefilled once"]["seconds"],
             },
             indent=2,
         )

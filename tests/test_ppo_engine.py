@@ -145,6 +145,39 @@ def test_length_batching_cuts_the_padding_and_returns_the_rows_in_order(policy_d
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
 
 
+SYSTEM = "System: you are a careful assistant; answer briefly, kindly and safely, and say when you do not know.\n"
+
+
+@pytest.mark.parametrize(("k", "static"), [(1, False), (2, False), (1, True)])
+def test_a_shared_prompt_prefix_is_prefilled_once_and_samples_the_same_rows(
+    policy_dir: Path, k: int, static: bool
+) -> None:
+    from preftune.ppo.sampling import shared_prefix_length
+    from preftune.ppo.static_decode import StaticDecoder
+
+    model, tok, _, _ = _load(policy_dir)
+    enc = tok([SYSTEM + t for t in TEXTS], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    alone = tok(SYSTEM.rstrip("\n"), return_tensors="pt")["input_ids"].shape[1]
+    prefix = shared_prefix_length(ids, mask)
+    assert prefix >= alone - 1 > 10  # the system text (up to its last token, which may merge with the next)
+    dec = (lambda: StaticDecoder(model, bucket=16, compile_step=False)) if static else (lambda: None)
+    plain, state_plain = _sample(model, tok, ids, mask, seed=6, num_samples=k, decoder=dec())
+    shared, state_shared = _sample(model, tok, ids, mask, seed=6, num_samples=k, decoder=dec(), share_prefix=8)
+    assert shared.n_forward_tokens == plain.n_forward_tokens - (len(TEXTS) - 1) * prefix - (
+        int(mask.shape[1] - mask.sum(dim=1).max())  # plain also ran the longest row's (zero) left padding
+    ) * len(TEXTS)
+    assert torch.equal(shared.response_ids, plain.response_ids)
+    assert torch.equal(state_shared, state_plain)
+    resp_mask = core.response_mask(plain.response_ids, tok.eos_token_id)
+    for got, want in ((shared.logprobs, plain.logprobs), (shared.entropy, plain.entropy)):
+        assert torch.allclose(got * resp_mask, want * resp_mask, atol=1e-4, rtol=0)
+    assert torch.allclose(shared.hidden[resp_mask], plain.hidden[resp_mask], atol=1e-4, rtol=0)
+    # a minimum longer than what the rows share: the plain prefill, the very same numbers
+    off, _ = _sample(model, tok, ids, mask, seed=6, num_samples=k, decoder=dec(), share_prefix=prefix + 1)
+    assert torch.equal(off.response_ids, plain.response_ids) and torch.equal(off.logprobs, plain.logprobs)
+
+
 def test_bf16_rollout_log_probs_stay_within_the_stated_tolerance(policy_dir: Path) -> None:
     model, tok, ids, mask = _load(policy_dir)
     params = SamplingParams(12, 1.0, tok.eos_token_id, tok.pad_token_id)

@@ -128,6 +128,14 @@ class PPOSection(Section):
         "and attention work on pads). The rows come back in order; the chunks draw from the random stream in the "
         "new order, so the samples are another seeded draw. With one chunk (the default sizes) it changes nothing.",
     )
+    rollout_share_prefix: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="0: off. n: when every prompt of a forward chunk starts with the same n or more tokens (a chat "
+        "template's system text), prefill them once and copy their KV cache to every row; each row's own tokens "
+        "follow. The same random draws; log-probs to float rounding (~1e-6).",
+    )
     rollout_compile: bool = Field(
         False,
         description="Decode on a static KV cache with the one-token decode step compiled by torch.compile (the "

@@ -41,6 +41,10 @@ same line OpenRLHF and verl draw around vLLM/SGLang. An engine
   longest one's columns in the prefill and in every decode step's attention. The output rows come
   back in the input order. The chunks draw from the random stream in the new order, so the samples
   are another (seeded, resumable) draw, not the same tokens. With one chunk it changes nothing.
+- ``share_prefix=n`` (``ppo.rollout_share_prefix``): a prefix of at least ``n`` tokens that every
+  prompt of a chunk starts with (a chat template's system text) is prefilled once and its KV cache
+  copied to every row (:func:`preftune.ppo.sampling.sample`); the same random draws, log-probs to
+  float rounding.
 """
 
 from __future__ import annotations
@@ -144,6 +148,7 @@ class KVCacheEngine:
         compile: bool = False,
         compile_bucket: int = 64,
         length_batching: bool = False,
+        share_prefix: int = 0,
     ) -> None:
         if compile and early_exit:
             raise ValueError("compile (a static KV cache) and early_exit cannot be combined: turn one of them off")
@@ -155,6 +160,7 @@ class KVCacheEngine:
         self.dtype = dtype
         self.autocast = autocast
         self.length_batching = length_batching
+        self.share_prefix = share_prefix
 
     def sync(self) -> None:
         """Nothing to copy: the engine samples with the trainer's live modules (merging happens per rollout)."""
@@ -198,6 +204,7 @@ class KVCacheEngine:
                         num_samples=k,
                         early_exit=self.early_exit,
                         decoder=self.decoder,
+                        share_prefix=self.share_prefix,
                     )
                 )
         R = max(c.response_ids.shape[1] for c in chunks)

@@ -231,6 +231,7 @@ class RolloutMaker:
             compile=settings.rollout_compile,
             compile_bucket=settings.rollout_compile_bucket,
             length_batching=settings.rollout_length_batching,
+            share_prefix=settings.rollout_share_prefix,
         )
 
     # -- text in and out -------------------------------------------------------------------------

@@ -40,6 +40,49 @@ class Samples:
     hidden: torch.Tensor | None = None  # (batch, R, hidden): last hidden state before each token
 
 
+def shared_prefix_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    """Tokens every (left-padded) row starts with, leaving each row at least one token of its own."""
+    lengths = prompt_mask.long().sum(dim=1)
+    shortest = int(lengths.min())
+    if prompt_ids.shape[0] < 2 or shortest < 2:
+        return 0
+    width = prompt_ids.shape[1]
+    starts = (width - lengths).tolist()
+    rows = torch.stack([prompt_ids[i, s : s + shortest - 1] for i, s in enumerate(starts)])
+    same = (rows == rows[:1]).all(dim=0)
+    return int(same.long().cumprod(dim=0).sum())
+
+
+def _prefill_with_shared_prefix(
+    lm: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, prefix: int, with_scores: bool
+) -> tuple[Any, torch.Tensor, int]:
+    """The prefill with the shared first ``prefix`` tokens computed once: (model output, the cache's attention
+    mask, tokens processed). The cache's columns are the prefix, then each row's own tokens left-padded: the
+    mask has a hole between them on shorter rows, and the positions carry on from the prefix."""
+    rows, width = prompt_ids.shape
+    lengths = prompt_mask.long().sum(dim=1)
+    head = prompt_ids[:1, width - int(lengths[0]) : width - int(lengths[0]) + prefix]
+    out = lm(input_ids=head, position_ids=torch.arange(prefix, device=head.device)[None], use_cache=True)
+    past = out.past_key_values
+    past.batch_repeat_interleave(rows)  # trick: one prefill of the shared prefix, its cache copied to every row
+    own = int(lengths.max()) - prefix
+    tail_ids = prompt_ids[:, width - own :]
+    # each row's own tokens are its last (length - prefix) columns; before them a shorter row has its copy of
+    # the prefix and its padding, both masked out here (the prefix is in the cache already)
+    tail_mask = (torch.arange(own, device=lengths.device)[None] >= (own - (lengths - prefix))[:, None]).long()
+    attention = torch.cat([torch.ones_like(tail_mask[:, :1]).expand(rows, prefix), tail_mask], dim=1)
+    out = lm(
+        input_ids=tail_ids,
+        attention_mask=attention,
+        position_ids=position_ids_from_mask(attention)[:, prefix:],
+        past_key_values=past,
+        use_cache=True,
+        logits_to_keep=1,
+        output_hidden_states=with_scores,
+    )
+    return out, attention, prefix + int(tail_ids.numel())
+
+
 @torch.no_grad()
 def sample(
     lm: Any,
@@ -55,6 +98,7 @@ def sample(
     num_samples: int = 1,
     early_exit: bool = False,
     decoder: StaticDecoder | None = None,
+    share_prefix: int = 0,
 ) -> Samples:
     """Sample ``num_samples`` responses per (left-padded) prompt row; rows stop at EOS, the batch when all have.
 
@@ -71,21 +115,30 @@ def sample(
     static KV cache through :class:`~preftune.ppo.static_decode.StaticDecoder` (compiled when
     possible); the same random draws, log-probs to float rounding. Not combinable with
     ``early_exit`` (a static cache keeps its rows).
+
+    ``share_prefix=m`` (``ppo.rollout_share_prefix``): when every row starts with the same ``m`` or more
+    tokens (a chat template's system text), those are prefilled once and their KV cache copied to every
+    row; each row's own tokens follow, positions carrying on. The same random draws; log-probs to float
+    rounding. 0: off.
     """
     if decoder is not None and early_exit:
         raise ValueError("early_exit needs a cache whose rows can be dropped; the static decoder keeps them all")
     k = int(num_samples)
     device = prompt_ids.device
     attention = prompt_mask.long()
-    out = lm(
-        input_ids=prompt_ids,
-        attention_mask=attention,
-        position_ids=position_ids_from_mask(attention),
-        use_cache=True,
-        logits_to_keep=1,
-        output_hidden_states=with_scores,
-    )
-    n_tokens = int(prompt_ids.numel())
+    prefix = shared_prefix_length(prompt_ids, prompt_mask) if share_prefix else 0
+    if share_prefix and prefix >= share_prefix:  # trick: a prompt prefix shared by every row, prefilled once
+        out, attention, n_tokens = _prefill_with_shared_prefix(lm, prompt_ids, attention, prefix, with_scores)
+    else:
+        out = lm(
+            input_ids=prompt_ids,
+            attention_mask=attention,
+            position_ids=position_ids_from_mask(attention),
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=with_scores,
+        )
+        n_tokens = int(prompt_ids.numel())
     past = out.past_key_values
     logits = out.logits[:, -1, :]
     hidden = out.hidden_states[-1][:, -1, :] if with_scores else None
