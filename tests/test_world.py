@@ -462,3 +462,10 @@ def test_a_panel_that_writes_answers_only_where_every_candidate_is_unacceptable(
     assert expand_judgements([JudgementRecord.from_record(j) for j in silent.judge("p", "high_risk", bad)]) == []
     with pytest.raises(InputError, match="write_rate"):
         RaterPanel(write_rate=1.5)
+
+
+def test_the_panels_write_rate_is_not_part_of_the_worlds_cache_key() -> None:
+    """Only the simulated panel reads it at collect time: changing it reuses the built world."""
+    base = WorldSection(seed=3)
+    assert world_key(base.model_copy(update={"rater_write_rate": 1.0})) == world_key(base)
+    assert world_key(base.model_copy(update={"rater_noise": 0.2})) != world_key(base)  # the rest still counts
