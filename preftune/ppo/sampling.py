@@ -62,7 +62,8 @@ def _prefill_with_shared_prefix(
     rows, width = prompt_ids.shape
     lengths = prompt_mask.long().sum(dim=1)
     head = prompt_ids[:1, width - int(lengths[0]) : width - int(lengths[0]) + prefix]
-    out = lm(input_ids=head, position_ids=torch.arange(prefix, device=head.device)[None], use_cache=True)
+    positions = torch.arange(prefix, device=head.device)[None]
+    out = lm(input_ids=head, position_ids=positions, use_cache=True, logits_to_keep=1)  # its cache, not its logits
     past = out.past_key_values
     past.batch_repeat_interleave(rows)  # trick: one prefill of the shared prefix, its cache copied to every row
     own = int(lengths.max()) - prefix
