@@ -268,6 +268,26 @@ class _ServingLikeEngine:
         return gen
 
 
+def test_the_rollout_passes_length_batching_and_the_shared_prefix_to_its_engine(policy_dir: Path) -> None:
+    """The two options from the config to a whole rollout: chunks of 2 over 8 prompts of four lengths that all
+    start with the toy chat template's text. Near-greedy sampling (T 1e-4) makes each response a function of its
+    prompt alone, so the rows must be the plain rollout's, each with its own prompt."""
+    from preftune.ppo.sampling import shared_prefix_length
+
+    items = _items(2)
+    plain = _maker(policy_dir, forward_batch_size=2, temperature=1e-4).make(items, 1, 0.05)
+    maker = _maker(
+        policy_dir, forward_batch_size=2, temperature=1e-4, rollout_length_batching=True, rollout_share_prefix=1
+    )
+    assert maker.engine.length_batching and maker.engine.share_prefix == 1
+    assert shared_prefix_length(plain.prompt_ids[:2], plain.prompt_mask[:2]) >= 1  # the template's text is shared
+    both = maker.make(items, 1, 0.05)
+    assert torch.equal(both.prompt_ids, plain.prompt_ids)
+    assert torch.equal(both.response_ids, plain.response_ids) and both.responses == plain.responses
+    assert len(set(plain.responses)) > 1  # different prompts, different answers: a row swap would show
+    assert torch.isfinite(both.logprobs).all() and torch.isfinite(both.advantages).all()
+
+
 def test_an_engine_without_log_probs_gets_them_recomputed_by_the_trainer(policy_dir: Path) -> None:
     items = _items(1) * 2
     maker = _maker(policy_dir, engine=_ServingLikeEngine)
