@@ -180,9 +180,8 @@ class RaterPanel:
                 all_bad = not any_acceptable
                 best = None if all_bad else ranking[0]
             written = None
-            if (
-                all_bad and self.write_rate > 0 and rng.random() < self.write_rate
-            ):  # a rater who found nothing acceptable writes one
+            # a rater who found nothing acceptable writes one (no draw at all when write_rate is 0)
+            if all_bad and self.write_rate > 0 and rng.random() < self.write_rate:
                 written = self._write(rng, rater, family, tags)
             judgement = Judgement(
                 format=JUDGEMENT_FORMAT,

@@ -306,10 +306,8 @@ def make_judgement(
     candidate_texts = [texts(t, f"candidate {i}") for i, t in enumerate(candidate_texts)]
     if best is not None and not candidate_texts[best].strip():
         raise RecordError("empty_text", f"the chosen (best) candidate {best} is empty")
-    if written is not None:
+    if written is not None:  # non-blank already (judgements._written); here only the length limit
         written = texts(written, "written answer")
-        if not written.strip():
-            raise RecordError("empty_text", "the rater-written answer is empty")
     prompt_id = prompt_id or prompt_key(prompt)
     item_id = item_id or short_hash("item", prompt_id, [_norm(t) for t in candidate_texts])
     return Judgement(
