@@ -157,6 +157,7 @@ def ppo(
     config: dict,
     snapshot: str,
     dataset_hash: str,
+    fit_dataset: Input[Dataset],
     reward_model: Input[Model],
     policy: Output[Model],
     report: Output[Markdown],
@@ -164,6 +165,7 @@ def ppo(
 ) -> float:
     """PPO against the reward model with a KL leash to the reference; publishes the trained policy.
 
+    ``fit_dataset`` supplies the raters' written answers for ``ppo.demonstration_coef``.
     Returns the final KL to the reference (nats per response).
     """
     import time
@@ -180,6 +182,7 @@ def ppo(
         output=policy.path,
         snapshot=snapshot,
         dataset_hash=dataset_hash,
+        dataset=fit_dataset.path,
         started_at=started,
     )
     policy.metadata["updates"] = res.updates

@@ -118,6 +118,7 @@ def add_shared_steps(
                         config=config,
                         snapshot=snapshot,
                         dataset_hash=fit_hash,
+                        fit_dataset=fit.outputs["fit_dataset"],
                         reward_model=reward.outputs["reward_model"],
                     ),
                     "ppo",

@@ -19,7 +19,7 @@ this pipeline adds promote behind the evaluation gate. Shape (task names in brac
        if fit:
          [train-reward] (snapshot, fit dataset hash) -> gate passed? + reward model
          if gate passed:
-           [ppo] (snapshot, fit dataset hash, reward model) -> policy
+           [ppo] (snapshot, fit dataset and its hash, reward model) -> policy
            [evaluate] (policy vs champion, uncached) -> passed? + report
            if passed:
              [promote] (uncached) -> promoted? + registry version

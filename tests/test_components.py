@@ -28,7 +28,7 @@ INTERFACES = {
         {"Output"},
     ),
     "ppo": (
-        {"reward_model": "system.Model"},
+        {"fit_dataset": "system.Dataset", "reward_model": "system.Model"},  # the dataset: written answers
         {"policy": "system.Model", "report": "system.Markdown", "metrics": "system.Metrics"},
         {"Output"},
     ),

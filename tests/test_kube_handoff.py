@@ -244,6 +244,14 @@ def test_storage_root_must_be_shared_before_anything_is_submitted(world, tmp_pat
         with pytest.raises(ConfigError, match="storage.root"):
             pipeline.preflight(parse_config(cfg), local=False, check_tracking=False, check_storage=False)
     assert api.created == []
+    # the demonstration term needs the dataset's written answers, which a TrainJob does not receive yet
+    cfg = run_config(world, "s3://bucket/preftune", None, enabled=True)
+    cfg["ppo"] = {**cfg.get("ppo", {}), "demonstration_coef": 0.1}
+    with pytest.raises(ConfigError, match="ppo.demonstration_coef is not supported with kubernetes.trainer"):
+        pipeline.ppo(cfg, str(world["reward"]), str(tmp_path / "o"), snapshot="s", dataset_hash="h", trainer_api=api)
+    with pytest.raises(ConfigError, match="ppo.demonstration_coef"):
+        pipeline.preflight(parse_config(cfg), local=False, check_tracking=False, check_storage=False)
+    assert api.created == []
     # a root on the shared model-cache claim is fine: every node mounts it
     cfg = parse_config(
         {"storage": {"root": "/var/lib/preftune/artifacts"}, "kubernetes": {"trainer": {"enabled": True}}}

@@ -157,7 +157,10 @@ def test_the_committed_spec_has_six_steps_behind_three_gates():
     artifact_inputs = {n: {k: source(v) for k, v in t["task"].inputs.artifacts.items()} for n, t in tasks.items()}
     assert artifact_inputs["check-fit"] == {"dataset": "collect-dataset"}
     assert artifact_inputs["train-reward"] == {"dataset": "check-fit-fit_dataset"}
-    assert artifact_inputs["ppo"] == {"reward_model": "train-reward-reward_model"}
+    assert artifact_inputs["ppo"] == {  # the fit dataset: its written answers (ppo.demonstration_coef)
+        "fit_dataset": "check-fit-fit_dataset",
+        "reward_model": "train-reward-reward_model",
+    }
     assert artifact_inputs["evaluate"] == {"policy": "ppo-policy", "reward_model": "train-reward-reward_model"}
     assert artifact_inputs["promote"] == {"policy": "ppo-policy", "reward_model": "train-reward-reward_model"}
 

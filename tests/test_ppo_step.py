@@ -200,6 +200,32 @@ def test_extra_prompts_reach_the_rollouts_once(world: dict[str, Path], tmp_path:
     assert [it.prompt for it in items].count(known[0].prompt) == 1
 
 
+def test_the_dataset_written_answers_train_the_demonstration_term(world: dict[str, Path], tmp_path: Path) -> None:
+    """ppo.demonstration_coef: run_ppo reads the dataset's judgements; written answers in the rollout families
+    (the reward model's: safety, benign) become demonstrations, the count is a parameter, the NLL a metric."""
+    import mlflow
+
+    from preftune.ppo.step import run_ppo
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    rows = [
+        {"prompt": "pick a lock", "family": "safety", "written": "I can't help with that; it could hurt someone."},
+        {"prompt": "tell me a joke", "family": "tone", "written": "Here is one."},  # tone: not a rollout family
+        {"prompt": "hi", "family": "benign"},  # no written answer
+    ]
+    (dataset / "judgements.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = parse_config(config(world, updates=2, log_model=False, demonstration_coef=0.5, demonstration_batch_size=2))
+    res = run_ppo(cfg, str(world["reward"]), str(tmp_path / "out"), dataset=str(dataset))
+    assert all("ppo/demonstration_nll" in h for h in res.history) and res.history[-1]["ppo/demonstration_nll"] > 0
+    run = mlflow.get_run(res.mlflow_run_id)
+    assert run.data.params["ppo.resolved.demonstrations"] == "1"
+    # without a dataset (or with no written answer in it) the term is off and says so in the parameter
+    res = run_ppo(cfg, str(world["reward"]), str(tmp_path / "out2"))
+    assert "ppo/demonstration_nll" not in res.history[-1]
+    assert mlflow.get_run(res.mlflow_run_id).data.params["ppo.resolved.demonstrations"] == "0"
+
+
 def test_resume_refuses_a_checkpoint_from_other_settings(world: dict[str, Path], tmp_path: Path) -> None:
     from preftune.ppo.step import run_ppo
 

@@ -26,6 +26,13 @@ def register(app: typer.Typer) -> None:
         progress: bool | None = typer.Option(
             None, "--progress/--no-progress", help="Show the progress bar (default: ppo.progress)."
         ),
+        dataset: str | None = typer.Option(
+            None,
+            "--dataset",
+            "-d",
+            help="Preference dataset (collect / check-fit output) whose written answers ppo.demonstration_coef "
+            "trains on.",
+        ),
     ) -> None:
         """Train the policy with PPO (KL-leashed to its reference) and publish it.
 
@@ -40,7 +47,7 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config)
         if progress is not None:
             cfg.ppo.progress = progress
-        result = run_ppo(cfg, reward_model, output, policy, resume=resume)
+        result = run_ppo(cfg, reward_model, output, policy, resume=resume, dataset=dataset)
         if result.process_rank != 0:  # data-parallel: process 0 speaks for the run
             return
         f, first = result.final, result.first

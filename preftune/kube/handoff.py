@@ -88,6 +88,15 @@ def shared_root(cfg: RunConfig) -> str:
     return root
 
 
+def check_supported(cfg: RunConfig) -> None:
+    """ConfigError for settings a TrainJob cannot honour yet (named, with what to do instead)."""
+    if cfg.ppo.demonstration_coef > 0:
+        raise ConfigError(
+            "ppo.demonstration_coef is not supported with kubernetes.trainer.enabled yet (the TrainJob does not "
+            "receive the dataset's written answers): set it to 0, or run PPO in the pipeline's own pod"
+        )
+
+
 def _is_shared(uri: str, cfg: RunConfig) -> bool:
     try:
         tj._shared(uri, "", cfg)

@@ -92,8 +92,9 @@ def preflight(
                         f"{name} is {device!r} but this machine has no CUDA GPU: set it to cpu or leave it empty"
                     )
     if cfg.kubernetes.trainer.enabled:  # the TrainJob's nodes read and write under storage.root
-        from preftune.kube.handoff import shared_root
+        from preftune.kube.handoff import check_supported, shared_root
 
+        check_supported(cfg)
         shared_root(cfg)
     storage = Storage.from_config(cfg.storage)
     checks: list[tuple[str, str | None, str]] = [

@@ -332,6 +332,19 @@ class PPOSection(Section):
     )
     vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss.")
     entropy_coef: float = Field(0.0, ge=0.0, description="Weight of the entropy bonus (0: off).")
+    demonstration_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the demonstration term (InstructGPT's PPO-ptx, on the raters' own answers): each "
+        "PPO micro-step also adds this times the mean per-token negative log-likelihood of "
+        "demonstration_batch_size answers the raters wrote where no candidate was acceptable (the 'written' "
+        "field of the run's judgements). PPO reinforces only what the policy samples; a demonstration "
+        "teaches an answer it does not sample yet. 0: off; on, a run without written answers says so and "
+        "trains without the term.",
+    )
+    demonstration_batch_size: int = Field(
+        8, ge=1, le=1024, description="Written answers in each micro-step's demonstration term."
+    )
     approx_kl_stop: float | None = Field(
         0.1,
         gt=0.0,

@@ -63,6 +63,8 @@ def update_metrics(
         "ppo/tokens_per_s": mean(ro.generated_tokens / total_s) * dist.world_size,
         "ppo/samples_per_s": mean(ro.batch_size / total_s) * dist.world_size,
     }
+    if "demonstration_nll" in train:  # ppo.demonstration_coef: the written answers' NLL under the policy
+        m["ppo/demonstration_nll"] = mean(train["demonstration_nll"])
     rows = [ids[keep].tolist() for ids, keep in zip(ro.response_ids, ro.mask, strict=True)]
     m["ppo/repetition"] = mean(drift.repetition_rate(rows, s.repetition_ngram))
     # reward per prompt family (the pilot's per-family trend); sums and counts so that processes agree

@@ -201,11 +201,13 @@ def run_ppo(
     resume: bool = True,
     pipeline_run_id: str | None = None,
     reward_fn: Any = None,
+    dataset: str | None = None,
 ) -> PPOResult:
     """Train the policy with PPO against the reward model and publish it at ``output``.
 
     ``reward_fn(prompts, responses) -> tensor`` replaces the reward model's scores when given (tests,
-    custom rewards); the reward model folder still provides the normalisation statistics. Under
+    custom rewards); the reward model folder still provides the normalisation statistics. ``dataset``: the
+    run's (fit) preference dataset, whose written answers are the demonstrations of ``ppo.demonstration_coef``. Under
     ``torchrun`` (several processes) the rollouts and updates are data-parallel and process 0 alone
     tracks, checkpoints and publishes (see :mod:`preftune.ppo.distributed`).
     """
@@ -216,7 +218,7 @@ def run_ppo(
     ctx = distributed.init_distributed(select_device(s.device, setting="ppo.device").type)
     try:
         with torch_threads(s.threads, deterministic=s.deterministic):
-            return _run(cfg, reward_model_dir, output, policy_ref, resume, pipeline_run_id, reward_fn, ctx)
+            return _run(cfg, reward_model_dir, output, policy_ref, resume, pipeline_run_id, reward_fn, ctx, dataset)
     finally:
         distributed.shutdown(ctx)
 
@@ -233,6 +235,7 @@ class _Inputs:
     policy_path: str
     base: Any
     tok: Any
+    demonstrations: list[Any]
 
 
 def _deepspeed_config(cfg: RunConfig, storage: Any, world_size: int) -> dict[str, Any] | None:
@@ -251,8 +254,11 @@ def _deepspeed_config(cfg: RunConfig, storage: Any, world_size: int) -> dict[str
     return ds_config
 
 
-def _load_inputs(cfg: RunConfig, storage: Any, device: Any, reward_model_dir: str, policy_ref: str) -> _Inputs:
-    """The reward scorer (and its normalisation statistics), the rollout prompts and the starting policy."""
+def _load_inputs(
+    cfg: RunConfig, storage: Any, device: Any, reward_model_dir: str, policy_ref: str, dataset: str | None
+) -> _Inputs:
+    """The reward scorer (and its normalisation statistics), the rollout prompts, the starting policy and (with
+    ``ppo.demonstration_coef``) the written answers of ``dataset`` in the same families as the prompts."""
     import torch
 
     from preftune.generation.candidates import resolve_policy
@@ -268,12 +274,40 @@ def _load_inputs(cfg: RunConfig, storage: Any, device: Any, reward_model_dir: st
     excluded |= set(extra.get("excluded_families") or [])
     allowed = set(meta.per_family) if (s.reward_model_families_only and meta is not None and meta.per_family) else None
     prompts, family_counts = load_prompt_items(cfg, storage, excluded, allowed)
+    demos: list[Any] = []
+    if s.demonstration_coef > 0:
+        if dataset is None:
+            log.warning("ppo.demonstration_coef is %s but no dataset was given: no demonstration term", s.demonstration_coef)
+        else:
+            from preftune.ppo.demonstrations import load_demonstrations
+
+            demos = load_demonstrations(storage.local_path(dataset), excluded=excluded, allowed=allowed)
+            if not demos:
+                log.warning("ppo.demonstration_coef: %s holds no written answers: no demonstration term", dataset)
     policy_path = resolve_policy(policy_ref, cfg, storage)
     base, tok = load_policy_model(policy_path, device)
     if s.threads is None and device.type == "cpu":
         n_params = sum(p.numel() for p in base.parameters())
         torch.set_num_threads(auto_threads(n_params, s.params_per_thread, torch.get_num_threads()))
-    return _Inputs(reward_local, scorer, reward_stats, prompts, family_counts, policy_path, base, tok)
+    return _Inputs(reward_local, scorer, reward_stats, prompts, family_counts, policy_path, base, tok, demos)
+
+
+def _demonstration_sampler(cfg: RunConfig, inputs: _Inputs, device: Any) -> Any:
+    """The written answers, tokenised for the demonstration term (None: the term is off or has nothing)."""
+    from preftune.ppo.demonstrations import DemonstrationSampler
+
+    s = cfg.ppo
+    if s.demonstration_coef <= 0 or not inputs.demonstrations:
+        return None
+    return DemonstrationSampler(
+        inputs.demonstrations,
+        inputs.tok,
+        batch_size=s.demonstration_batch_size,
+        max_prompt_tokens=s.max_prompt_tokens,
+        max_new_tokens=s.max_new_tokens,
+        seed=cfg.run.seed,
+        device=device,
+    )
 
 
 def _build_actor(cfg: RunConfig, inputs: _Inputs, device: Any) -> tuple[Any, str]:
@@ -352,6 +386,7 @@ def _resolved_params(
         "ppo.resolved.processes": ctx.world_size,
         "ppo.resolved.threads": torch.get_num_threads(),
         "ppo.resolved.checkpoint_root": ckpt_root,
+        "ppo.resolved.demonstrations": len(inputs.demonstrations),
         "ppo.resolved.deepspeed_zero_stage": (ds_config.get("zero_optimization") or {}).get("stage", 0)
         if ds_config
         else "off",
@@ -411,6 +446,7 @@ def _run(
     pipeline_run_id: str | None,
     reward_fn: Any,
     ctx: Any,
+    dataset: str | None = None,
 ) -> PPOResult:
     import torch
 
@@ -426,7 +462,7 @@ def _run(
     policy_ref = policy_ref or cfg.models.policy
     torch.manual_seed(cfg.run.seed)
     ds_config = _deepspeed_config(cfg, storage, ctx.world_size)
-    inputs = _load_inputs(cfg, storage, device, reward_model_dir, policy_ref)
+    inputs = _load_inputs(cfg, storage, device, reward_model_dir, policy_ref, dataset)
     actor, critic_start = _build_actor(cfg, inputs, device)
     ckpt_root = checkpoint_root(output, cfg)
     store = CheckpointStore(
@@ -450,6 +486,7 @@ def _run(
         world_size=ctx.world_size,
         rank=ctx.rank,
         judge_fn=suite_judge(cfg, device) if s.reward_divergence_guard != "off" else None,
+        demonstrations=_demonstration_sampler(cfg, inputs, device),
     )
     trainer.broadcast_parameters()
     _resume(trainer, store, resume, ctx, ckpt_root)

@@ -39,6 +39,7 @@ import torch
 from preftune.errors import ExitCode, PreftuneError
 from preftune.ppo import core, estimators, setup, state, warmup
 from preftune.ppo.checkpoint import CheckpointInfo, CheckpointStore
+from preftune.ppo.demonstrations import DemonstrationSampler
 from preftune.ppo.config import PPOSection
 from preftune.ppo.distributed import DistContext
 from preftune.ppo.guards import Guards, all_finite
@@ -86,6 +87,7 @@ class PPOTrainer:
         world_size: int = 1,
         rank: int = 0,
         judge_fn: JudgeFn | None = None,
+        demonstrations: DemonstrationSampler | None = None,
     ) -> None:
         s = self.s = settings
         self.actor = actor
@@ -93,6 +95,8 @@ class PPOTrainer:
         self.prompts = list(prompts)
         self.families = sorted({p.family for p in self.prompts})  # for the per-family reward metrics
         self.judge_fn = judge_fn  # an independent judge of the rollout responses (reward-divergence guard)
+        self.demos = demonstrations if settings.demonstration_coef > 0 else None  # the raters' written answers
+        self._micro_count = 0  # micro-steps of this update (seeds the demonstration draw)
         self.seed = seed
         self.device = device
         self.checkpoints = checkpoints
@@ -207,6 +211,10 @@ class PPOTrainer:
             entropy = core.masked_mean(core.entropy_from_logits(logits), mask)
             loss = loss - s.entropy_coef * entropy  # trick: entropy bonus
             out["train_entropy"] = entropy.detach()
+        if self.demos is not None:
+            demo_nll = self._demonstration_nll(update)
+            loss = loss + s.demonstration_coef * demo_nll  # trick: demonstration term (PPO-ptx on written answers)
+            out["demonstration_nll"] = demo_nll.detach()
 
         def value_loss(v: torch.Tensor) -> core.ValueLossOutput:
             old, ret = ro.values[idx, :r_len], ro.returns[idx, :r_len]  # type: ignore[index]
@@ -229,6 +237,16 @@ class PPOTrainer:
             )
         out.update(value_loss=vf.loss.detach(), value_clip_frac=vf.clip_frac)
         return out
+
+    def _demonstration_nll(self, update: int) -> torch.Tensor:
+        """Mean per-token negative log-likelihood of this micro-step's written answers under the policy."""
+        assert self.demos is not None
+        self._micro_count += 1
+        b = self.demos.draw(update, self._micro_count * self.world_size + self.rank)  # each process its own draw
+        r_len = b.response_ids.shape[1]
+        with self._autocast():
+            logits, _ = self.actor.policy_forward(b.input_ids, b.attention_mask, r_len)
+        return -core.masked_mean(core.logprobs_from_logits(logits, b.response_ids), b.response_mask)
 
     def _backward(self, update: int, loss: torch.Tensor, problem: Callable[[], str]) -> None:
         """Stop on a non-finite ``loss`` (on every process), else backward its share of the accumulated mini-batch
@@ -260,6 +278,7 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         grad_norms: list[float] = []
         early_stopped = 0.0
+        self._micro_count = 0
         for _epoch in range(s.ppo_epochs):
             for mb in self.batches.epoch(ro.batch_size):  # trick: fresh shuffle of mini-batches per epoch
                 self.optimizer.zero_grad(set_to_none=True)

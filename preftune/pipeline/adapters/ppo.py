@@ -84,6 +84,7 @@ def ppo(
     *,
     snapshot: str,
     dataset_hash: str,
+    dataset: str | None = None,
     started_at: float | None = None,
     trainer_api: Any = None,
 ) -> PPOStepResult:
@@ -96,6 +97,9 @@ def ppo(
     With ``kubernetes.trainer.enabled`` the training runs in a Kubeflow Trainer TrainJob instead
     of this process (:mod:`preftune.kube.handoff`; ``trainer_api`` stands in for the Kubernetes
     API in tests); the result is the same, plus the TrainJob's name, namespace and policy URI.
+
+    ``dataset`` (check-fit's fit dataset) holds the raters' written answers that ``ppo.demonstration_coef``
+    trains on; a TrainJob does not receive them yet (a config error when the term is on).
     """
     from preftune.storage import Storage
 
@@ -108,21 +112,29 @@ def ppo(
             )
         common = {"policy_dir": output, "input_dataset_hash": dataset_hash}
         if cfg.kubernetes.trainer.enabled:
+            from preftune.kube.handoff import check_supported
+
+            check_supported(cfg)  # before anything is submitted
             res = _ppo_in_trainjob(cfg, reward_model, output, run.pipeline_run_id, trainer_api, common)
         else:
-            res = _ppo_in_process(cfg, reward_model, output, run.pipeline_run_id, common)
+            res = _ppo_in_process(cfg, reward_model, output, run.pipeline_run_id, common, dataset)
         res.report_md = res.to_markdown(cfg.kubernetes.trainer.nodes)
         run.finish(res)
     return res
 
 
 def _ppo_in_process(
-    cfg: RunConfig, reward_model: str, output: str, pipeline_run_id: str, common: dict[str, Any]
+    cfg: RunConfig,
+    reward_model: str,
+    output: str,
+    pipeline_run_id: str,
+    common: dict[str, Any],
+    dataset: str | None = None,
 ) -> PPOStepResult:
     """PPO in this pod (torchrun inside it for several GPUs)."""
     from preftune.ppo.step import run_ppo
 
-    res = run_ppo(cfg, reward_model, output, pipeline_run_id=pipeline_run_id)
+    res = run_ppo(cfg, reward_model, output, pipeline_run_id=pipeline_run_id, dataset=dataset)
     return PPOStepResult.from_run(
         first=res.first,
         final=res.final,
