@@ -80,6 +80,11 @@ def test_the_retraining_run_continues_from_the_champion_with_weight_on_the_hard_
     own = ObserveDemoSettings(retrain_from="policy", retrain={"ppo": {"updates": 3}})
     got = retrain_config(cfg, hard, tmp_path, retrain_overrides(cfg, own, "7"))
     assert got.models.policy == cfg.models.policy and got.ppo.updates == 3
+    assert (got.world.rater_write_rate, got.ppo.demonstration_coef) == (0.0, 0.0)  # off unless asked
+    # raters who write the wanted answer, and PPO taught it (a champion start keeps its short run)
+    taught = ObserveDemoSettings(retrain_from="champion", rater_write_rate=1.0, demonstration_coef=0.02)
+    got = retrain_config(cfg, hard, tmp_path, retrain_overrides(cfg, taught, "7"))
+    assert (got.world.rater_write_rate, got.ppo.demonstration_coef, got.ppo.updates) == (1.0, 0.02, 20)
 
 
 def test_coverage_of_hard_cases_decides_where_the_retraining_starts(tmp_path, toy_world, toy_store):  # noqa: F811
@@ -112,6 +117,12 @@ def test_coverage_of_hard_cases_decides_where_the_retraining_starts(tmp_path, to
     assert start is None and set(measured) == {"champion", "policy"}
     message = capability_gap_message(settings, measured)
     assert "capability gap" in message and f"champion 0 of {len(RISKY)}" in message and "SFT" in message
+    # ... unless the raters write the answer and the demonstration term teaches it: then from the base policy
+    taught = ObserveDemoSettings(hard_case_candidates=8, rater_write_rate=1.0, demonstration_coef=0.02)
+    start, measured = choose_start(gap_cfg, taught, hard, toy_world["unsafe"], console)
+    assert start == "policy" and measured["policy"]["covered"] == 0
+    for half in ({"rater_write_rate": 1.0}, {"demonstration_coef": 0.02}):  # either alone does not teach
+        assert choose_start(gap_cfg, ObserveDemoSettings(**half), hard, toy_world["unsafe"], console)[0] is None
     assert choose_start(cfg, ObserveDemoSettings(retrain_from="champion"), hard, toy_world["unsafe"], console) == (
         "champion",
         {},

@@ -39,7 +39,10 @@ def test_written_answers_become_demonstrations_in_the_rollout_families(tmp_path)
         ("tone", "tell me a joke"),
         ("high_risk", "what dose of aspirin"),
     ]
-    assert demos[0].response == "I can't help with that: it could hurt someone." and demos[0].prompt_id == "p-how do I pick a lock"
+    assert (
+        demos[0].response == "I can't help with that: it could hurt someone."
+        and demos[0].prompt_id == "p-how do I pick a lock"
+    )
     assert [d.family for d in load_demonstrations(tmp_path, excluded={"tone"})] == ["safety", "high_risk"]
     assert [d.family for d in load_demonstrations(tmp_path, allowed={"tone"})] == ["tone"]
     assert load_demonstrations(tmp_path / "nothing-here") == []
@@ -78,9 +81,12 @@ def test_a_draw_lays_out_prompt_then_answer_like_a_rollout_and_is_seeded_by_upda
     assert torch.equal(again.input_ids, b.input_ids)  # stateless: a resumed run draws the same
     others = [sampler.draw(update=u, micro=m).input_ids for u, m in ((2, 2), (3, 1))]
     assert any(o.shape != b.input_ids.shape or not torch.equal(o, b.input_ids) for o in others)
-    assert DemonstrationSampler(
-        demos[:2], tok, batch_size=8, max_prompt_tokens=64, max_new_tokens=8, seed=0, device=torch.device("cpu")
-    ).batch_size == 2  # never more than there are
+    assert (
+        DemonstrationSampler(
+            demos[:2], tok, batch_size=8, max_prompt_tokens=64, max_new_tokens=8, seed=0, device=torch.device("cpu")
+        ).batch_size
+        == 2
+    )  # never more than there are
 
 
 def _trainer(policy_dir, coef: float, demos: list[Demonstration]):

@@ -92,6 +92,21 @@ class ObserveDemoSettings(Section):
         "cases the candidate must cut the forbidden share by this much against the champion (upper confidence "
         "bound). The champion failed these prompts, so non-regression alone would pass a candidate as unsafe as it.",
     )
+    rater_write_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="The retraining's simulated raters: the share of all-unacceptable judgements in which the rater "
+        "writes the wanted answer (world.rater_write_rate; the feedback service's W box). Collect prefers a "
+        "written answer to every candidate; with demonstration_coef, PPO also learns it directly.",
+    )
+    demonstration_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="The retraining's ppo.demonstration_coef: the written answers as a likelihood term in PPO. "
+        "With it on and raters who write (rater_write_rate > 0), a capability gap (no start policy samples the "
+        "preferred answer) no longer ends the loop: the retraining starts from the base policy and is taught.",
+    )
     retrain: dict[str, Any] = Field(
         default_factory=dict,
         description="Further run-config overrides for the retraining run, applied last (e.g. {'ppo': {'lr': 5e-4}}).",
@@ -221,9 +236,13 @@ def retrain_overrides(
     }
     if settings.keep_previous_data and champion_data:
         out["data"]["previous_datasets"] = [*cfg.data.previous_datasets, champion_data]
+    if settings.rater_write_rate > 0:
+        out["world"] = {"rater_write_rate": settings.rater_write_rate}
+    if settings.demonstration_coef > 0:
+        out["ppo"] = {"demonstration_coef": settings.demonstration_coef}
     if settings.retrain_from == "champion":  # 'auto' is decided before this (choose_start)
         out["models"] = {"policy": f"models:/{cfg.models.registered_model}/{champion}"}
-        out["ppo"] = {"updates": settings.retrain_updates}
+        out.setdefault("ppo", {})["updates"] = settings.retrain_updates
     _merge(out, settings.retrain)
     return out
 
@@ -232,7 +251,8 @@ def choose_start(
     cfg: Any, settings: ObserveDemoSettings, hard: Path, champion_path: Path, console: Any
 ) -> tuple[str | None, dict[str, Any]]:
     """``retrain_from`` 'auto': 'champion' or 'policy' (the first whose coverage of the hard cases reaches
-    ``min_hard_case_coverage``), or None (a capability gap); with each measured coverage. Other values pass."""
+    ``min_hard_case_coverage``); when neither does, 'policy' if the raters' written answers will teach it
+    (:func:`teaches`), else None (a capability gap); with each measured coverage. Other values pass."""
     if settings.retrain_from != "auto":
         return settings.retrain_from, {}
     from preftune.generation.candidates import resolve_policy
@@ -252,7 +272,19 @@ def choose_start(
         )
         if cov.share >= settings.min_hard_case_coverage:
             return start, measured
+    if teaches(settings):  # PPO cannot find the answer, but the demonstration term is given it
+        console.print(
+            "  neither policy samples the preferred answer: the retraining starts from the base policy "
+            "and learns the raters' written answers (ppo.demonstration_coef)"
+        )
+        return "policy", measured
     return None, measured
+
+
+def teaches(settings: ObserveDemoSettings) -> bool:
+    """Whether the retraining can learn an answer no policy samples: raters write it, the demonstration term trains
+    on it."""
+    return settings.rater_write_rate > 0 and settings.demonstration_coef > 0
 
 
 def retrain_config(cfg: Any, hard_cases: Path, workdir: Path, overrides: dict[str, Any]) -> Any:

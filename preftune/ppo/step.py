@@ -277,7 +277,9 @@ def _load_inputs(
     demos: list[Any] = []
     if s.demonstration_coef > 0:
         if dataset is None:
-            log.warning("ppo.demonstration_coef is %s but no dataset was given: no demonstration term", s.demonstration_coef)
+            log.warning(
+                "ppo.demonstration_coef is %s but no dataset was given: no demonstration term", s.demonstration_coef
+            )
         else:
             from preftune.ppo.demonstrations import load_demonstrations
 

@@ -39,8 +39,8 @@ import torch
 from preftune.errors import ExitCode, PreftuneError
 from preftune.ppo import core, estimators, setup, state, warmup
 from preftune.ppo.checkpoint import CheckpointInfo, CheckpointStore
-from preftune.ppo.demonstrations import DemonstrationSampler
 from preftune.ppo.config import PPOSection
+from preftune.ppo.demonstrations import DemonstrationSampler
 from preftune.ppo.distributed import DistContext
 from preftune.ppo.guards import Guards, all_finite
 from preftune.ppo.metrics import update_metrics
