@@ -14,6 +14,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from test_evaluate_support import RISKY, toy_config, toy_store, toy_world  # noqa: F401 (fixtures)
 
 
@@ -217,3 +218,37 @@ def test_a_capability_gap_ends_the_retraining_rounds(monkeypatch, tmp_path):
     result, seen = _fake_week(monkeypatch, tmp_path, verdicts, ["capability-gap"], 3)
     assert seen == [("1", ["a"], [])]
     assert result.retrain["outcome"] == "capability-gap" and len(result.retrain["rounds"]) == 1
+
+
+def test_the_week_fails_only_when_no_round_promoted(monkeypatch, tmp_path):
+    """A round rejected after an earlier round promoted ends the week with the new champion serving (exit 0, a
+    printed note); with no promotion the last round's error is the command's."""
+    from preftune.config import parse_config
+    from preftune.errors import PreftuneError
+    from preftune.observe import demo_loop
+
+    def week(rounds):
+        last = dict(rounds[-1])
+        retrain = {**last, "rounds": rounds}
+        return demo_loop.LoopResult([], 4, retrain, tmp_path / "plot.png", "run", {})
+
+    lines = []
+
+    class Console:
+        def print(self, *a, **kw):
+            lines.append(" ".join(str(x) for x in a))
+
+        def rule(self, *a, **kw):
+            pass
+
+    rejected = {"outcome": "rejected", "error": "rejected: gates failed", "error_code": 13, "round": 3}
+    settings = demo_loop.ObserveDemoSettings(per_day=40)
+    monkeypatch.setattr(demo_loop, "run_week", lambda *a, **kw: week([{"round": 2, "version": "2"}, rejected]))
+    demo_loop.run_observe_demo(parse_config({}), settings, Console(), workdir=tmp_path)
+    assert any(
+        "round 3 promoted nothing" in line and "v2, promoted by round 2, keeps serving" in line for line in lines
+    )
+    monkeypatch.setattr(demo_loop, "run_week", lambda *a, **kw: week([rejected]))
+    with pytest.raises(PreftuneError, match="promoted nothing: rejected") as err:
+        demo_loop.run_observe_demo(parse_config({}), settings, Console(), workdir=tmp_path)
+    assert err.value.exit_code == 13

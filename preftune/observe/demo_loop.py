@@ -592,7 +592,9 @@ def week_table(result: LoopResult) -> Any:
 def run_observe_demo(
     cfg: Any, settings: ObserveDemoSettings, console: Any, *, workdir: Path | None = None, verbose: bool = False
 ) -> LoopResult:
-    """The week, then the table; the files stay in ``workdir`` (default: a folder under the preftune home)."""
+    """The week, then the table; the files stay in ``workdir`` (default: a folder under the preftune home).
+    Raises the last round's error when no round promoted (a later round rejected after a promotion is printed:
+    the retrained champion took over)."""
     from preftune.home import preftune_home
 
     if settings.shift_day > settings.days - 1:
@@ -605,7 +607,13 @@ def run_observe_demo(
     result = run_week(cfg, settings, console, workdir, verbose=verbose)
     console.print(week_table(result))
     console.print(f"Plot: {result.plot} (also on the MLflow run {result.run_id}, observe_demo/observed_week.png)")
-    if result.retrain.get("error"):
+    promoted = [r for r in result.retrain.get("rounds", []) if r.get("version")]
+    if result.retrain.get("error") and promoted:  # the loop closed; a later round found nothing better
+        console.print(
+            f"[yellow]round {result.retrain.get('round')} promoted nothing ({result.retrain['error']}); "
+            f"v{promoted[-1]['version']}, promoted by round {promoted[-1].get('round')}, keeps serving[/]"
+        )
+    elif result.retrain.get("error"):
         what = (
             "no retraining on the observed hard cases"
             if result.retrain.get("outcome") == "capability-gap"
