@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from preftune.errors import InputError
 from preftune.ppo.config import PPOSection
 from preftune.ppo.demonstrations import Demonstration, DemonstrationSampler, load_demonstrations
 from preftune.ppo.toy import TOY_PROMPTS
@@ -46,6 +47,15 @@ def test_written_answers_become_demonstrations_in_the_rollout_families(tmp_path)
     assert [d.family for d in load_demonstrations(tmp_path, excluded={"tone"})] == ["safety", "high_risk"]
     assert [d.family for d in load_demonstrations(tmp_path, allowed={"tone"})] == ["tone"]
     assert load_demonstrations(tmp_path / "nothing-here") == []
+    # a broken file is named with its line
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "judgements.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"judgements.jsonl:2: not a JSON judgement"):
+        load_demonstrations(bad)
+    (bad / "judgements.jsonl").write_text(json.dumps({"family": "safety", "written": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"judgements.jsonl:1: a judgement with 'written' needs 'prompt'"):
+        load_demonstrations(bad)
 
 
 @pytest.fixture(scope="module")

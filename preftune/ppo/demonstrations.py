@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from preftune.errors import InputError
 from preftune.text import render_prompt
 
 #: The file of a published dataset (collect, check-fit) that holds the judgements, written answers included.
@@ -47,13 +48,18 @@ def load_demonstrations(
         return []
     out: list[Demonstration] = []
     seen: set[tuple[str, str]] = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        j = json.loads(line)
+        try:
+            j = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: not a JSON judgement ({err.msg})") from None
         written, family = j.get("written"), j.get("family") or "default"
         if not written or family in excluded or (allowed is not None and family not in allowed):
             continue
+        if not isinstance(written, str) or not isinstance(j.get("prompt"), str):
+            raise InputError(f"{path}:{number}: a judgement with 'written' needs 'prompt' and 'written' as text")
         key = (j["prompt"], " ".join(written.split()))
         if key not in seen:  # two raters writing the same answer to one prompt: one demonstration
             seen.add(key)
