@@ -51,10 +51,10 @@ def test_written_answers_become_demonstrations_in_the_rollout_families(tmp_path)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "judgements.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"judgements.jsonl:2: not a JSON judgement"):
+    with pytest.raises(InputError, match=r"judgements.jsonl:2: not valid JSON"):
         load_demonstrations(bad)
     (bad / "judgements.jsonl").write_text(json.dumps({"family": "safety", "written": "x"}) + "\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"judgements.jsonl:1: a judgement with 'written' needs 'prompt'"):
+    with pytest.raises(InputError, match=r"judgements.jsonl: judgement 1: one with 'written' needs 'prompt'"):
         load_demonstrations(bad)
 
 

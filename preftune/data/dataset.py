@@ -307,7 +307,9 @@ class LoadedDataset:
     candidates: list[dict[str, Any]]
 
 
-def _read_jsonl(path: Path, required: bool = True) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, required: bool = True) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one a line (blank lines skipped); InputError naming the file and line
+    for anything else; ``[]`` for a missing file unless ``required``."""
     if not path.exists():
         if required:
             raise InputError(f"{path}: missing (a preftune dataset has train.jsonl, eval.jsonl, judgements.jsonl)")
@@ -345,10 +347,10 @@ def load_dataset(uri: str, storage: Any) -> LoadedDataset:
         uri=uri,
         root=root,
         meta=meta,
-        train=_read_jsonl(root / "train.jsonl"),
-        eval=_read_jsonl(root / "eval.jsonl"),
-        judgements=_read_jsonl(root / "judgements.jsonl", required=False),
+        train=read_jsonl(root / "train.jsonl"),
+        eval=read_jsonl(root / "eval.jsonl"),
+        judgements=read_jsonl(root / "judgements.jsonl", required=False),
         validation=validation,
         validation_md=md,
-        candidates=_read_jsonl(root / "candidates.jsonl", required=False),
+        candidates=read_jsonl(root / "candidates.jsonl", required=False),
     )

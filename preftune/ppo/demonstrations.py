@@ -14,7 +14,6 @@ draws the same demonstrations as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from preftune.data.dataset import read_jsonl
 from preftune.errors import InputError
 from preftune.text import render_prompt
 
@@ -44,22 +44,14 @@ def load_demonstrations(
     """The written answers of a dataset folder's judgements, one per (prompt, text), in file order;
     families in ``excluded`` (or not in ``allowed``) left out, as the rollout prompts are."""
     path = Path(dataset_dir) / JUDGEMENTS_FILE
-    if not path.exists():
-        return []
     out: list[Demonstration] = []
     seen: set[tuple[str, str]] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            j = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}: not a JSON judgement ({err.msg})") from None
+    for number, j in enumerate(read_jsonl(path, required=False), start=1):
         written, family = j.get("written"), j.get("family") or "default"
         if not written or family in excluded or (allowed is not None and family not in allowed):
             continue
         if not isinstance(written, str) or not isinstance(j.get("prompt"), str):
-            raise InputError(f"{path}:{number}: a judgement with 'written' needs 'prompt' and 'written' as text")
+            raise InputError(f"{path}: judgement {number}: one with 'written' needs 'prompt' and 'written' as text")
         key = (j["prompt"], " ".join(written.split()))
         if key not in seen:  # two raters writing the same answer to one prompt: one demonstration
             seen.add(key)
